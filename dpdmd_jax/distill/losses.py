@@ -1,0 +1,79 @@
+"""DP-DMD losses as pure functions of model outputs (no model in here).
+
+Arrays are NHWC latents with the batch first. Every target is wrapped in stop_gradient:
+targets are directions or regression labels, never something to differentiate.
+Losses are reduced in float32 whatever the activations' dtype: a bf16 mean over a
+1024^2 latent would drop most of its small terms.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dpdmd_jax.diffusion.flow import per_sample
+
+ArrayLike = jax.typing.ArrayLike
+_sg = jax.lax.stop_gradient
+
+
+def _f32(x: ArrayLike) -> jax.Array:
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def cfg(cond: ArrayLike, uncond: ArrayLike, scale: ArrayLike) -> jax.Array:
+    """Classifier-free guidance: uncond + scale * (cond - uncond) (scale 1 -> cond)."""
+    cond, uncond = jnp.asarray(cond), jnp.asarray(uncond)
+    return uncond + scale * (cond - uncond)
+
+
+def dmd_gradient(x_s: ArrayLike, x0_real: ArrayLike, x0_fake: ArrayLike) -> jax.Array:
+    """DMD direction g = (p_real - p_fake) / mean_{H,W,C}|p_real|, float32, no gradient.
+
+    p_real = x_s - x0_real and p_fake = x_s - x0_fake (so the numerator is x0_fake - x0_real);
+    the per-sample normaliser makes the step size independent of the noise level drawn.
+    Descending the DMD loss moves x along -g, i.e. towards the real (teacher) x0. NaN/inf
+    from a zero normaliser are mapped like torch.nan_to_num (nan -> 0, inf -> finite max).
+    """
+    x_s, x0_real, x0_fake = (_sg(_f32(a)) for a in (x_s, x0_real, x0_fake))
+    p_real = x_s - x0_real
+    p_fake = x_s - x0_fake
+    axes = tuple(range(1, p_real.ndim))
+    norm = jnp.mean(jnp.abs(p_real), axis=axes, keepdims=True)
+    return jnp.nan_to_num((p_real - p_fake) / norm)
+
+
+def dmd_loss(x: ArrayLike, g: ArrayLike) -> jax.Array:
+    """0.5 * mean((x - stop_gradient(x - g))**2), float32; d loss / d x = g / x.size exactly.
+
+    Written as the equivalent surrogate 0.5*mean(g^2) + sum(sg(g / x.size) * (x - sg(x))):
+    same value (the second term is exactly 0) and same gradient, but without the rounding of
+    x - (x - g), so the gradient reaching the generator is exactly g / x.size.
+    """
+    x = _f32(x)
+    g = _sg(_f32(g))
+    return 0.5 * jnp.mean(g**2) + jnp.sum(_sg(g / x.size) * (x - _sg(x)))
+
+
+def line_velocity_target(eps: ArrayLike, z_tk: ArrayLike, t_k: ArrayLike) -> jax.Array:
+    """Velocity of the straight line through eps (sigma 1) and the teacher anchor z_tk (sigma t_k).
+
+    (eps - z_tk) / (1 - t_k); t_k scalar or [B], always < 1 (K >= 1 teacher steps). Float32.
+    """
+    eps, z_tk = _f32(eps), _f32(z_tk)
+    t = per_sample(t_k, eps.ndim).astype(eps.dtype)
+    return (eps - z_tk) / (1.0 - t)
+
+
+def diversity_loss(pred: ArrayLike, target: ArrayLike) -> jax.Array:
+    """mean((pred - stop_gradient(target))**2) in float32.
+
+    Velocity target (line_velocity_target) for flow students, x0 target for epsilon students.
+    """
+    return jnp.mean((_f32(pred) - _sg(_f32(target))) ** 2)
+
+
+def flow_matching_loss(v_pred: ArrayLike, noise: ArrayLike, x: ArrayLike) -> jax.Array:
+    """Fake-score (critic) loss mean((v_pred - stop_gradient(noise - x))**2) in float32."""
+    return jnp.mean((_f32(v_pred) - _sg(_f32(noise) - _f32(x))) ** 2)

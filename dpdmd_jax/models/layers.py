@@ -1,0 +1,130 @@
+"""Building blocks shared by the backbones: dense layers with logical axes, norms, attention,
+timestep embeddings.
+
+Every parameter carries logical axis names (``nnx.with_partitioning``); `dpdmd_jax.parallel`
+maps them onto the mesh axes ("data", "fsdp", "tensor") with rules from the config.
+Norm statistics and timestep sinusoids are computed in float32 whatever the compute dtype,
+as the PyTorch references do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+default_kernel_init = nnx.initializers.lecun_normal()
+
+
+def partitioned(init, axes: tuple[str | None, ...]):
+    """Tags an initializer's Param with logical `axes`.
+
+    Placement is explicit (`dpdmd_jax.parallel` turns the names into shardings for jit /
+    device_put), so modules build the same on any mesh or none: no eager sharding at creation.
+    """
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    rngs: nnx.Rngs,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    use_bias: bool = True,
+    kernel_init=default_kernel_init,
+) -> nnx.Linear:
+    """`nnx.Linear` whose kernel is tagged with logical `axes` (in, out) and bias with (out,)."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=partitioned(kernel_init, axes),
+        bias_init=partitioned(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+    )
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without affine parameters; statistics in float32 (exact two-pass variance)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned scale (diffusers `RMSNorm`): fp32 variance, no mean subtraction."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, param_dtype: Dtype = jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",), eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN modulation `x * (1 + scale) + shift` with per-sample [B, D] shift/scale."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU, tanh approximation (SD3 feed-forward, T5)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def timestep_embedding(
+    timesteps: jax.Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = True,
+    downscale_freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
+    """Sinusoidal embedding of (float) timesteps, as diffusers `get_timestep_embedding`, in fp32."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+    freqs = jnp.exp(exponent / (half - downscale_freq_shift))
+    args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class MLPEmbedder(nnx.Module):
+    """linear_1 -> SiLU -> linear_2 (diffusers `TimestepEmbedding` / `PixArtAlphaTextProjection`)."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.linear_1 = dense(in_dim, out_dim, (None, "embed"), **kw)
+        self.linear_2 = dense(out_dim, out_dim, ("embed", "mlp"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None
+) -> jax.Array:
+    """Multi-head attention on [B, T, N, H] tensors, scale 1/sqrt(H), no mask.
+
+    `jax.nn.dot_product_attention` dispatches to cuDNN flash attention on GPUs when
+    `implementation="cudnn"` (bf16/fp16), and to XLA elsewhere.
+    """
+    impl = None if implementation in (None, "xla", "auto") else implementation
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)

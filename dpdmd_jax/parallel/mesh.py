@@ -1,0 +1,134 @@
+"""Device mesh construction and logical-axis -> mesh-axis rules (the one place that knows both).
+
+Mesh axes are ("data", "fsdp", "tensor"). Parameters carry logical names ("embed", "heads",
+"mlp", "layers", ...); `DEFAULT_RULES` maps them: large matrices are split over "fsdp" on their
+model dimension and over "tensor" on heads / MLP width. The batch is split over ("data", "fsdp").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis (or None = replicated). First match wins, as in MaxText/flax.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("vocab", "tensor"),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh; one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if known <= 0 or len(devices) % known:
+            raise ValueError(
+                f"mesh sizes {dict(zip(MESH_AXES, sizes))} do not divide the {len(devices)} available devices"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices) or min(sizes) < 1:
+        raise ValueError(
+            f"mesh sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices but {len(devices)} are "
+            "available; set the sizes so their product is the device count (one may be -1)"
+        )
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def _mesh_axes_for(logical: str | None, rules) -> tuple[str, ...]:
+    if logical is None:
+        return ()
+    for name, target in rules:
+        if name == logical:
+            if target is None:
+                return ()
+            return (target,) if isinstance(target, str) else tuple(target)
+    return ()
+
+
+def spec_for(
+    shape: Sequence[int], logical_axes: Sequence[str | None] | None, mesh: Mesh, rules=DEFAULT_RULES
+) -> PartitionSpec:
+    """PartitionSpec of one array: each logical axis mapped by `rules`, dropped (replicated) where
+    the dimension is not divisible by the mesh axis size or the mesh axis is already used."""
+    if not logical_axes:
+        return PartitionSpec()
+    used: set[str] = set()
+    out = []
+    for dim, logical in zip(shape, logical_axes):
+        axes = tuple(a for a in _mesh_axes_for(logical, rules) if a not in used and mesh.shape[a] > 1)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if axes and dim % size == 0:
+            used.update(axes)
+            out.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            out.append(None)
+    return PartitionSpec(*out)
+
+
+def _logical_axes(var: Any) -> tuple | None:
+    if isinstance(var, nnx.Variable):
+        return var.get_metadata().get("out_sharding")
+    return None
+
+
+def state_shardings(state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """NamedShardings for every leaf of an NNX state (abstract or concrete), from its logical axes."""
+
+    def one(var):
+        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        spec = spec_for(value.shape, _logical_axes(var), mesh, rules)
+        sharding = NamedSharding(mesh, spec)
+        return var.replace(sharding) if isinstance(var, nnx.Variable) else sharding
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) axis over ("data", "fsdp"), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_divisible(batch: int, mesh: Mesh, what: str = "batch") -> None:
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % n:
+        raise ValueError(
+            f"{what}={batch} is not divisible by the data x fsdp mesh size {n} "
+            f"(mesh {dict(mesh.shape)}); choose a multiple of {n}"
+        )
+
+
+def sharding_report(state: Any) -> dict[str, int]:
+    """Bytes of a placed state that are sharded vs replicated (per device and in total)."""
+    total = replicated_bytes = per_device = 0
+    for x in jax.tree.leaves(state):
+        if not isinstance(x, jax.Array):
+            continue
+        nbytes = x.size * x.dtype.itemsize
+        total += nbytes
+        shard = x.sharding.shard_shape(x.shape)
+        shard_bytes = math.prod(shard) * x.dtype.itemsize
+        per_device += shard_bytes
+        if shard_bytes == nbytes and len(x.sharding.device_set) > 1:
+            replicated_bytes += nbytes
+    return {"total_bytes": total, "replicated_bytes": replicated_bytes, "per_device_bytes": per_device}

@@ -1,0 +1,16 @@
+"""Test environment: 8 virtual CPU devices stand in for a pod; model hubs are never contacted."""
+
+import os
+
+# Must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+# Parity tests compare fp32 numbers to 1e-5: no TF32-style shortcuts in matmuls.
+jax.config.update("jax_default_matmul_precision", "highest")

@@ -1,0 +1,33 @@
+"""Shared test utilities: small random diffusers reference models saved to temp folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def save_random_sd3(folder, seed: int = 0, dtype=torch.float32, **config) -> "torch.nn.Module":
+    """Builds a small random diffusers SD3Transformer2DModel, perturbs every parameter (so
+    zero-initialised ones are exercised too), saves it with save_pretrained, returns it (eval)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(**config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.to(dtype).save_pretrained(folder, safe_serialization=True)
+    return model.to(dtype)
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def nchw(x) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().numpy().transpose(0, 2, 3, 1)
