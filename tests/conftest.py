@@ -6,6 +6,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# Tests compile many small graphs once each: cheap LLVM codegen halves XLA:CPU compile time
+# (HLO-level optimisation, hence numerics, is unchanged).
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -14,3 +18,6 @@ import jax  # noqa: E402
 
 # Parity tests compare fp32 numbers to 1e-5: no TF32-style shortcuts in matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
+# Identical graphs compiled by several tests (or workers) are compiled once.
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ.get("TMPDIR", "/tmp"), "dpdmd_jax_test_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)

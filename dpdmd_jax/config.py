@@ -1,0 +1,148 @@
+"""The shared config skeleton and its up-front validation.
+
+`base_config()` holds every knob of DESIGN.md section 2 with the paper's values; configs in
+`configs/` start from it and change what they need. `validate()` runs before anything is loaded
+or compiled and raises one `ConfigError` paragraph per problem, naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dpdmd_jax.diffusion.flow import flow_match_sigmas
+
+BACKBONES = ("mmdit",)  # "unet" (SDXL, epsilon) lands with its own issue
+SIMULATIONS = ("rollout", "backward")
+TARGETS = ("line", "denoise")
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the field and how to fix it."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.backbone = "mmdit"
+    c.num_rounds = 6000  # generator (student) updates; each follows `fake_updates_per_student` critic updates
+    c.batch_size = 32  # global batch, split over the ("data", "fsdp") mesh axes
+
+    c.model = ml_collections.ConfigDict()
+    c.model.source = ""  # diffusers transformer folder (or pipeline root), "toy" or "random:<preset>"
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.scan_layers = False
+    c.model.remat_policy = "none"
+    c.model.attention_impl = "xla"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "prompts"  # "toy" | "prompts"
+    c.data.prompt_file = ""
+    c.data.latent_size = (128, 128)  # (H, W) of the latent; 1024^2 images for SD3 (VAE factor 8)
+
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.steps = 30  # T: the teacher's Euler grid the anchor is taken on
+    c.teacher.cfg_scale = 3.5
+    c.teacher.shift = 3.0
+
+    c.student = ml_collections.ConfigDict()
+    # Explicit grid (diffusers FlowMatchEuler, 4 steps, shift 3, as the public code); 0 is appended.
+    c.student.sigmas = [float(s) for s in flow_match_sigmas(4, 3.0)[:-1]]
+
+    c.distill = ml_collections.ConfigDict()
+    c.distill.anchor_k = 5  # K: teacher steps to the diversity anchor (paper default; public code: 10)
+    c.distill.lambda_div = 0.05  # 0 = plain DMD
+    c.distill.target = "line"  # "line": (eps - z_tk) / (1 - t_k); "denoise": teacher x0 at z_tk
+    c.distill.fake_updates_per_student = 5  # M
+    # Detach z_1 after the first student step. None = auto: on for DP-DMD (lambda_div > 0), off for
+    # plain DMD (every step trained by DMD). Set explicitly for the paper's Fig. 5 ablation.
+    c.distill.stop_grad_first_step = ml_collections.FieldReference(None, field_type=bool)
+
+    c.dmd = ml_collections.ConfigDict()
+    c.dmd.simulation = "rollout"  # "rollout" (paper code) | "backward" (DMD2-style, one step with grad)
+    c.dmd.real_cfg_scale = 3.5  # CFG of the real score
+    c.dmd.shift = 3.0  # the shifted 1000-step training grid the DMD noise level is drawn from
+    c.dmd.sigma_min = 0.0  # restrict that grid to [sigma_min, sigma_max]
+    c.dmd.sigma_max = 1.0
+
+    c.optim = ml_collections.ConfigDict()
+    for name in ("student", "fake"):
+        o = ml_collections.ConfigDict()
+        o.lr = 1e-5
+        o.b1 = 0.9
+        o.b2 = 0.999
+        o.weight_decay = 0.0
+        o.grad_clip = 1.0
+        c.optim[name] = o
+
+    c.log_every = 10
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 3
+    c.sample_every = 500  # sample grids to TensorBoard
+    c.max_nonfinite = 5  # consecutive non-finite losses before the run stops
+    c.eval = ml_collections.ConfigDict()
+    c.eval.enabled = True
+    c.eval.seeds_per_prompt = 9  # R
+    c.eval.repeats = 4  # prompt set repeats (toy)
+    return c
+
+
+def _problems(c: ml_collections.ConfigDict) -> list[str]:
+    p = []
+    if c.backbone not in BACKBONES:
+        p.append(f"backbone={c.backbone!r} is unknown; choose one of {BACKBONES}.")
+    if not c.model.source:
+        p.append("model.source is empty: set it to a diffusers transformer folder, e.g. "
+                 "--config.model.source=/ckpts/stable-diffusion-3.5-medium")
+    T = c.teacher.steps
+    if not isinstance(T, int) or T < 1:
+        p.append(f"teacher.steps={T!r} must be a positive integer (the paper uses 30).")
+    elif not 1 <= c.distill.anchor_k <= T:
+        p.append(f"distill.anchor_k={c.distill.anchor_k} must lie in 1..teacher.steps={T}; "
+                 f"the anchor is the teacher state after K of its T steps (paper: K=5).")
+    if c.distill.lambda_div < 0:
+        p.append(f"distill.lambda_div={c.distill.lambda_div} is negative; use 0 for plain DMD or a positive weight "
+                 "(paper: 0.05).")
+    if c.distill.target not in TARGETS:
+        p.append(f"distill.target={c.distill.target!r}; choose one of {TARGETS}.")
+    if not isinstance(c.distill.fake_updates_per_student, int) or c.distill.fake_updates_per_student < 0:
+        p.append(f"distill.fake_updates_per_student={c.distill.fake_updates_per_student!r} must be an integer >= 0.")
+    if c.dmd.simulation not in SIMULATIONS:
+        p.append(f"dmd.simulation={c.dmd.simulation!r}; choose one of {SIMULATIONS}.")
+    if not 0.0 <= c.dmd.sigma_min < c.dmd.sigma_max <= 1.0:
+        p.append(f"dmd.sigma_min={c.dmd.sigma_min}, dmd.sigma_max={c.dmd.sigma_max} must satisfy "
+                 "0 <= sigma_min < sigma_max <= 1.")
+    s = list(c.student.sigmas)
+    if len(s) < 2 or any(not 0 < x <= 1 for x in s) or any(a <= b for a, b in zip(s, s[1:])):
+        p.append(f"student.sigmas={s} must hold >= 2 strictly decreasing values in (0, 1] (0 is appended); "
+                 "DP-DMD needs a first step and at least one DMD step.")
+    for name in ("teacher.cfg_scale", "dmd.real_cfg_scale"):
+        sec, key = name.split(".")
+        if c[sec][key] < 1.0:
+            p.append(f"{name}={c[sec][key]} must be >= 1 (1 = no guidance).")
+    if not isinstance(c.batch_size, int) or c.batch_size < 1:
+        p.append(f"batch_size={c.batch_size!r} must be a positive integer.")
+    if c.num_rounds < 1:
+        p.append(f"num_rounds={c.num_rounds} must be >= 1.")
+    for name in ("student", "fake"):
+        o = c.optim[name]
+        if o.lr <= 0 or o.weight_decay < 0 or o.grad_clip <= 0:
+            p.append(f"optim.{name}: lr ({o.lr}) and grad_clip ({o.grad_clip}) must be > 0, weight_decay "
+                     f"({o.weight_decay}) >= 0.")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "max_nonfinite"):
+        if c[key] < 1:
+            p.append(f"{key}={c[key]} must be >= 1.")
+    if c.data.kind not in ("toy", "prompts"):
+        p.append(f"data.kind={c.data.kind!r}; choose 'toy' or 'prompts'.")
+    if c.eval.seeds_per_prompt < 2:
+        p.append(f"eval.seeds_per_prompt={c.eval.seeds_per_prompt} must be >= 2 (diversity compares seeds).")
+    return p
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError listing every invalid value, before any weight is read or step compiled."""
+    problems = _problems(c)
+    if problems:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
