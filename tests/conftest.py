@@ -13,11 +13,13 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Identical graphs compiled by several tests, workers or the CLI subprocesses tests start are
+# compiled once (env vars, so subprocesses inherit them).
+_cache = os.path.join(os.environ.get("TMPDIR", "/tmp"), "dpdmd_jax_test_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 
 import jax  # noqa: E402
 
 # Parity tests compare fp32 numbers to 1e-5: no TF32-style shortcuts in matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
-# Identical graphs compiled by several tests (or workers) are compiled once.
-jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ.get("TMPDIR", "/tmp"), "dpdmd_jax_test_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)

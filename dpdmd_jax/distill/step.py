@@ -198,7 +198,8 @@ class Distiller:
         x = jax.lax.stop_gradient(x)
         sigma = self.dmd_sigma(k_sigma, x.shape[0])
         x_s = flow.add_noise(x, jax.random.normal(k_noise, x.shape, x.dtype), sigma)
-        v_real = self.guided_velocity(frozen.teacher, frozen.buffers, x_s, sigma, cond, uncond, self.c.dmd.real_cfg_scale)
+        scale = self.c.dmd.real_cfg_scale
+        v_real = self.guided_velocity(frozen.teacher, frozen.buffers, x_s, sigma, cond, uncond, scale)
         v_fake = self.velocity(jax.lax.stop_gradient(fake), frozen.buffers, x_s, sigma, cond)
         g = losses.dmd_gradient(x_s, flow.x0_from_v(x_s, v_real, sigma), flow.x0_from_v(x_s, v_fake, sigma))
         return g, sigma
@@ -237,7 +238,7 @@ class Distiller:
         k_eps, k_loss = jax.random.split(key)
         eps = self._noise(k_eps, cond.context.shape[0])
         loss, grads = jax.value_and_grad(self.critic_loss)(state.fake, state.student, frozen, eps, cond, k_loss)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, opt = self.tx_fake.update(grads, state.opt_fake, state.fake)
         fake = optax.apply_updates(state.fake, updates)
@@ -253,7 +254,7 @@ class Distiller:
         (loss, aux), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
             state.student, state.fake, frozen, eps, cond, uncond, k_loss
         )
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, opt = self.tx_student.update(grads, state.opt_student, state.student)
         student = optax.apply_updates(state.student, updates)

@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -125,10 +124,17 @@ def check_prompts_input(c: ml_collections.ConfigDict) -> None:
         )
 
 
-def build(c: ml_collections.ConfigDict) -> Setup:
+def build(c: ml_collections.ConfigDict, devices=None) -> Setup:
+    """Validates, builds the mesh (over `devices`, default all) and loads the teacher onto it."""
     config_lib.validate(c)
-    mesh = mesh_lib.make_mesh(**c.mesh)
-    mesh_lib.check_batch_divisible(c.batch_size, mesh, "batch_size")
+    try:
+        mesh = mesh_lib.make_mesh(**c.mesh, devices=devices)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"mesh: {e} (--config.mesh.data / .fsdp / .tensor)") from e
+    try:
+        mesh_lib.check_batch_divisible(c.batch_size, mesh, "batch_size")
+    except ValueError as e:
+        raise config_lib.ConfigError(f"{e} (--config.batch_size)") from e
     check_prompts_input(c)
     teacher = load_teacher(c, mesh)
     data = make_data(c, teacher.cfg)
@@ -185,10 +191,9 @@ def put_batch(mesh: Mesh, batch: step_lib.RoundBatch) -> step_lib.RoundBatch:
 
 def init_train_state(setup: Setup) -> tuple[step_lib.TrainState, step_lib.TrainState]:
     """(state, shardings): student and fake copied from the teacher directly on their shardings."""
-    abstract = jax.eval_shape(lambda t: step_lib.init_state(setup.distiller, t, setup.config.seed), setup.frozen.teacher)
-    shardings = state_shardings(setup, abstract)
-    init = jax.jit(lambda t: step_lib.init_state(setup.distiller, t, setup.config.seed), out_shardings=shardings)
-    return init(setup.frozen.teacher), shardings
+    make = lambda teacher: step_lib.init_state(setup.distiller, teacher, setup.config.seed)
+    shardings = state_shardings(setup, jax.eval_shape(make, setup.frozen.teacher))
+    return jax.jit(make, out_shardings=shardings)(setup.frozen.teacher), shardings
 
 
 def compile_round(setup: Setup, state_sh, example_batch):
@@ -259,8 +264,9 @@ def check_workdir_config(workdir: str, c: ml_collections.ConfigDict) -> None:
         a, b = flat(saved), flat(current)
         diff = sorted(k for k in set(a) | set(b) if k not in _RESUMABLE_CHANGES and a.get(k) != b.get(k))
         if diff:
+            changes = ", ".join(f"{k}: {a.get(k)} -> {b.get(k)}" for k in diff[:8])
             raise config_lib.ConfigError(
-                f"{workdir} holds a run with a different config ({', '.join(f'{k}: {a.get(k)} -> {b.get(k)}' for k in diff[:8])}). "
+                f"{workdir} holds a run with a different config ({changes}). "
                 "Resume with the same settings, or start this experiment in a new --workdir."
             )
     if jax.process_index() == 0:
