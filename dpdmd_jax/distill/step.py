@@ -208,12 +208,14 @@ class Distiller:
 
     def generator_loss(self, params, fake, frozen: Frozen, eps, cond: Cond, uncond: Cond, key):
         k_sim, k_dmd = jax.random.split(key)
-        target = self.diversity_target(frozen, eps, cond, uncond)
         v_first, z1 = self.first_step(params, frozen.buffers, eps, cond)
-        if self.c.distill.target == "line":
-            loss_div = losses.diversity_loss(v_first, target)
+        if self.c.distill.lambda_div == 0:  # plain DMD: no teacher anchor to pay for
+            loss_div = jnp.zeros((), jnp.float32)
+        elif self.c.distill.target == "line":
+            loss_div = losses.diversity_loss(v_first, self.diversity_target(frozen, eps, cond, uncond))
         else:
-            loss_div = losses.diversity_loss(flow.x0_from_v(eps, v_first, self.student_sigmas[0]), target)
+            x0_first = flow.x0_from_v(eps, v_first, self.student_sigmas[0])
+            loss_div = losses.diversity_loss(x0_first, self.diversity_target(frozen, eps, cond, uncond))
         x = self.remaining_steps(params, frozen.buffers, eps, z1, cond, k_sim)
         g, sigma = self.dmd_direction(fake, frozen, x, cond, uncond, k_dmd)
         loss_dmd = losses.dmd_loss(x, g)

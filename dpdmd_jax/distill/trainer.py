@@ -185,7 +185,8 @@ def batch_shardings(mesh: Mesh, batch: step_lib.RoundBatch):
 
 
 def put_batch(mesh: Mesh, batch: step_lib.RoundBatch) -> step_lib.RoundBatch:
-    """Host arrays -> global arrays; each process supplies the slice its devices hold."""
+    """Host arrays -> global arrays. Every process builds the same round from (seed, round), so on
+    several hosts each one places just the shards its devices hold."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s), batch, batch_shardings(mesh, batch))
 
 

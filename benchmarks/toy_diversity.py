@@ -1,0 +1,183 @@
+"""Toy study: does DP-DMD keep more of the teacher's diversity than plain DMD?
+
+Trains 4-step students on the embedded toy (configs/toy.py) for several arms and training seeds
+with the real trainer, evaluates them with the toy metrics (R = 9 seeds per prompt), and prints /
+writes a table (mean +- std over seeds), a plot and sample grids.
+
+  python benchmarks/toy_diversity.py                       # main arms: DMD, DP-DMD K in {1,3,5,10,T}
+  python benchmarks/toy_diversity.py --arms study          # lambda sweep, wider first step, backward
+  python benchmarks/toy_diversity.py --rounds 300 --seeds 0,1,2 --out benchmarks/results/toy_diversity
+
+Runs are resumable (each arm/seed is a normal workdir); finished ones are only re-evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/dpdmd_jax_bench_cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+
+import numpy as np  # noqa: E402
+
+T = 30
+WIDE_GRID = [1.0, 0.75, 0.5, 0.25]  # first step 1.0 -> 0.75 instead of 1.0 -> 0.8577
+
+ARMS = {
+    "main": {
+        "DMD": {"distill.lambda_div": 0.0},
+        **{f"DP-DMD K={k}": {"distill.anchor_k": k} for k in (1, 3, 5, 10, T)},
+    },
+    "study": {
+        "DP-DMD K=5 lambda=0.5": {"distill.lambda_div": 0.5},
+        "DP-DMD K=5 lambda=2": {"distill.lambda_div": 2.0},
+        "DMD wide grid": {"distill.lambda_div": 0.0, "student.sigmas": WIDE_GRID},
+        "DP-DMD K=5 wide grid": {"student.sigmas": WIDE_GRID},
+        "DP-DMD K=5 lambda=0.5 wide grid": {"distill.lambda_div": 0.5, "student.sigmas": WIDE_GRID},
+    },
+}
+COLUMNS = ["diversity_layout", "diversity_pixel", "spread_cx", "spread_cy", "spread_size", "adherence",
+           "colour_acc", "valid", "frechet_layout", "render_residual"]
+
+
+def make_config(overrides: dict, seed: int, rounds: int, teacher: str | None):
+    from configs import toy
+
+    c = toy.get_config()
+    c.seed = seed
+    c.num_rounds = rounds
+    c.checkpoint_every = max(rounds // 2, 1)
+    c.sample_every = rounds
+    if teacher:
+        c.model.source = teacher
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def run_arm(name: str, overrides: dict, seeds: list[int], rounds: int, out: str, teacher: str | None) -> list[dict]:
+    from dpdmd_jax.distill import trainer
+
+    results = []
+    for seed in seeds:
+        workdir = os.path.join(out, name.replace(" ", "_").replace("=", ""), f"seed{seed}")
+        summary_path = os.path.join(workdir, "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
+            if summary.get("rounds") == rounds:
+                results.append(summary)
+                continue
+        t0 = time.time()
+        summary = trainer.train(make_config(overrides, seed, rounds, teacher), workdir)
+        summary["wall_s"] = time.time() - t0
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=2)
+        results.append(summary)
+    return results
+
+
+def aggregate(results: list[dict], who: str) -> dict:
+    rows = [r[who] for r in results]
+    out = {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in COLUMNS}
+    out["nfe"] = rows[0]["nfe"]
+    out["wall_s"] = float(np.mean([r.get("wall_s", np.nan) for r in results]))
+    return out
+
+
+def table(agg: dict[str, dict]) -> str:
+    cols = ["nfe", *COLUMNS, "wall_s"]
+    lines = ["| arm | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, row in agg.items():
+        cells = []
+        for k in cols:
+            v = row[k]
+            cells.append(f"{v[0]:.3f} ± {v[1]:.3f}" if isinstance(v, tuple) else f"{v:.0f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(agg: dict[str, dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(agg)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key in zip(axes, ["diversity_layout", "spread_size", "adherence"]):
+        means = [agg[n][key][0] for n in names]
+        stds = [agg[n][key][1] for n in names]
+        ax.bar(range(len(names)), means, yerr=stds, capsize=3,
+               color=["grey" if n == "teacher" else "tab:blue" if "DP" in n else "tab:orange" for n in names])
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(key)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def save_grids(out: str, arms: dict) -> None:
+    """Seed-0 student sample grid of each arm (from its TensorBoard-free sampler) as PNG."""
+    from PIL import Image
+
+    from dpdmd_jax.distill import trainer
+
+    for name, overrides in arms.items():
+        workdir = os.path.join(out, name.replace(" ", "_").replace("=", ""), "seed0")
+        c = make_config(overrides, 0, 1, ARGS.teacher)
+        setup = trainer.build(c)
+        like, shardings = trainer.init_train_state(setup)
+        mngr = trainer.checkpoint_manager(workdir, c)
+        state = trainer.restore(mngr, mngr.latest_step(), like, shardings)
+        grid = trainer._sample_fn(setup)(state.student)
+        Image.fromarray((grid * 255).astype(np.uint8)).save(os.path.join(out, f"grid_{os.path.basename(os.path.dirname(workdir))}.png"))
+
+
+def main() -> None:
+    global ARGS
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", default="main", choices=["main", "study", "all"])
+    p.add_argument("--rounds", type=int, default=300)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "toy_diversity"))
+    p.add_argument("--teacher", default=None, help="teacher folder (default: the shipped toy teacher)")
+    p.add_argument("--grids", action="store_true", help="also write seed-0 sample grids")
+    ARGS = p.parse_args()
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    seeds = [int(s) for s in ARGS.seeds.split(",")]
+    arms = {**ARMS["main"], **ARMS["study"]} if ARGS.arms == "all" else ARMS[ARGS.arms]
+    os.makedirs(ARGS.out, exist_ok=True)
+    agg = {}
+    for name, overrides in arms.items():
+        results = run_arm(name, overrides, seeds, ARGS.rounds, ARGS.out, ARGS.teacher)
+        if "teacher" not in agg:
+            agg["teacher"] = aggregate(results, "teacher")
+            agg["teacher"]["wall_s"] = float("nan")
+        agg[name] = aggregate(results, "student")
+        print(f"done: {name}", flush=True)
+    text = table(agg)
+    print(f"\nToy diversity, {ARGS.rounds} rounds, seeds {seeds} (mean ± std over training seeds):\n")
+    print(text)
+    with open(os.path.join(ARGS.out, f"table_{ARGS.arms}.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(ARGS.out, f"results_{ARGS.arms}.json"), "w") as f:
+        json.dump(agg, f, indent=2)
+    plot(agg, os.path.join(ARGS.out, f"plot_{ARGS.arms}.png"))
+    if ARGS.grids:
+        save_grids(ARGS.out, arms)
+
+
+if __name__ == "__main__":
+    main()
