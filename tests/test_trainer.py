@@ -86,7 +86,7 @@ def _main(workdir, *flags, wait=True):
     cmd = [sys.executable, "-m", "dpdmd_jax.main", "--config=configs/toy.py:smoke", f"--workdir={workdir}", *flags]
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
 
 
 def _metrics(workdir):
@@ -94,7 +94,7 @@ def _metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-def _wait_for(predicate, proc, timeout=400):
+def _wait_for(predicate, proc, timeout=1500):
     t0 = time.time()
     while not predicate():
         if proc.poll() is not None:
@@ -172,14 +172,14 @@ def test_prompt_inputs_fail_clearly(tmp_path):
 
 
 def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
-    t0 = time.time()
     bad = _main(tmp_path / "a", "--config.distill.anchor_k=99")
     assert bad.returncode == 2
     assert "distill.anchor_k=99 must lie in 1..teacher.steps=4" in bad.stderr and "Traceback" not in bad.stderr
+    assert not os.path.exists(tmp_path / "a" / "config.json")  # stopped before the workdir was touched
     sd35 = subprocess.run([sys.executable, "-m", "dpdmd_jax.main", "--config=configs/sd35.py",
                            f"--workdir={tmp_path / 'b'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert sd35.returncode == 2 and "model.source is empty" in sd35.stderr and "Traceback" not in sd35.stderr
-    assert time.time() - t0 < 120  # no compile happened
+    assert not os.path.exists(tmp_path / "b")
 
 
 def test_corrupt_checkpoint_and_changed_config_are_reported(tmp_path):
