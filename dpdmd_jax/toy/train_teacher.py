@@ -83,9 +83,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         # EMA with the usual warm-up so early averages are not dominated by the random init.
         decay = jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-        return params, opt_state, ema, dict(loss=loss, grad_norm=optax.global_norm(grads))
+        return params, opt_state, ema, dict(loss=loss, grad_norm=optax.tree.norm(grads))
 
-    return jax.jit(step, donate_argnums=(0, 1, 2))
+    return jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=dict(config.compiler_options) or None)
 
 
 def host_batch(rng: np.random.Generator, config: ml_collections.ConfigDict, model_cfg) -> dict[str, np.ndarray]:
