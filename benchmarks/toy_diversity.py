@@ -140,7 +140,8 @@ def save_grids(out: str, arms: dict) -> None:
         mngr = trainer.checkpoint_manager(workdir, c)
         state = trainer.restore(mngr, mngr.latest_step(), like, shardings)
         grid = trainer._sample_fn(setup)(state.student)
-        Image.fromarray((grid * 255).astype(np.uint8)).save(os.path.join(out, f"grid_{os.path.basename(os.path.dirname(workdir))}.png"))
+        arm_dir = os.path.basename(os.path.dirname(workdir))
+        Image.fromarray((grid * 255).astype(np.uint8)).save(os.path.join(out, f"grid_{arm_dir}.png"))
 
 
 def main() -> None:
