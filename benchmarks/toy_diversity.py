@@ -48,6 +48,7 @@ COLUMNS = ["diversity_layout", "diversity_pixel", "spread_cx", "spread_cy", "spr
 
 def make_config(overrides: dict, seed: int, rounds: int, teacher: str | None):
     from configs import toy
+    from dpdmd_jax.config import override
 
     c = toy.get_config()
     c.seed = seed
@@ -56,13 +57,7 @@ def make_config(overrides: dict, seed: int, rounds: int, teacher: str | None):
     c.sample_every = rounds
     if teacher:
         c.model.source = teacher
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(c, overrides)
 
 
 def run_arm(name: str, overrides: dict, seeds: list[int], rounds: int, out: str, teacher: str | None) -> list[dict]:

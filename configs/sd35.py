@@ -13,7 +13,7 @@ Prompts are encoded by the SD3 text encoders (CLIP-L, OpenCLIP-bigG, T5-XXL); un
 land, this config stops up front with a message saying so (no weights are read before that).
 """
 
-from dpdmd_jax.config import base_config
+from dpdmd_jax.config import apply_method_variant, base_config
 
 
 def get_config(arg: str | None = None):
@@ -38,14 +38,6 @@ def get_config(arg: str | None = None):
     c.sample_every = 100
     c.eval.enabled = False  # diversity/quality evaluation of SD3.5 runs through the evaluate entry point
     for variant in filter(None, (arg or "").split(",")):
-        if variant == "dmd":
-            c.distill.lambda_div = 0.0
-        elif variant == "backward":
-            c.dmd.simulation = "backward"
-        elif variant == "denoise":
-            c.distill.target = "denoise"
-        elif variant.startswith("k") and variant[1:].isdigit():
-            c.distill.anchor_k = int(variant[1:])
-        else:
+        if not apply_method_variant(c, variant):
             raise ValueError(f"unknown sd35 config variant {variant!r}; see the docstring of configs/sd35.py")
     return c

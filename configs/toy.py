@@ -13,7 +13,7 @@ Variants (`--config=configs/toy.py:VARIANT[,VARIANT...]`):
 Any field can be overridden, e.g. --config.distill.lambda_div=0.5 --config.num_rounds=400.
 """
 
-from dpdmd_jax.config import base_config
+from dpdmd_jax.config import apply_method_variant, base_config
 
 
 def get_config(arg: str | None = None):
@@ -36,15 +36,9 @@ def get_config(arg: str | None = None):
     c.sample_every = 100
     c.eval.repeats = 4
     for variant in filter(None, (arg or "").split(",")):
-        if variant == "dmd":
-            c.distill.lambda_div = 0.0
-        elif variant == "backward":
-            c.dmd.simulation = "backward"
-        elif variant == "denoise":
-            c.distill.target = "denoise"
-        elif variant.startswith("k") and variant[1:].isdigit():
-            c.distill.anchor_k = int(variant[1:])
-        elif variant == "smoke":
+        if apply_method_variant(c, variant):
+            continue
+        if variant == "smoke":
             c.model.source = "random"
             c.model.arch = dict(sample_size=8, patch_size=2, in_channels=3, out_channels=3, num_layers=2,
                                 num_attention_heads=2, attention_head_dim=8, caption_projection_dim=16,

@@ -89,6 +89,32 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def override(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+    """Sets dotted keys in place, e.g. {"distill.anchor_k": 10}; returns `c`."""
+    for key, value in values.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def apply_method_variant(c: ml_collections.ConfigDict, variant: str) -> bool:
+    """The `:variant` switches every backbone config shares; False if `variant` is not one of them."""
+    if variant == "dmd":
+        c.distill.lambda_div = 0.0
+    elif variant == "backward":
+        c.dmd.simulation = "backward"
+    elif variant == "denoise":
+        c.distill.target = "denoise"
+    elif variant.startswith("k") and variant[1:].isdigit():
+        c.distill.anchor_k = int(variant[1:])
+    else:
+        return False
+    return True
+
+
 def _problems(c: ml_collections.ConfigDict) -> list[str]:
     p = []
     if c.backbone not in BACKBONES:

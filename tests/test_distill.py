@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import toy as toy_config
+from dpdmd_jax.config import override
 from dpdmd_jax.diffusion import flow
 from dpdmd_jax.distill import losses
 from dpdmd_jax.distill.step import Cond, Distiller, Frozen
@@ -16,10 +17,7 @@ from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig
 
 
 def make(overrides=None, seed=0):
-    c = toy_config.get_config("smoke")
-    for key, value in (overrides or {}).items():
-        sec, name = key.split(".") if "." in key else (None, key)
-        (c[sec] if sec else c)[name] = value
+    c = override(toy_config.get_config("smoke"), overrides or {})
     model = MMDiT(MMDiTConfig(**dict(c.model.arch)), rngs=nnx.Rngs(seed))
     graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
     d = Distiller(c, graphdef, (8, 8, 3))

@@ -15,21 +15,14 @@ import numpy as np
 import pytest
 
 from configs import toy as toy_config
-from dpdmd_jax.config import ConfigError
+from dpdmd_jax.config import ConfigError, override
 from dpdmd_jax.distill import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smoke(**overrides):
-    c = toy_config.get_config("smoke")
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(toy_config.get_config("smoke"), overrides)
 
 
 def run_rounds(c, devices, rounds=2):

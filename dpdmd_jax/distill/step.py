@@ -236,18 +236,22 @@ class Distiller:
     def _noise(self, key, batch: int) -> jax.Array:
         return jax.random.normal(key, (batch, *self.latent_shape), jnp.float32)
 
+    @staticmethod
+    def _apply_if_finite(tx, loss, grads, params, opt_state):
+        """One optimizer update, skipped (params and moments kept) if the loss or gradient is not
+        finite. Returns (params, opt_state, ok, grad_norm)."""
+        gnorm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        return _select(ok, new_params, params), _select(ok, new_opt, opt_state), ok, gnorm
+
     def critic_update(self, state: TrainState, frozen: Frozen, cond: Cond, key) -> tuple[TrainState, dict]:
         k_eps, k_loss = jax.random.split(key)
         eps = self._noise(k_eps, cond.context.shape[0])
         loss, grads = jax.value_and_grad(self.critic_loss)(state.fake, state.student, frozen, eps, cond, k_loss)
-        gnorm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        updates, opt = self.tx_fake.update(grads, state.opt_fake, state.fake)
-        fake = optax.apply_updates(state.fake, updates)
-        state = state.replace(
-            fake=_select(ok, fake, state.fake), opt_fake=_select(ok, opt, state.opt_fake),
-            skipped=state.skipped + (~ok).astype(jnp.int32),
-        )
+        fake, opt, ok, gnorm = self._apply_if_finite(self.tx_fake, loss, grads, state.fake, state.opt_fake)
+        state = state.replace(fake=fake, opt_fake=opt, skipped=state.skipped + (~ok).astype(jnp.int32))
         return state, {"loss_fake": loss, "grad_norm_fake": gnorm}
 
     def generator_update(self, state: TrainState, frozen: Frozen, cond: Cond, uncond: Cond, key):
@@ -256,12 +260,11 @@ class Distiller:
         (loss, aux), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
             state.student, state.fake, frozen, eps, cond, uncond, k_loss
         )
-        gnorm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        updates, opt = self.tx_student.update(grads, state.opt_student, state.student)
-        student = optax.apply_updates(state.student, updates)
+        student, opt, ok, gnorm = self._apply_if_finite(
+            self.tx_student, loss, grads, state.student, state.opt_student
+        )
         state = state.replace(
-            student=_select(ok, student, state.student), opt_student=_select(ok, opt, state.opt_student),
+            student=student, opt_student=opt,
             nonfinite=jnp.where(ok, 0, state.nonfinite + 1), skipped=state.skipped + (~ok).astype(jnp.int32),
         )
         return state, {"loss": loss, "grad_norm_student": gnorm, "finite": ok, **aux}
