@@ -2,9 +2,14 @@
 
     python benchmarks/step_cost.py            # toy + mid size, the full run (about 1.5 h on 2 shared cores)
     python benchmarks/step_cost.py --quick    # toy + a shrunken mid (2 layers, batch 2), few repeats
+    python benchmarks/step_cost.py --mid-batch 8   # the mid size at batch 8 (needs ~13 GiB free RAM)
 
 For two sizes (the toy teacher's architecture with random weights, batch 16; a mid-size random
-MMDiT, 8 layers of 8x64 heads, 32x32x16 latent = 256 tokens, 77 x 512 context, batch 8), both with
+MMDiT, 8 layers of 8x64 heads (inner 512, dual attention in layers 0-2, qk RMSNorm), 32x32x16
+latent = 256 tokens, 77 x 512 context, pooled 512, batch 4 by default: at batch 8 XLA's
+memory_analysis of the round reports 10.5 GiB of temporaries (the rollout keeps the activations of
+N student steps for the backward) + 2.1 GiB of state, too much for a 23.5 GiB machine shared with
+other jobs, and a round takes ~8 min there), both with
 M = 5 critic updates per generator update, anchor K = 5 of a T = 30 teacher grid, N = 4 student
 steps ("rollout" simulation, "line" target), on a single-CPU-device mesh (data=fsdp=tensor=1), it
 jits and measures, each separately:
@@ -66,7 +71,7 @@ def _args():
     p.add_argument("--unroll-check", default="toy",
                    help="sizes whose non-round functions are also compiled fully unrolled to check the FLOP "
                         "correction ('' for none; slow to compile)")
-    p.add_argument("--mid-batch", type=int, default=None, help="batch of the mid size (default 8; quick 2)")
+    p.add_argument("--mid-batch", type=int, default=None, help="batch of the mid size (default 4; quick 2)")
     return p.parse_args()
 
 
@@ -111,7 +116,7 @@ def size_config(name: str, quick: bool, mid_batch: int | None):
     if quick:
         arch.update(num_layers=2, dual_attention_layers=(0,))
     c.model.arch = arch
-    c.batch_size = mid_batch or (2 if quick else 8)
+    c.batch_size = mid_batch or (2 if quick else 4)
     return c, MID_CONTEXT_LEN
 
 
