@@ -11,8 +11,7 @@ Steps, each in its own fresh subprocess so every RSS figure is that process's al
      the CPU backend (nothing loaded);
   3. `ours`: `load_mmdit(folder, dtype="bfloat16")`: wall time, peak RSS (getrusage ru_maxrss and
      /proc/self/status VmHWM), VmRSS sampled every 10 ms by a thread (peak and when);
-     `ours-abstract`: only the config + abstract-model step of load_mmdit (where the peak was);
-     `ours-proposed`: as `ours` with the proposed `sincos_pos_embed` monkeypatched in;
+     `ours-abstract`: only the config + abstract-model step of load_mmdit (no tensor read);
   4. `baseline-diffusers` / `diffusers`: the same for `SD3Transformer2DModel.from_pretrained(folder,
      torch_dtype=torch.bfloat16)`.
 The checkpoint is deleted at the end (also on failure). Ratios: peak RSS / checkpoint size, and
@@ -153,26 +152,6 @@ def child_ours(folder: str, step: str = "ours") -> None:
               state_bytes=sum(x.nbytes for x in leaves), dtypes=sorted({str(x.dtype) for x in leaves})))
 
 
-def proposed_sincos_pos_embed(embed_dim: int, grid_size: int, base_size: int):
-    """Proposed `dpdmd_jax/models/mmdit.py::sincos_pos_embed` (timed by monkeypatching): bitwise the
-    same float32 table, but the float64 work is done on the [grid, D/2] 1-D embedding only and
-    the [grid^2, D] table is assembled with jnp broadcasts, which `nnx.eval_shape` (used by
-    `load_mmdit` to build the abstract model) traces without computing or allocating anything.
-    The current version builds the full table in float64 numpy (3.6 GiB peak, ~40 s, at
-    pos_embed_max_size 384) even under eval_shape, only for the loader to overwrite it."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    coords = np.arange(grid_size, dtype=np.float64) / (grid_size / base_size)
-    dim = embed_dim // 2
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    out = np.outer(coords, omega)
-    emb = jnp.asarray(np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32))  # [grid, D/2]
-    w_half = jnp.broadcast_to(emb[None, :, :], (grid_size, grid_size, dim))  # rows (h, w) vary with w
-    h_half = jnp.broadcast_to(emb[:, None, :], (grid_size, grid_size, dim))
-    return jnp.concatenate([w_half, h_half], axis=-1).reshape(grid_size * grid_size, embed_dim)
-
-
 def child_ours_abstract(folder: str) -> None:
     """Only what load_mmdit does before reading any tensor: config + abstract model (eval_shape)."""
     import dpdmd_jax.weights.sd3 as sd3
@@ -184,13 +163,6 @@ def child_ours_abstract(folder: str) -> None:
     sd3.abstract_mmdit(cfg)
     emit(dict(step="ours-abstract", wall_s=time.perf_counter() - t0, rss_before=before["VmRSS"], **proc_status(),
               maxrss=maxrss()))
-
-
-def child_ours_proposed(folder: str) -> None:
-    import dpdmd_jax.models.mmdit as mmdit
-
-    mmdit.sincos_pos_embed = proposed_sincos_pos_embed
-    child_ours(folder, step="ours-proposed")
 
 
 def child_baseline_diffusers() -> None:
@@ -222,7 +194,6 @@ CHILDREN = {
     "baseline-ours": lambda a: child_baseline_ours(),
     "ours-abstract": lambda a: child_ours_abstract(a.folder),
     "ours": lambda a: child_ours(a.folder),
-    "ours-proposed": lambda a: child_ours_proposed(a.folder),
     "baseline-diffusers": lambda a: child_baseline_diffusers(),
     "diffusers": lambda a: child_diffusers(a.folder),
 }
@@ -232,7 +203,8 @@ CHILDREN = {
 
 
 def run_child(step: str, folder: str, quick: bool) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", step, "--folder", folder] + (["--quick"] if quick else [])
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", step, "--folder", folder]
+    cmd += ["--quick"] if quick else []
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="3")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -267,7 +239,8 @@ def machine() -> str:
     with open("/proc/meminfo") as f:
         mem = int(f.readline().split()[1]) / 2**20
     vers = subprocess.run(
-        [sys.executable, "-c", "import jax, torch, diffusers; print(jax.__version__, torch.__version__, diffusers.__version__)"],
+        [sys.executable, "-c",
+         "import jax, torch, diffusers; print(jax.__version__, torch.__version__, diffusers.__version__)"],
         capture_output=True, text=True).stdout.split()
     return (f"nproc {os.cpu_count()}, CPU {cpu}, RAM {mem:.1f} GiB, python {platform.python_version()}; "
             f"jax {vers[0]}, torch {vers[1]}, diffusers {vers[2]}")
@@ -295,7 +268,6 @@ def main():
         base_o = run_child("baseline-ours", folder, args.quick)
         abstract = run_child("ours-abstract", folder, args.quick)
         ours = run_child("ours", folder, args.quick)
-        prop = run_child("ours-proposed", folder, args.quick)
         base_d = run_child("baseline-diffusers", folder, args.quick)
         diff = run_child("diffusers", folder, args.quick)
     finally:
@@ -304,7 +276,6 @@ def main():
 
     rows = []
     for name, r, b in (("ours: load_mmdit(bf16)", ours, base_o),
-                       ("ours + proposed sincos_pos_embed", prop, base_o),
                        ("diffusers from_pretrained(bf16)", diff, base_d)):
         peak = max(r["VmHWM"], r["maxrss"], r["sampled_peak"])
         rows.append([

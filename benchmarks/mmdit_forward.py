@@ -93,91 +93,6 @@ SMALL = dict(
 QUICK_MID = dict(MID, arch=dict(MID["arch"], num_layers=3, dual_attention_layers=(0,)), latent=32)
 
 
-# ----------------------------------------------------------------------------- proposed CPU attention
-#
-# Not part of the model: the change proposed for `dpdmd_jax/models/layers.py::attention`, timed here
-# by monkeypatching `dpdmd_jax.models.mmdit.attention` while a variant is traced. XLA:CPU
-# materialises the [B, N, T, S] fp32 logits of `jax.nn.dot_product_attention` (88 MB per joint
-# attention at the mid config) and runs QK^T, softmax and PV over DRAM; looping over (batch, head)
-# keeps one head's [T, S] block (7 MB) cache-resident, and a custom VJP recomputes P per head in
-# the backward instead of autodiff saving/looping over every block.
-
-_F32 = jnp.float32
-
-
-def _heads_fwd(q, k, v):
-    """q [G,T,H] (pre-scaled), k/v [G,S,H] -> out [G,T,H], logsumexp [G,T] fp32; one head per step."""
-
-    def one(args):
-        qq, kk, vv = args
-        s = jnp.einsum("th,sh->ts", qq, kk, preferred_element_type=_F32)
-        m = jnp.max(s, axis=-1, keepdims=True)
-        p = jnp.exp(s - m)
-        denom = jnp.sum(p, axis=-1, keepdims=True)
-        o = jnp.einsum("ts,sh->th", (p / denom).astype(vv.dtype), vv)
-        return o, (m + jnp.log(denom))[:, 0]
-
-    return jax.lax.map(one, (q, k, v))
-
-
-@jax.custom_vjp
-def _heads_attention(q, k, v):
-    return _heads_fwd(q, k, v)[0]
-
-
-def _heads_attention_fwd(q, k, v):
-    o, lse = _heads_fwd(q, k, v)
-    return o, (q, k, v, o, lse)
-
-
-def _heads_attention_bwd(res, do):
-    q, k, v, o, lse = res
-
-    def one(args):
-        qq, kk, vv, oo, ll, dd = args
-        s = jnp.einsum("th,sh->ts", qq, kk, preferred_element_type=_F32)
-        p = jnp.exp(s - ll[:, None])  # recomputed probabilities
-        dv = jnp.einsum("ts,th->sh", p.astype(dd.dtype), dd)
-        dp = jnp.einsum("th,sh->ts", dd, vv, preferred_element_type=_F32)
-        delta = jnp.sum(dd.astype(_F32) * oo.astype(_F32), axis=-1, keepdims=True)
-        ds = (p * (dp - delta)).astype(qq.dtype)
-        return jnp.einsum("ts,sh->th", ds, kk), jnp.einsum("ts,th->sh", ds, qq), dv
-
-    return jax.lax.map(one, (q, k, v, o, lse, do))
-
-
-_heads_attention.defvjp(_heads_attention_fwd, _heads_attention_bwd)
-
-
-def proposed_attention(q, k, v, *, implementation=None, max_logits_bytes=4 << 20):
-    """Drop-in for layers.attention: per-(batch, head) loop on CPU when the logits are large."""
-    impl = None if implementation in (None, "xla", "auto") else implementation
-    b, t, n, h = q.shape
-    s = k.shape[1]
-    if impl is not None or jax.default_backend() != "cpu" or b * n * t * s * 4 <= max_logits_bytes:
-        return jax.nn.dot_product_attention(q, k, v, implementation=impl)
-    qh = (q * jnp.asarray(h**-0.5, q.dtype)).transpose(0, 2, 1, 3).reshape(b * n, t, h)
-    kh = k.transpose(0, 2, 1, 3).reshape(b * n, s, h)
-    vh = v.transpose(0, 2, 1, 3).reshape(b * n, s, h)
-    return _heads_attention(qh, kh, vh).reshape(b, n, t, h).transpose(0, 2, 1, 3)
-
-
-class patched_attention:
-    """Context manager: the model traces with `fn` as its attention."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __enter__(self):
-        import dpdmd_jax.models.mmdit as mmdit_module
-
-        self.mod, self.orig = mmdit_module, mmdit_module.attention
-        mmdit_module.attention = self.fn
-
-    def __exit__(self, *exc):
-        self.mod.attention = self.orig
-
-
 # ----------------------------------------------------------------------------- timing helpers
 
 
@@ -263,10 +178,8 @@ def make_inputs(case, seed=0):
     )
 
 
-def ours_fns(model: MMDiT, x: dict):
-    """Jitted pure functions over split state (what a training step does): fwd and value_and_grad."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    args = tuple(jnp.asarray(x[k]) for k in ("latents", "timesteps", "context", "pooled"))
+def pure_fns(graphdef):
+    """The model as pure functions of (params, rest, *inputs): the forward and a mean-square loss."""
 
     def fwd(params, rest, *a):
         return nnx.merge(graphdef, params, rest)(*a)
@@ -274,6 +187,14 @@ def ours_fns(model: MMDiT, x: dict):
     def loss(params, rest, *a):
         return jnp.mean(jnp.square(fwd(params, rest, *a)))
 
+    return fwd, loss
+
+
+def ours_fns(model: MMDiT, x: dict):
+    """Jitted pure functions over split state (what a training step does): fwd and value_and_grad."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    args = tuple(jnp.asarray(x[k]) for k in ("latents", "timesteps", "context", "pooled"))
+    fwd, loss = pure_fns(graphdef)
     fwd_j = jax.jit(fwd)
     fb_j = jax.jit(jax.value_and_grad(loss))
     t0 = time.perf_counter()
@@ -346,8 +267,6 @@ def run_config(name: str, case: dict, repeats: int, use_compile: bool, log) -> d
 
     ours = ours_fns(model, x)
     ours_scan = ours_fns(model_scan, x)
-    with patched_attention(proposed_attention):
-        prop = ours_fns(model, x)
     t_fwd, t_fb = torch_fns(ref, ref_params, x)
     log(f"   XLA compile: loop fwd {ours['compile_fwd']:.1f}s, fwd+bwd {ours['compile_fb']:.1f}s; "
         f"scan fwd {ours_scan['compile_fwd']:.1f}s, fwd+bwd {ours_scan['compile_fb']:.1f}s")
@@ -356,12 +275,10 @@ def run_config(name: str, case: dict, repeats: int, use_compile: bool, log) -> d
     ref_out = nhwc(t_fwd())
     fwd_err = rel_err(ours["fwd_out"](), ref_out)
     scan_err = rel_err(ours_scan["fwd_out"](), ref_out)
-    prop_err = rel_err(prop["fwd_out"](), ref_out)
     t_fb()
     g_err, g_worst = grad_check(cfg, ours["grads"](), ref)
-    pg_err, pg_worst = grad_check(cfg, prop["grads"](), ref)
-    log(f"   parity: fwd rel err {fwd_err:.2e} (scan {scan_err:.2e}, proposed attention {prop_err:.2e}); grads "
-        f"rel err {g_err:.2e} (worst tensor {g_worst:.2e}; proposed attention {pg_err:.2e}, worst {pg_worst:.2e})")
+    log(f"   parity: fwd rel err {fwd_err:.2e} (scan {scan_err:.2e}); grads rel err {g_err:.2e} "
+        f"(worst tensor {g_worst:.2e})")
 
     # --- torch.compile
     compiled_note = "not tried"
@@ -390,8 +307,7 @@ def run_config(name: str, case: dict, repeats: int, use_compile: bool, log) -> d
     results = {}
     probes = matmul_probes()
     for kind, flops in (("fwd", ours["flops_fwd"]), ("fb", ours["flops_fb"])):
-        fns = {"ours": ours[kind], "ours_scan": ours_scan[kind], "proposed": prop[kind],
-               "eager": t_fwd if kind == "fwd" else t_fb}
+        fns = {"ours": ours[kind], "ours_scan": ours_scan[kind], "eager": t_fwd if kind == "fwd" else t_fb}
         if c_fwd is not None:
             fns["compile"] = c_fwd if kind == "fwd" else c_fb
         fns.update(probes)
@@ -401,7 +317,6 @@ def run_config(name: str, case: dict, repeats: int, use_compile: bool, log) -> d
         log(f"   {kind}: " + ", ".join(f"{k} {fmt_ms(med(v))} ms" for k, v in times.items())
             + f"; matmul peak during this set {peak_here:.0f} GFLOP/s")
     return dict(name=name, results=results, fwd_err=fwd_err, scan_err=scan_err, g_err=g_err, g_worst=g_worst,
-                prop_err=prop_err, prop_g_err=pg_err,
                 compiled_note=compiled_note, compile_fwd=ours["compile_fwd"], compile_fb=ours["compile_fb"])
 
 
@@ -410,13 +325,12 @@ def config_rows(res: dict) -> list[list[str]]:
     for kind, label in (("fwd", "fwd"), ("fb", "fwd+bwd")):
         r = res["results"][kind]
         t, fl, peak = r["times"], r["flops"], r["peak"] * 1e9
-        frac = lambda k: f"{fl / med(t[k]) / peak:.0%}" if k in t else "n/a"
-        ms = lambda k: fmt_ms(med(t[k])) if k in t else "n/a"
-        ratio = lambda k: f"{paired_ratio(t[k], t['ours']):.2f}" if k in t else "n/a"
+        ms = {k: fmt_ms(med(t[k])) if k in t else "n/a" for k in ("ours", "ours_scan", "eager", "compile")}
+        frac = {k: f"{fl / med(t[k]) / peak:.0%}" if k in t else "n/a" for k in ("ours", "eager", "compile")}
+        ratio = {k: f"{paired_ratio(t[k], t['ours']):.2f}" if k in t else "n/a" for k in ("eager", "compile")}
         rows.append([
-            res["name"], label, f"{fl / 1e9:.1f}", ms("ours"), ms("ours_scan"), ms("eager"), ms("compile"),
-            ratio("eager"), ratio("compile"), f"{r['peak']:.0f}", frac("ours"), frac("eager"), frac("compile"),
-            ms("proposed"), f"{paired_ratio(t['eager'], t['proposed']):.2f}", f"{paired_ratio(t['ours'], t['proposed']):.2f}",
+            res["name"], label, f"{fl / 1e9:.1f}", ms["ours"], ms["ours_scan"], ms["eager"], ms["compile"],
+            ratio["eager"], ratio["compile"], f"{r['peak']:.0f}", frac["ours"], frac["eager"], frac["compile"],
         ])
     return rows
 
@@ -425,21 +339,22 @@ def config_rows(res: dict) -> list[list[str]]:
 
 
 def attention_bench(repeats: int, log, shape=(1, 1357, 12, 64)) -> str:
-    """Joint attention of the mid config alone: current layers.attention vs the proposed per-head
-    version vs torch SDPA (what diffusers calls), fwd and grad of sum(out^2) wrt q, k, v."""
-    from dpdmd_jax.models.layers import attention as current
+    """Joint attention of the mid config alone: `jax.nn.dot_product_attention` (XLA) vs our
+    `layers.attention` (per-head on CPU at this size) vs torch SDPA (what diffusers calls), fwd and
+    grad of sum(out^2) wrt q, k, v."""
+    from dpdmd_jax.models.layers import attention
 
     b, t, n, h = shape
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal(shape, np.float32) for _ in range(3))
     jq, jk, jv = map(jnp.asarray, (q, k, v))
     tq, tk, tv = (torch.from_numpy(a).transpose(1, 2).contiguous().requires_grad_() for a in (q, k, v))
-    impls = {"current": current, "proposed": proposed_attention}
+    impls = {"xla": jax.nn.dot_product_attention, "ours": attention}
     fwd = {name: jax.jit(f) for name, f in impls.items()}
     fb = {name: jax.jit(jax.grad(lambda a, b_, c, f=f: jnp.sum(jnp.square(f(a, b_, c))), argnums=(0, 1, 2)))
           for name, f in impls.items()}
-    ref_o = np.asarray(fwd["current"](jq, jk, jv))
-    ref_g = fb["current"](jq, jk, jv)
+    ref_o = np.asarray(fwd["xla"](jq, jk, jv))
+    ref_g = fb["xla"](jq, jk, jv)
     errs = {name: (rel_err(fwd[name](jq, jk, jv), ref_o),
                    max(rel_err(a, c) for a, c in zip(fb[name](jq, jk, jv), ref_g))) for name in impls}
 
@@ -453,8 +368,11 @@ def attention_bench(repeats: int, log, shape=(1, 1357, 12, 64)) -> str:
         torch.nn.functional.scaled_dot_product_attention(tq, tk, tv).square().sum().backward()
 
     rows = []
-    for kind, fns in (("fwd", {name: (lambda f=f: f(jq, jk, jv).block_until_ready()) for name, f in fwd.items()}),
-                      ("fwd+bwd", {name: (lambda f=f: jax.block_until_ready(f(jq, jk, jv))) for name, f in fb.items()})):
+    runners = {
+        "fwd": {name: (lambda f=f: jax.block_until_ready(f(jq, jk, jv))) for name, f in fwd.items()},
+        "fwd+bwd": {name: (lambda f=f: jax.block_until_ready(f(jq, jk, jv))) for name, f in fb.items()},
+    }
+    for kind, fns in runners.items():
         fns["torch_sdpa"] = t_fwd if kind == "fwd" else t_fb
         times = interleaved(fns, repeats, warmup=1)
         flops = 4.0 * b * n * t * t * h * (1 if kind == "fwd" else 3)
@@ -464,7 +382,7 @@ def attention_bench(repeats: int, log, shape=(1, 1357, 12, 64)) -> str:
                          f"{errs[name][0 if kind == 'fwd' else 1]:.1e}" if name in errs else "-"])
         log(f"   attention {kind}: " + ", ".join(f"{k_} {fmt_ms(med(v_))} ms" for k_, v_ in times.items()))
     return (f"Joint attention alone, [B,T,N,H] = {list(shape)}, fp32, {repeats} interleaved rounds; GFLOP/s counts "
-            f"4*B*N*T^2*H (x3 for fwd+bwd); rel err vs current:\n"
+            f"4*B*N*T^2*H (x3 for fwd+bwd); rel err vs xla:\n"
             + table(["pass", "impl", "median ms", "GFLOP/s", "time / torch SDPA", "rel err"], rows))
 
 
@@ -484,15 +402,9 @@ def compile_times(layers: int, heads: int, log) -> list[list[str]]:
     rows = []
     for scan in (False, True):
         cfg = MMDiTConfig(**arch, scan_layers=scan)
-        abstract = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda cfg=cfg: MMDiT(cfg, rngs=nnx.Rngs(0)))
         graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-
-        def fwd(params, rest, *a):
-            return nnx.merge(graphdef, params, rest)(*a)
-
-        def loss(params, rest, *a):
-            return jnp.mean(jnp.square(fwd(params, rest, *a)))
-
+        fwd, loss = pure_fns(graphdef)
         for label, fn in (("fwd", fwd), ("fwd+bwd", jax.value_and_grad(loss))):
             t0 = time.perf_counter()
             lowered = jax.jit(fn).lower(params, rest, *args)
@@ -519,7 +431,8 @@ def machine() -> str:
         mem = int(f.readline().split()[1]) / 2**20
     return (f"nproc {os.cpu_count()}, CPU {cpu}, RAM {mem:.1f} GiB; jax {jax.__version__}, "
             f"torch {torch.__version__}, threads {torch.get_num_threads()} (torch) / "
-            f"intra_op_parallelism_threads={_THREADS} (XLA), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+            f"intra_op_parallelism_threads={_THREADS} (XLA), "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
 def main():
@@ -550,13 +463,11 @@ def main():
                                   3 if args.quick else 9, use_compile and not args.quick, log))
     if results:
         hdr = ["config", "pass", "GFLOP", "ours ms", "ours scan ms", "torch eager ms", "torch.compile ms",
-               "eager/ours", "compile/ours", "peak GFLOP/s", "ours %peak", "eager %peak", "compile %peak",
-               "ours+proposed attn ms", "eager/proposed", "ours/proposed"]
+               "eager/ours", "compile/ours", "peak GFLOP/s", "ours %peak", "eager %peak", "compile %peak"]
         rows = [r for res in results for r in config_rows(res)]
         notes = "\n".join(
             f"- {r['name']}: fwd rel err {r['fwd_err']:.1e} (scan {r['scan_err']:.1e}), grad rel err "
-            f"{r['g_err']:.1e} (worst tensor {r['g_worst']:.1e}); with the proposed attention fwd {r['prop_err']:.1e}, "
-            f"grad {r['prop_g_err']:.1e}; ours XLA compile fwd {r['compile_fwd']:.1f}s, "
+            f"{r['g_err']:.1e} (worst tensor {r['g_worst']:.1e}); ours XLA compile fwd {r['compile_fwd']:.1f}s, "
             f"fwd+bwd {r['compile_fb']:.1f}s; torch.compile {r['compiled_note']}"
             for r in results
         )

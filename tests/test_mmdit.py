@@ -129,6 +129,33 @@ def test_random_init_matches_diffusers_position_table():
     np.testing.assert_allclose(ours.pos_embed.pos_embed[...], ref.pos_embed.pos_embed.numpy(), atol=1e-6)
 
 
+def _full_grid_table(dim: int, grid: int, base: int) -> np.ndarray:
+    """The table computed the direct way: float64 sin/cos over every (h, w) position."""
+    coords = np.arange(grid, dtype=np.float64) / (grid / base)
+    w, h = np.meshgrid(coords, coords, indexing="xy")
+
+    def one_d(pos, d):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_d(w, dim // 2), one_d(h, dim // 2)], axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("dim,grid,base", [(24, 7, 3), (64, 12, 12), (256, 40, 16)])
+def test_position_table_from_1d_embedding(dim, grid, base):
+    """Assembling the table from the 1-D embedding (traceable, free under eval_shape) is bitwise the
+    direct float64 computation, and within fp32 rounding of diffusers' (fp32 torch) table."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    from dpdmd_jax.models.mmdit import sincos_pos_embed
+
+    ours = np.asarray(sincos_pos_embed(dim, grid, base))
+    np.testing.assert_array_equal(ours, _full_grid_table(dim, grid, base))
+    ref = get_2d_sincos_pos_embed(dim, grid, base_size=base, output_type="np")
+    np.testing.assert_allclose(ours, np.asarray(ref, np.float32), atol=2e-6)
+
+
 @pytest.mark.parametrize(
     "preset,count",
     [("sd3-medium", 2_028_328_000), ("sd3.5-medium", 2_243_171_520), ("sd3.5-large", 8_056_627_520)],

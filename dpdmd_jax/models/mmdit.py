@@ -163,18 +163,24 @@ class Buffer(nnx.Variable):
     """A stored, non-trainable array (diffusers' persistent buffer, e.g. the position table)."""
 
 
-def sincos_pos_embed(embed_dim: int, grid_size: int, base_size: int) -> np.ndarray:
-    """diffusers `get_2d_sincos_pos_embed` (the table SD3 checkpoints store), [grid^2, D]."""
+def sincos_pos_embed(embed_dim: int, grid_size: int, base_size: int) -> jax.Array:
+    """diffusers `get_2d_sincos_pos_embed` (the table SD3 checkpoints store), [grid^2, D] float32.
+
+    Computed in float64 and rounded once (diffusers now computes in fp32: equal within rounding).
+    The float64 work is done on the [grid, D/2] 1-D embedding only and the [grid^2, D] table is
+    assembled with jnp broadcasts, bitwise the same as the full float64 grid: under `nnx.eval_shape` (the loader's
+    abstract model) that is traced, not computed. Building the full table in float64 numpy cost
+    ~40 s and a 3.6 GiB host peak at SD3.5's pos_embed_max_size=384, only to be overwritten.
+    """
     coords = np.arange(grid_size, dtype=np.float64) / (grid_size / base_size)
-    w, h = np.meshgrid(coords, coords, indexing="xy")  # row-major over (h, w)
-
-    def one_d(pos: np.ndarray, dim: int) -> np.ndarray:
-        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-        out = np.outer(pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    # diffusers names the first half "h" but feeds it the w coordinates; we keep its order.
-    return np.concatenate([one_d(w, embed_dim // 2), one_d(h, embed_dim // 2)], axis=1).astype(np.float32)
+    dim = embed_dim // 2
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.outer(coords, omega)
+    emb = jnp.asarray(np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32))  # [grid, D/2]
+    # Rows run over (h, w). diffusers names the first half "h" but feeds it the w coordinates; we keep its order.
+    w_half = jnp.broadcast_to(emb[None, :, :], (grid_size, grid_size, dim))
+    h_half = jnp.broadcast_to(emb[:, None, :], (grid_size, grid_size, dim))
+    return jnp.concatenate([w_half, h_half], axis=-1).reshape(grid_size * grid_size, embed_dim)
 
 
 class PatchEmbed(nnx.Module):
