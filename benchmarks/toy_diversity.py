@@ -7,8 +7,11 @@ writes a table (mean +- std over seeds), a plot and sample grids.
   python benchmarks/toy_diversity.py                       # main arms: DMD, DP-DMD K in {1,3,5,10,T}
   python benchmarks/toy_diversity.py --arms study          # lambda sweep, wider first step, backward
   python benchmarks/toy_diversity.py --rounds 400 --seeds 0,1,2 --out benchmarks/results/toy_diversity
+  # both cores, one run per core, then the table:
+  taskset -c 0 python benchmarks/toy_diversity.py --shard 0/2 & taskset -c 1 python benchmarks/toy_diversity.py \
+      --shard 1/2; wait; python benchmarks/toy_diversity.py
 
-Runs are resumable (each arm/seed is a normal workdir); finished ones are only re-evaluated.
+Runs are resumable (each arm/seed is a normal workdir); finished ones are only read back.
 """
 
 from __future__ import annotations
@@ -58,27 +61,28 @@ def make_config(overrides: dict, seed: int, rounds: int, teacher: str | None):
     return override(c, overrides)
 
 
-def run_arm(name: str, overrides: dict, seeds: list[int], rounds: int, out: str, teacher: str | None) -> list[dict]:
+def workdir_of(out: str, name: str, seed: int) -> str:
+    return os.path.join(out, name.replace(" ", "_").replace("=", ""), f"seed{seed}")
+
+
+def run_one(name: str, overrides: dict, seed: int, rounds: int, out: str, teacher: str | None) -> dict:
+    """Trains (or resumes) one arm/seed and returns its summary; a finished run is only read back."""
     from dpdmd_jax.distill import trainer
 
-    results = []
-    for seed in seeds:
-        workdir = os.path.join(out, name.replace(" ", "_").replace("=", ""), f"seed{seed}")
-        summary_path = os.path.join(workdir, "summary.json")
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                summary = json.load(f)
-            if summary.get("rounds") == rounds:
-                results.append(summary)
-                continue
-        _share_teacher_metrics(out, seed, workdir)
-        t0 = time.time()
-        summary = trainer.train(make_config(overrides, seed, rounds, teacher), workdir)
-        summary["wall_s"] = time.time() - t0
-        with open(summary_path, "w") as f:
-            json.dump(summary, f, indent=2)
-        results.append(summary)
-    return results
+    workdir = workdir_of(out, name, seed)
+    summary_path = os.path.join(workdir, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        if summary.get("rounds") == rounds:
+            return summary
+    _share_teacher_metrics(out, seed, workdir)
+    t0 = time.time()
+    summary = trainer.train(make_config(overrides, seed, rounds, teacher), workdir)
+    summary["wall_s"] = time.time() - t0
+    with open(summary_path, "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
 
 
 def _share_teacher_metrics(out: str, seed: int, workdir: str) -> None:
@@ -140,7 +144,7 @@ def save_grids(out: str, arms: dict) -> None:
     from dpdmd_jax.distill import trainer
 
     for name, overrides in arms.items():
-        workdir = os.path.join(out, name.replace(" ", "_").replace("=", ""), "seed0")
+        workdir = workdir_of(out, name, 0)
         c = make_config(overrides, 0, 1, ARGS.teacher)
         setup = trainer.build(c)
         like, shardings = trainer.init_train_state(setup)
@@ -160,6 +164,9 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "toy_diversity"))
     p.add_argument("--teacher", default=None, help="teacher folder (default: the shipped toy teacher)")
     p.add_argument("--grids", action="store_true", help="also write seed-0 sample grids")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="train only the I-th of N blocks of (arm, seed) jobs, then exit; run N at once, then once "
+                        "without --shard for the table")
     ARGS = p.parse_args()
     from absl import logging
 
@@ -167,9 +174,17 @@ def main() -> None:
     seeds = [int(s) for s in ARGS.seeds.split(",")]
     arms = {**ARMS["main"], **ARMS["study"]} if ARGS.arms == "all" else ARMS[ARGS.arms]
     os.makedirs(ARGS.out, exist_ok=True)
+    jobs = [(name, seed) for name in arms for seed in seeds]
+    if ARGS.shard:  # train only this process's share (e.g. one per core); aggregate in a later plain run
+        i, n = (int(x) for x in ARGS.shard.split("/"))
+        # contiguous blocks, so a process runs all seeds of an arm back to back (compile cache hits)
+        for name, seed in jobs[i * len(jobs) // n:(i + 1) * len(jobs) // n]:
+            run_one(name, arms[name], seed, ARGS.rounds, ARGS.out, ARGS.teacher)
+            print(f"done: {name} seed {seed}", flush=True)
+        return
     agg = {}
     for name, overrides in arms.items():
-        results = run_arm(name, overrides, seeds, ARGS.rounds, ARGS.out, ARGS.teacher)
+        results = [run_one(name, overrides, seed, ARGS.rounds, ARGS.out, ARGS.teacher) for seed in seeds]
         if "teacher" not in agg:
             agg["teacher"] = aggregate(results, "teacher")
             agg["teacher"]["wall_s"] = float("nan")

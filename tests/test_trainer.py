@@ -118,7 +118,9 @@ def test_sigkill_resume_gives_identical_metrics(tmp_path):
 
 
 def test_sigterm_saves_current_round(tmp_path):
-    proc = _main(tmp_path, "--config.num_rounds=100000", "--config.checkpoint_every=100000", wait=False)
+    """Also runs from a relative --workdir, as the README does (Orbax wants absolute paths)."""
+    relative = os.path.relpath(tmp_path, REPO)
+    proc = _main(relative, "--config.num_rounds=100000", "--config.checkpoint_every=100000", wait=False)
     _wait_for(lambda: os.path.exists(tmp_path / "metrics.jsonl") and len(_metrics(tmp_path)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)

@@ -214,7 +214,8 @@ def checkpoint_manager(workdir: str, c: ml_collections.ConfigDict) -> ocp.Checkp
     options = ocp.CheckpointManagerOptions(
         max_to_keep=c.keep_checkpoints, enable_async_checkpointing=True, create=True
     )
-    return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options, item_names=("state", "meta"))
+    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")  # Orbax needs absolute
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
 def save(mngr: ocp.CheckpointManager, state: step_lib.TrainState, meta: dict, force: bool = False) -> None:
@@ -327,6 +328,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) the distillation described by `c` in `workdir`; returns the summary."""
     from clu import metric_writers, periodic_actions
 
+    workdir = os.path.abspath(os.path.expanduser(workdir))
     setup = build(c)
     check_workdir_config(workdir, c)
     state, shardings = init_train_state(setup)
