@@ -1,6 +1,6 @@
 """Where a DP-DMD round's time goes: generator update, critic update and full round, fp32 on CPU.
 
-    python benchmarks/step_cost.py            # toy + mid size, the full run (about 1.5 h on 2 shared cores)
+    python benchmarks/step_cost.py            # toy + mid size, the full run
     python benchmarks/step_cost.py --quick    # toy + a shrunken mid (2 layers, batch 2), few repeats
     python benchmarks/step_cost.py --mid-batch 8   # the mid size at batch 8 (needs ~13 GiB free RAM)
 
@@ -87,7 +87,13 @@ import numpy as np  # noqa: E402
 from configs import toy as toy_config  # noqa: E402
 from dpdmd_jax.distill import step as step_lib  # noqa: E402
 from dpdmd_jax.distill import trainer  # noqa: E402
+from dpdmd_jax.models import layers  # noqa: E402
 from dpdmd_jax.toy.teacher import TOY_ARCH  # noqa: E402
+
+# XLA's cost analysis counts a loop body once; the CPU per-head attention path (a lax.map over heads,
+# taken for large logits such as the mid size's) would hide most attention FLOPs, so every function
+# here runs plain XLA attention (the toy never takes the per-head path anyway).
+layers.CPU_PER_HEAD_MIN_LOGITS_BYTES = float("inf")
 
 MID_ARCH = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=8, num_attention_heads=8,
                 attention_head_dim=64, caption_projection_dim=512, joint_attention_dim=512, pooled_projection_dim=512,

@@ -47,3 +47,17 @@ def test_dispatch_by_logits_size(monkeypatch):
     large = layers.attention(q, k, v)
     assert calls == [1]
     np.testing.assert_allclose(np.asarray(large), np.asarray(small), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_masked_attention_is_exact():
+    """The cuDNN path pads T, S to a multiple of 64 and masks the padding; checked here with XLA's
+    implementation of the same masked call (cuDNN itself needs a GPU: benchmarks/gpu_check.py)."""
+    q, k, v = _qkv(jnp.float32)
+    ref = jax.nn.dot_product_attention(q, k, v)
+    ours = jax.jit(lambda *a: layers.attention_padded(*a, multiple=64))(q, k, v)
+    assert ours.shape == ref.shape
+    assert rel_err(ours, ref) < 2e-6
+    g_ref = jax.grad(_sq_loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    g_ours = jax.grad(_sq_loss(lambda *a: layers.attention_padded(*a, multiple=64)), argnums=(0, 1, 2))(q, k, v)
+    for a, r in zip(g_ours, g_ref):
+        assert rel_err(a, r) < 1e-5

@@ -138,7 +138,37 @@ def attention(
     logits_bytes = 4 * b * n * t * k.shape[1]
     if impl is None and jax.default_backend() == "cpu" and logits_bytes > CPU_PER_HEAD_MIN_LOGITS_BYTES:
         return attention_per_head(q, k, v)
+    if impl == "cudnn":
+        return attention_padded(q, k, v, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+# cuDNN flash attention's backward only takes sequence lengths that are multiples of 64 (SD3's
+# 4096 + 333 tokens fail with "Unsupported sequence length"); we pad and mask instead.
+CUDNN_SEQ_MULTIPLE = 64
+
+
+def attention_padded(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None,
+    multiple: int = CUDNN_SEQ_MULTIPLE,
+) -> jax.Array:
+    """`attention` with T and S zero-padded to a multiple of `multiple`; padded keys are masked
+    through `key_value_seq_lengths` and padded query rows are sliced off, so the result is exact."""
+    b, t, _, _ = q.shape
+    s = k.shape[1]
+    pad_t, pad_s = -t % multiple, -s % multiple
+    if pad_t == pad_s == 0:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+    def pad(x: jax.Array, amount: int) -> jax.Array:
+        return jnp.pad(x, ((0, 0), (0, amount), (0, 0), (0, 0)))
+
+    out = jax.nn.dot_product_attention(
+        pad(q, pad_t), pad(k, pad_s), pad(v, pad_s),
+        query_seq_lengths=jnp.full((b,), t, jnp.int32), key_value_seq_lengths=jnp.full((b,), s, jnp.int32),
+        implementation=implementation,
+    )
+    return out[:, :t]
 
 
 def attention_per_head(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
