@@ -71,6 +71,8 @@ def _args():
     p.add_argument("--unroll-check", default="toy",
                    help="sizes whose non-round functions are also compiled fully unrolled to check the FLOP "
                         "correction ('' for none; slow to compile)")
+    p.add_argument("--dmd-sizes", default="toy,mid",
+                   help="sizes that also measure plain DMD (lambda_div = 0) next to DP-DMD")
     p.add_argument("--mid-batch", type=int, default=None, help="batch of the mid size (default 4; quick 2)")
     return p.parse_args()
 
@@ -283,7 +285,8 @@ def measure_size(name: str, args, log) -> dict:
         {"fwd2": c.distill.anchor_k}, False, extra=loop_extra(c, "anchor", unit))
 
     # --- updates and rounds, DP-DMD and plain DMD
-    for lam, tag in ((c.distill.lambda_div, "DP-DMD"), (0.0, "DMD")):
+    variants = [(c.distill.lambda_div, "DP-DMD")] + ([(0.0, "DMD")] if name in args.dmd_sizes.split(",") else [])
+    for lam, tag in variants:
         cv = with_lambda(c, lam)
         dv = step_lib.Distiller(cv, d.graphdef, d.latent_shape)
         sv = dataclasses.replace(setup, config=cv, distiller=dv)
@@ -347,12 +350,14 @@ def derived(res: dict) -> list[str]:
     gd, gp = "generator update DMD", "generator update DP-DMD"
     anc = f"teacher anchor (K={k})"
     critic = t["critic update"]
+    vs_dmd = [] if rd not in t else [
+        f"{res['name']}: round DP-DMD / DMD time {t[rp] / t[rd]:.2f}x (FLOPs {fl[rp] / fl[rd]:.2f}x); generator "
+        f"DP-DMD - DMD = {mf.fmt_ms(t[gp] - t[gd])} ms vs anchor alone {mf.fmt_ms(t[anc])} ms; "
+        f"round FLOPs DP-DMD - DMD = {(fl[rp] - fl[rd]) / 1e9:.2f} GFLOP vs anchor {fl[anc] / 1e9:.2f} GFLOP."]
     return [
         f"{res['name']}: {res['n_params'] / 1e6:.2f}M params; matmul peak in-set {res['peak']:.0f} GFLOP/s; "
         f"{res['repeats']} repeats.",
-        f"{res['name']}: round DP-DMD / DMD time {t[rp] / t[rd]:.2f}x (FLOPs {fl[rp] / fl[rd]:.2f}x); generator "
-        f"DP-DMD - DMD = {mf.fmt_ms(t[gp] - t[gd])} ms vs anchor alone {mf.fmt_ms(t[anc])} ms; "
-        f"round FLOPs DP-DMD - DMD = {(fl[rp] - fl[rd]) / 1e9:.2f} GFLOP vs anchor {fl[anc] / 1e9:.2f} GFLOP.",
+        *vs_dmd,
         f"{res['name']}: in the DP-DMD round, {m} critic updates ~ {m * critic / t[rp]:.0%} of the time "
         f"({m} x {mf.fmt_ms(critic)} ms), generator ~ {t[gp] / t[rp]:.0%}, anchor ~ {t[anc] / t[rp]:.0%}; "
         f"round vs {m} critic + 1 generator measured separately: {t[rp] / (m * critic + t[gp]):.2f}x.",

@@ -129,7 +129,7 @@ def attention(
 
     `jax.nn.dot_product_attention` dispatches to cuDNN flash attention on GPUs when
     `implementation="cudnn"` (bf16/fp16), and to XLA elsewhere. On CPU, XLA materialises all
-    [B, N, T, S] logits and runs QK^T, softmax and PV through DRAM (3.9x slower than torch SDPA at
+    [B, N, T, S] logits and runs QK^T, softmax and PV through DRAM (4.4x slower than torch SDPA at
     1357 tokens, BENCHMARKS.md); for large logits we loop over (batch, head) instead, which keeps one
     [T, S] block in cache (`attention_per_head`).
     """
