@@ -1,4 +1,5 @@
-"""The CPU per-head attention path equals `jax.nn.dot_product_attention`, forward and gradients."""
+"""Attention variants equal `jax.nn.dot_product_attention`, forward and gradients: the CPU per-head
+path and the padded, masked call the cuDNN path makes."""
 
 from __future__ import annotations
 
