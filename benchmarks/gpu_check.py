@@ -49,11 +49,6 @@ def timed(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def flops_of(compiled) -> float:
-    ca = compiled.cost_analysis()
-    return float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
-
-
 def inputs(cfg: MMDiTConfig, batch: int, latent: int, context_len: int, dtype):
     k = jax.random.split(jax.random.key(1), 3)
     return (jax.random.normal(k[0], (batch, latent, latent, cfg.in_channels), dtype),

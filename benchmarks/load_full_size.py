@@ -33,6 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.common import host, table  # noqa: E402  (standard library only)
+
 GiB = 2**30
 
 
@@ -221,28 +223,14 @@ def gib(x: float) -> str:
     return f"{x / GiB:.2f}"
 
 
-def table(header, rows) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
 def machine() -> str:
     import platform
 
-    cpu = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem = int(f.readline().split()[1]) / 2**20
     vers = subprocess.run(
         [sys.executable, "-c",
          "import jax, torch, diffusers; print(jax.__version__, torch.__version__, diffusers.__version__)"],
         capture_output=True, text=True).stdout.split()
-    return (f"nproc {os.cpu_count()}, CPU {cpu}, RAM {mem:.1f} GiB, python {platform.python_version()}; "
+    return (f"{host()}, python {platform.python_version()}; "
             f"jax {vers[0]}, torch {vers[1]}, diffusers {vers[2]}")
 
 

@@ -68,10 +68,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.common import flops_of, host, table  # noqa: E402
 from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig  # noqa: E402
 from dpdmd_jax.weights import loader  # noqa: E402
 from dpdmd_jax.weights.sd3 import key_map, load_mmdit  # noqa: E402
-from tests.helpers import nchw, nhwc, rel_err, save_random_sd3  # noqa: E402
+from tests.helpers import nhwc, rel_err, save_random_sd3, sd3_torch_kwargs  # noqa: E402
 
 # ----------------------------------------------------------------------------- configs
 
@@ -123,19 +124,6 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
 
 def fmt_ms(s: float | None) -> str:
     return "n/a" if s is None else (f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}")
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
-def flops_of(compiled) -> float:
-    ca = compiled.cost_analysis()
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0]
-    return float(ca["flops"])
 
 
 def model_flops(fn, *args) -> float:
@@ -229,13 +217,7 @@ def ours_fns(model: MMDiT, x: dict):
 
 
 def torch_fns(module, ref_params, x: dict):
-    kw = dict(
-        hidden_states=nchw(x["latents"]),
-        encoder_hidden_states=torch.from_numpy(x["context"]),
-        pooled_projections=torch.from_numpy(x["pooled"]),
-        timestep=torch.from_numpy(x["timesteps"]),
-        return_dict=False,
-    )
+    kw = sd3_torch_kwargs(x)
 
     def fwd():
         with torch.inference_mode():
@@ -434,15 +416,7 @@ def compile_times(layers: int, heads: int, log) -> list[list[str]]:
 
 
 def machine() -> str:
-    cpu = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem = int(f.readline().split()[1]) / 2**20
-    return (f"nproc {os.cpu_count()}, CPU {cpu}, RAM {mem:.1f} GiB; jax {jax.__version__}, "
+    return (f"{host()}; jax {jax.__version__}, "
             f"torch {torch.__version__}, threads {torch.get_num_threads()} (torch) / "
             f"intra_op_parallelism_threads={_THREADS} (XLA), "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")

@@ -31,3 +31,14 @@ def nchw(x) -> torch.Tensor:
 
 def nhwc(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().numpy().transpose(0, 2, 3, 1)
+
+
+def sd3_torch_kwargs(x: dict) -> dict:
+    """Our NHWC numpy inputs {latents, timesteps, context, pooled} as `SD3Transformer2DModel` kwargs."""
+    return dict(
+        hidden_states=nchw(x["latents"]),
+        encoder_hidden_states=torch.from_numpy(x["context"]),
+        pooled_projections=torch.from_numpy(x["pooled"]),
+        timestep=torch.from_numpy(x["timesteps"]),
+        return_dict=False,
+    )

@@ -16,7 +16,7 @@ from flax import nnx
 from dpdmd_jax.models.mmdit import PRESETS, MMDiT, MMDiTConfig
 from dpdmd_jax.weights.safetensors_io import CheckpointError
 from dpdmd_jax.weights.sd3 import load_mmdit, save_mmdit
-from tests.helpers import nchw, nhwc, rel_err, save_random_sd3
+from tests.helpers import nhwc, rel_err, save_random_sd3, sd3_torch_kwargs
 
 # Three small configs that together cover every branch the acceptance list names.
 CONFIGS = {
@@ -61,14 +61,7 @@ def _inputs(case, batch=3, seed=0):
 
 def _torch_forward(ref, x):
     with torch.no_grad():
-        out = ref(
-            hidden_states=nchw(x["latents"]),
-            encoder_hidden_states=torch.from_numpy(x["context"]),
-            pooled_projections=torch.from_numpy(x["pooled"]),
-            timestep=torch.from_numpy(x["timesteps"]),
-            return_dict=False,
-        )[0]
-    return nhwc(out)
+        return nhwc(ref(**sd3_torch_kwargs(x))[0])
 
 
 def _ours(model, x):
