@@ -53,9 +53,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=9)
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--ks", default="1,2,3,5,10,15,20,25,30")
+    p.add_argument("--teacher", default=None, help="teacher folder (default: the shipped toy teacher)")
     args = p.parse_args()
 
-    teacher = load_toy_teacher()
+    teacher = load_toy_teacher(args.teacher)
     sigmas = flow.flow_match_sigmas(args.steps, args.shift)
     ids = eval_class_ids(args.seeds, args.repeats)
     eps = np.asarray(jax.random.normal(jax.random.key(0), (ids.size, 16, 16, 3)))

@@ -6,6 +6,7 @@ writes a table (mean +- std over seeds), a plot and sample grids.
 
   python benchmarks/toy_diversity.py                       # main arms: DMD, DP-DMD K in {1,3,5,10,T}
   python benchmarks/toy_diversity.py --arms study          # lambda sweep, wider first step
+  python benchmarks/toy_diversity.py --arms study --only "DMD wide grid;DP-DMD K=30 wide grid"
   python benchmarks/toy_diversity.py --rounds 400 --seeds 0,1,2 --out benchmarks/results/toy_diversity
   # both cores, one run per core, then the table:
   taskset -c 0 python benchmarks/toy_diversity.py --shard 0/2 & taskset -c 1 python benchmarks/toy_diversity.py \
@@ -29,8 +30,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 
 import numpy as np  # noqa: E402
 
+from configs.toy import WIDE_STUDENT_SIGMAS as WIDE_GRID  # noqa: E402  first step 1 -> 0.75, not 1 -> 0.8577
+
 T = 30
-WIDE_GRID = [1.0, 0.75, 0.5, 0.25]  # first step 1.0 -> 0.75 instead of 1.0 -> 0.8577
 
 ARMS = {
     "main": {
@@ -125,9 +127,9 @@ def plot(agg: dict[str, dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(agg)
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
-    # adherence is left out: the shipped teacher's shapes are at chance, so it is 0.5 everywhere
-    keys = ["diversity_layout", "diversity_pixel", "spread_size", "frechet_layout (quality, lower is better)"]
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4.5))
+    keys = ["diversity_layout", "diversity_pixel", "spread_size", "adherence (quality)",
+            "frechet_layout (quality, lower is better)"]
     for ax, label in zip(axes, keys):
         key = label.split(" ")[0]
         means = [agg[n][key][0] for n in names]
@@ -162,6 +164,8 @@ def main() -> None:
     global ARGS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", default="main", choices=["main", "study", "all"])
+    p.add_argument("--only", default=None, metavar="ARM[;ARM]",
+                   help="only these arms of --arms, by name, e.g. 'DMD wide grid;DP-DMD K=30 wide grid'")
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "toy_diversity"))
@@ -176,6 +180,12 @@ def main() -> None:
     logging.set_verbosity(logging.WARNING)
     seeds = [int(s) for s in ARGS.seeds.split(",")]
     arms = {**ARMS["main"], **ARMS["study"]} if ARGS.arms == "all" else ARMS[ARGS.arms]
+    if ARGS.only:
+        names = [n.strip() for n in ARGS.only.split(";")]
+        unknown = [n for n in names if n not in arms]
+        if unknown:
+            p.error(f"--only: no arm {unknown} in --arms {ARGS.arms} (arms: {list(arms)})")
+        arms = {n: arms[n] for n in names}
     os.makedirs(ARGS.out, exist_ok=True)
     jobs = [(name, seed) for name in arms for seed in seeds]
     if ARGS.shard:  # train only this process's share (e.g. one per core); aggregate in a later plain run

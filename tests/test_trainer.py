@@ -133,6 +133,17 @@ def test_sigterm_saves_current_round(tmp_path):
 # ---------------------------------------------------------------- bad input
 
 
+def test_toy_recommended_variant_is_valid():
+    """`configs/toy.py:k30,wide`, the setting BENCHMARKS.md recommends for the toy."""
+    from dpdmd_jax.config import validate
+
+    c = toy_config.get_config("k30,wide")
+    validate(c)
+    assert c.distill.anchor_k == c.teacher.steps == 30 and c.distill.lambda_div > 0
+    assert list(c.student.sigmas) == [1.0, 0.75, 0.5, 0.25]
+    assert list(toy_config.get_config().student.sigmas) != list(c.student.sigmas)
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [

@@ -78,8 +78,9 @@ def load_toy_teacher(path: str | os.PathLike | None = None, **overrides: Any) ->
     folder = os.fspath(path) if path is not None else TEACHER_DIR
     if not (os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(os.path.join(folder, WEIGHTS_NAME))):
         raise FileNotFoundError(
-            f"no toy teacher at {folder} (expected config.json and {WEIGHTS_NAME}). Train one (~25 min on "
-            f"2 CPU cores) with\n  {TRAIN_COMMAND}\nand copy runs/toy_teacher/teacher/* into {TEACHER_DIR}, "
+            f"no toy teacher at {folder} (expected config.json and {WEIGHTS_NAME}). Train one with\n"
+            f"  {TRAIN_COMMAND}\n(RESULTS.md in {TEACHER_DIR} gives the shipped teacher's longer schedule, "
+            f"about 1.5 h on 2 CPU cores) and copy runs/toy_teacher/teacher/* into {TEACHER_DIR}, "
             "or pass --config.export_dir to write it there directly."
         )
     overrides.setdefault("progress", False)
