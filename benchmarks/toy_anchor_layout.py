@@ -28,21 +28,15 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import table  # noqa: E402
 from dpdmd_jax.diffusion import flow  # noqa: E402
 from dpdmd_jax.toy import metrics  # noqa: E402
 from dpdmd_jax.toy.teacher import eval_class_ids, load_toy_teacher, sample_flow  # noqa: E402
 
-COORDS = ("cx", "cy", "size")
-
-
 def layout(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cx, cy, size) [N, 3] and the detector's valid flag of each image."""
     det = metrics.detect(np.asarray(images))
-    return np.stack([det[k] for k in COORDS], -1), det["valid"]
-
-
-def spread(values: np.ndarray, seeds: int) -> np.ndarray:
-    """Mean over prompts of the within-prompt std (ddof 1) of each coordinate."""
-    return values.reshape(-1, seeds, values.shape[-1]).std(1, ddof=1).mean(0)
+    return metrics.layout_of(det), det["valid"]
 
 
 def main() -> None:
@@ -61,7 +55,7 @@ def main() -> None:
     ids = eval_class_ids(args.seeds, args.repeats)
     eps = np.asarray(jax.random.normal(jax.random.key(0), (ids.size, 16, 16, 3)))
     final, final_ok = layout(sample_flow(teacher, eps, ids, sigmas, args.cfg))
-    final_spread = spread(final, args.seeds)
+    final_spread = metrics.layout_spread(final, args.seeds)
 
     rows = []
     for k in (int(x) for x in args.ks.split(",")):
@@ -71,20 +65,18 @@ def main() -> None:
         lay, ok = layout(x0_line)
         both = ok & final_ok
         corr = [np.corrcoef(lay[both, i], final[both, i])[0, 1] if both.sum() > 2 else float("nan") for i in range(3)]
-        ratio = spread(lay, args.seeds) / final_spread
+        ratio = metrics.layout_spread(lay, args.seeds) / final_spread
         rows.append([k, t_k, ok.mean(), *corr, *ratio])
         print(f"K={k}: sigma {t_k:.3f}, valid {ok.mean():.2f}", flush=True)
 
     head = ["K", "t_K", "valid x0_line", "corr cx", "corr cy", "corr size",
             "spread ratio cx", "spread ratio cy", "spread ratio size"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append(f"| {r[0]} | {r[1]:.3f} | " + " | ".join(f"{v:.2f}" for v in r[2:]) + " |")
+    cells = [[str(r[0]), f"{r[1]:.3f}", *(f"{v:.2f}" for v in r[2:])] for r in rows]
     print(f"\nTeacher T={args.steps} (shift {args.shift:g}, CFG {args.cfg:g}); {ids.size} noises "
           f"({ids.size // args.seeds} prompts x {args.seeds} seeds); final samples valid {final_ok.mean():.2f}; "
           "corr = Pearson correlation with the final sample's layout (same noise, both valid); spread ratio = "
           "within-prompt std of x0_line's layout / the final samples'.\n")
-    print("\n".join(lines))
+    print(table(head, cells))
 
 
 if __name__ == "__main__":

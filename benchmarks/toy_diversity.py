@@ -30,6 +30,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 
 import numpy as np  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from configs.toy import WIDE_STUDENT_SIGMAS as WIDE_GRID  # noqa: E402  first step 1 -> 0.75, not 1 -> 0.8577
 
 T = 30
@@ -110,14 +111,9 @@ def aggregate(results: list[dict], who: str) -> dict:
 
 def table(agg: dict[str, dict]) -> str:
     cols = ["nfe", *COLUMNS, "wall_s"]
-    lines = ["| arm | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, row in agg.items():
-        cells = []
-        for k in cols:
-            v = row[k]
-            cells.append(f"{v[0]:.3f} ± {v[1]:.3f}" if isinstance(v, tuple) else f"{v:.0f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[name, *(f"{row[k][0]:.3f} ± {row[k][1]:.3f}" if isinstance(row[k], tuple) else f"{row[k]:.0f}"
+                     for k in cols)] for name, row in agg.items()]
+    return common.table(["arm", *cols], rows)
 
 
 def plot(agg: dict[str, dict], path: str) -> None:

@@ -98,8 +98,8 @@ def test_sharded_per_head_attention_equals_single_device(ckpt, mesh_shape, monke
     mesh = make_mesh(**mesh_shape)
     model = load_mmdit(folder, mesh=mesh, progress=False)
     inputs = [jax.device_put(a, batch_sharding(mesh, a.ndim)) for a in x]
-    lowered = jax.jit(lambda m, *a: m(*a)).lower(model, *inputs).as_text()
-    assert "stablehlo.while" in lowered  # the lax.map loop: really the per-head path
-    out = jax.jit(lambda m, *a: m(*a))(model, *inputs)
+    forward = jax.jit(lambda m, *a: m(*a))
+    assert "stablehlo.while" in forward.lower(model, *inputs).as_text()  # the lax.map loop: really per head
+    out = forward(model, *inputs)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(grad_fn(model, *inputs)), expected_grad, rtol=1e-4, atol=1e-7)

@@ -103,6 +103,16 @@ def pairwise_cosine_diversity(features: np.ndarray) -> float:
     return float(1.0 - off_diag.mean())
 
 
+def layout_of(det: dict[str, np.ndarray]) -> np.ndarray:
+    """The detected layout (cx, cy, size) of each image, [N, 3] px."""
+    return np.stack([det["cx"], det["cy"], det["size"]], -1)
+
+
+def layout_spread(layout: np.ndarray, R: int) -> np.ndarray:
+    """Per coordinate: std over each prompt's R consecutive samples (ddof 1), averaged over prompts."""
+    return layout.reshape(-1, R, layout.shape[-1]).std(1, ddof=1).mean(0)
+
+
 def layout_features(det: dict[str, np.ndarray]) -> np.ndarray:
     """Feature vectors for diversity_layout: [(cx, cy, size) standardised by the data, 1].
 
@@ -115,7 +125,7 @@ def layout_features(det: dict[str, np.ndarray]) -> np.ndarray:
     large common component) do in the paper's metric; a fully collapsed set scores 0.
     """
     mean, std = data.layout_stats()
-    z = (np.stack([det["cx"], det["cy"], det["size"]], -1) - mean) / std
+    z = (layout_of(det) - mean) / std
     return np.concatenate([z, np.ones_like(z[..., :1])], -1)
 
 
@@ -160,12 +170,12 @@ def toy_metrics(images: np.ndarray, class_ids: np.ndarray, R: int) -> dict[str, 
         raise ValueError("the R consecutive samples of each prompt must share a class id")
 
     det = detect(images)
-    layout = np.stack([det["cx"], det["cy"], det["size"]], -1)
-    spread = layout.reshape(p, R, 3).std(1, ddof=1).mean(0)
+    layout = layout_of(det)
+    spread = layout_spread(layout, R)
 
     ref_ids = np.resize(class_ids, max(n, REFERENCE_SIZE))
     ref = detect(data.sample_batch(REFERENCE_SEED, ref_ids.size, ref_ids)["images"])
-    ref_layout = np.stack([ref["cx"], ref["cy"], ref["size"]], -1)
+    ref_layout = layout_of(ref)
 
     rerender = data.render(class_ids, det["cx"], det["cy"], det["size"])
     colour_ok = det["colour"] == data.class_colour(class_ids)
