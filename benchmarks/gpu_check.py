@@ -1,6 +1,6 @@
 """GPU check of the MMDiT port: cuDNN flash attention vs XLA attention, and full-size bf16 throughput.
 
-    python benchmarks/gpu_check.py            # on a machine with one NVIDIA GPU (H100 / H200)
+    python -m benchmarks.gpu_check            # on a machine with one NVIDIA GPU (H100 / H200)
 
 1. Parity: a 4-layer SD3.5-style model (dual attention, qk RMSNorm), 64x64 latent, 333 context
    tokens, bf16 compute: `attention_impl="cudnn"` and `"xla"` against an fp32 XLA reference of the
@@ -15,20 +15,14 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from dpdmd_jax.models.mmdit import PRESETS, MMDiT, MMDiTConfig  # noqa: E402
+from dpdmd_jax.models.mmdit import PRESETS, MMDiT, MMDiTConfig
 
 BASE = dict(PRESETS["sd3.5-medium"])
 LATENT = 128  # 1024^2 images

@@ -1,7 +1,7 @@
 """Host memory and wall time of loading a full-size SD3.5-Medium transformer checkpoint (bf16).
 
-    python benchmarks/load_full_size.py            # full size: ~5 GB checkpoint, ~10 GB free RAM needed
-    python benchmarks/load_full_size.py --quick    # same widths, 4 layers (~1.2 GB checkpoint)
+    python -m benchmarks.load_full_size            # full size: ~5 GB checkpoint, ~10 GB free RAM needed
+    python -m benchmarks.load_full_size --quick    # same widths, 4 layers (~1.2 GB checkpoint)
 
 Steps, each in its own fresh subprocess so every RSS figure is that process's alone:
   1. `make`: a random `SD3Transformer2DModel` with the real SD3.5-M config (`PRESETS["sd3.5-medium"]`),
@@ -29,11 +29,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from benchmarks.common import host, table  # standard library only
 
-from benchmarks.common import host, table  # noqa: E402  (standard library only)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the children run from here
 
 GiB = 2**30
 
@@ -205,7 +203,7 @@ CHILDREN = {
 
 
 def run_child(step: str, folder: str, quick: bool) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", step, "--folder", folder]
+    cmd = [sys.executable, "-m", "benchmarks.load_full_size", "--child", step, "--folder", folder]
     cmd += ["--quick"] if quick else []
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="3")
     t0 = time.perf_counter()

@@ -1,8 +1,8 @@
 """MMDiT forward and forward+backward speed: our jitted Flax NNX port vs diffusers
 `SD3Transformer2DModel` (eager, and `torch.compile` where it works), fp32 on CPU.
 
-    python benchmarks/mmdit_forward.py            # full run (about 25 min on 2 cores)
-    python benchmarks/mmdit_forward.py --quick    # smaller configs, fewer repeats (a few min)
+    python -m benchmarks.mmdit_forward            # full run (about 25 min on 2 cores)
+    python -m benchmarks.mmdit_forward --quick    # smaller configs, fewer repeats (a few min)
 
 What it does, per config:
   1. builds a random diffusers model (every parameter perturbed), `save_pretrained`s it to a temp
@@ -16,14 +16,19 @@ What it does, per config:
 Then compile time (lower + compile wall) of a 24-layer model with and without `scan_layers`.
 
 Thread counts: `--threads N` (default 2) sets torch.set_num_threads, OMP/MKL and XLA's
-intra-op pool (`intra_op_parallelism_threads`) before anything is imported.
+intra-op pool (`intra_op_parallelism_threads`) before jax and torch are imported.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
+import statistics
+import tempfile
+import time
+import traceback
+
+from benchmarks.common import flops_of, host, table  # standard library only
 
 
 def _args():
@@ -53,22 +58,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-
+# The thread / platform flags above must be set before jax and torch are imported.
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import flops_of, host, table  # noqa: E402
 from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig  # noqa: E402
 from dpdmd_jax.weights import loader  # noqa: E402
 from dpdmd_jax.weights.sd3 import key_map, load_mmdit  # noqa: E402

@@ -1,6 +1,6 @@
 """Where the mid config's forward+backward gap to PyTorch sits: the MMDiT block's parts, timed alone.
 
-    python benchmarks/mmdit_parts.py
+    python -m benchmarks.mmdit_parts
 
 At the shapes of `mmdit_forward.py`'s mid config (1024 image tokens + 333 context tokens, width 768,
 12 heads x 64, MLP 3072, fp32, batch 1, 2 threads each side), each part runs forward+backward
@@ -13,21 +13,16 @@ layers) runs it, which shows where the model-level gap comes from.
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from benchmarks import mmdit_forward as mf  # first: sets the thread flags before jax loads
 
-from benchmarks import mmdit_forward as mf  # noqa: E402  (sets the thread flags before jax loads)
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from dpdmd_jax.models.layers import attention  # noqa: E402
+from dpdmd_jax.models.layers import attention
 
 D, HEADS, MLP = 768, 12, 3072
 IMG, CTX = 1024, 333
@@ -95,6 +90,7 @@ def parts() -> dict[str, tuple]:
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.set_num_threads(2)
     fns, uses = {}, {}
     for name, (jf, tf, arrays, n) in parts().items():

@@ -1,15 +1,13 @@
 """Where a DP-DMD round's time goes: generator update, critic update and full round, fp32 on CPU.
 
-    python benchmarks/step_cost.py            # toy + mid size, the full run
-    python benchmarks/step_cost.py --quick    # toy + a shrunken mid (2 layers, batch 2), few repeats
-    python benchmarks/step_cost.py --mid-batch 8   # the mid size at batch 8 (needs ~13 GiB free RAM)
+    python -m benchmarks.step_cost            # toy + mid size, the full run
+    python -m benchmarks.step_cost --quick    # toy + a shrunken mid (2 layers, batch 2), few repeats
+    python -m benchmarks.step_cost --mid-batch 8   # the mid size at batch 8 (needs ~13 GiB free RAM)
 
 For two sizes (the toy teacher's architecture with random weights, batch 16; a mid-size random
 MMDiT, 8 layers of 8x64 heads (inner 512, dual attention in layers 0-2, qk RMSNorm), 32x32x16
-latent = 256 tokens, 77 x 512 context, pooled 512, batch 4 by default: at batch 8 XLA's
-memory_analysis of the round reports 10.5 GiB of temporaries (the rollout keeps the activations of
-N student steps for the backward) + 2.1 GiB of state, too much for a 23.5 GiB machine shared with
-other jobs, and a round takes ~8 min there), both with
+latent = 256 tokens, 77 x 512 context, pooled 512, batch 4 by default, as batch 8 needs ~13 GiB
+(memory: BENCHMARKS.md, "Cost of a DP-DMD step on CPU")), both with
 M = 5 critic updates per generator update, anchor K = 5 of a T = 30 teacher grid, N = 4 student
 steps ("rollout" simulation, "line" target), on a single-CPU-device mesh (data=fsdp=tensor=1), it
 jits and measures, each separately:
@@ -24,7 +22,7 @@ jits and measures, each separately:
 Per function: compile time (lower + compile wall, one run), median wall time over interleaved
 repeats (every function once per repeat, order reversed every other repeat, block_until_ready),
 XLA cost-analysis FLOPs, achieved FLOP/s and the fraction of this CPU's fp32 matmul peak
-(`matmul_probes` / `matmul_peak` of benchmarks/mmdit_forward.py, timed inside the same interleaved
+(`matmul_probes` / `matmul_peak` of `benchmarks.mmdit_forward`, timed inside the same interleaved
 repeats; peak = the faster of JAX and torch). XLA counts the body of a while loop once, whatever
 its trip count (`lax.scan` of the critic updates and of the student's Euler steps, `fori_loop` of
 the teacher anchor), so the FLOPs of the timed executables ("XLA GFLOP as compiled") undercount.
@@ -55,12 +53,23 @@ import contextlib
 import dataclasses
 import os
 import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# First: sets the XLA / OMP thread flags (2 threads) before jax is imported, and holds the peak probe.
+from benchmarks import mmdit_forward as mf
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import toy as toy_config
+from dpdmd_jax.backbones import SD3Cond
+from dpdmd_jax.distill import step as step_lib
+from dpdmd_jax.distill import trainer
+from dpdmd_jax.models import layers
+from dpdmd_jax.toy.teacher import TOY_ARCH
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, for its git revision
 
 
 def _args():
@@ -78,19 +87,6 @@ def _args():
 
 
 ARGS = _args() if __name__ == "__main__" else None
-
-# Sets the XLA / OMP thread flags (2 threads) before jax is imported, and holds the peak probe.
-from benchmarks import mmdit_forward as mf  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from configs import toy as toy_config  # noqa: E402
-from dpdmd_jax.distill import step as step_lib  # noqa: E402
-from dpdmd_jax.distill import trainer  # noqa: E402
-from dpdmd_jax.models import layers  # noqa: E402
-from dpdmd_jax.toy.teacher import TOY_ARCH  # noqa: E402
 
 # XLA's cost analysis counts a loop body once; the CPU per-head attention path (a lax.map over heads,
 # taken for large logits such as the mid size's) would hide most attention FLOPs, so every function
@@ -115,15 +111,17 @@ def size_config(name: str, quick: bool, mid_batch: int | None):
     c.distill.anchor_k = 5
     c.distill.fake_updates_per_student = 5
     c.distill.lambda_div = 0.05
-    c.eval.enabled = False
+    c.evals = {}
     if name == "toy":
         c.model.arch = dict(TOY_ARCH)
+        c.data.latent_size = (TOY_ARCH["sample_size"],) * 2
         c.batch_size = 16
         return c, None
     arch = dict(MID_ARCH)
     if quick:
         arch.update(num_layers=2, dual_attention_layers=(0,))
     c.model.arch = arch
+    c.data.latent_size = (arch["sample_size"],) * 2
     c.batch_size = mid_batch or (2 if quick else 4)
     return c, MID_CONTEXT_LEN
 
@@ -139,9 +137,9 @@ def random_batch(c, context_len: int, seed: int = 0) -> step_lib.RoundBatch:
     rng = np.random.default_rng(seed)
     a, b, rows = c.model.arch, c.batch_size, c.distill.fake_updates_per_student + 1
     f = lambda *shape: rng.standard_normal(shape, np.float32)
-    cond = step_lib.Cond(f(rows, b, context_len, a["joint_attention_dim"]), f(rows, b, a["pooled_projection_dim"]))
-    uncond = step_lib.Cond(np.zeros((b, context_len, a["joint_attention_dim"]), np.float32),
-                           np.zeros((b, a["pooled_projection_dim"]), np.float32))
+    cond = SD3Cond(f(rows, b, context_len, a["joint_attention_dim"]), f(rows, b, a["pooled_projection_dim"]))
+    uncond = SD3Cond(np.zeros((b, context_len, a["joint_attention_dim"]), np.float32),
+                     np.zeros((b, a["pooled_projection_dim"]), np.float32))
     return step_lib.RoundBatch(cond=cond, uncond=uncond)
 
 
@@ -230,8 +228,10 @@ def measure_size(name: str, args, log) -> dict:
     setup = trainer.build(c, devices=jax.devices()[:1])
     n_params = sum(x.size for x in jax.tree.leaves(setup.frozen.teacher))
     state, state_sh = trainer.init_train_state(setup)
-    host_batch = setup.data.round(0) if context_len is None else random_batch(c, context_len)
-    batch = trainer.put_batch(setup.mesh, host_batch)
+    if context_len is None:
+        batch = trainer.round_batch(setup, 0)
+    else:
+        batch = trainer.put_batch(setup, random_batch(c, context_len))
     frozen = setup.frozen
     m = c.distill.fake_updates_per_student
     cond_critic = jax.tree.map(lambda x: x[0], batch.cond)
@@ -272,9 +272,9 @@ def measure_size(name: str, args, log) -> dict:
     params, buffers = frozen.teacher, frozen.buffers
     eps = jax.random.normal(jax.random.PRNGKey(2), (b, *d.latent_shape), jnp.float32)
     sigma = jnp.full((b,), 0.6, jnp.float32)
-    fwd = lambda p, bu, z, s, cnd: d.velocity(p, bu, z, s, cnd)
+    fwd = lambda p, bu, z, s, cnd: d.predict(p, bu, z, s, cnd)
     both = jax.tree.map(lambda x, y: jnp.concatenate([x, y]), cond_gen, uncond)
-    fb = jax.value_and_grad(lambda p, bu, z, s, cnd: jnp.mean(jnp.square(d.velocity(p, bu, z, s, cnd))))
+    fb = jax.value_and_grad(lambda p, bu, z, s, cnd: jnp.mean(jnp.square(d.predict(p, bu, z, s, cnd))))
     unit["fwd"] = add("model fwd B", jax.jit(fwd), None, (params, buffers, eps, sigma, cond_gen), {"fwd": 1}, False)
     unit["fwd2"] = add("model fwd 2B (1 CFG eval)", jax.jit(fwd), None,
                        (params, buffers, jnp.concatenate([eps, eps]), jnp.concatenate([sigma, sigma]), both),
@@ -288,7 +288,7 @@ def measure_size(name: str, args, log) -> dict:
     variants = [(c.distill.lambda_div, "DP-DMD")] + ([(0.0, "DMD")] if name in args.dmd_sizes.split(",") else [])
     for lam, tag in variants:
         cv = with_lambda(c, lam)
-        dv = step_lib.Distiller(cv, d.graphdef, d.latent_shape)
+        dv = step_lib.Distiller(cv, setup.backbone, d.graphdef)
         sv = dataclasses.replace(setup, config=cv, distiller=dv)
         if lam > 0:  # the critic update does not depend on lambda_div
             corrected["critic"] = add(

@@ -1,6 +1,6 @@
 """How much of the teacher's final layout does DP-DMD's diversity target carry, per anchor step K?
 
-    python benchmarks/toy_anchor_layout.py
+    python -m benchmarks.toy_anchor_layout
 
 DP-DMD regresses the student's first step onto the straight line through the noise eps and the
 teacher's anchor z_tK, i.e. onto the clean image x0_line(K) = eps - (eps - z_tK) / (1 - t_K). If
@@ -18,20 +18,14 @@ and their within-prompt spread relative to the final samples' spread.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.common import table  # noqa: E402
-from dpdmd_jax.diffusion import flow  # noqa: E402
-from dpdmd_jax.toy import metrics  # noqa: E402
-from dpdmd_jax.toy.teacher import eval_class_ids, load_toy_teacher, sample_flow  # noqa: E402
+from benchmarks.common import table
+from dpdmd_jax.diffusion import flow
+from dpdmd_jax.toy import metrics
+from dpdmd_jax.toy.teacher import eval_class_ids, load_toy_teacher, sample_flow
 
 def layout(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(cx, cy, size) [N, 3] and the detector's valid flag of each image."""

@@ -4,13 +4,13 @@ Trains 4-step students on the embedded toy (configs/toy.py) for several arms and
 with the real trainer, evaluates them with the toy metrics (R = 9 seeds per prompt), and prints /
 writes a table (mean +- std over seeds), a plot and sample grids.
 
-  python benchmarks/toy_diversity.py                       # main arms: DMD, DP-DMD K in {1,3,5,10,T}
-  python benchmarks/toy_diversity.py --arms study          # lambda sweep, wider first step
-  python benchmarks/toy_diversity.py --arms study --only "DMD wide grid;DP-DMD K=30 wide grid"
-  python benchmarks/toy_diversity.py --rounds 400 --seeds 0,1,2 --out benchmarks/results/toy_diversity
+  python -m benchmarks.toy_diversity                       # main arms: DMD, DP-DMD K in {1,3,5,10,T}
+  python -m benchmarks.toy_diversity --arms study          # lambda sweep, wider first step
+  python -m benchmarks.toy_diversity --arms study --only "DMD wide grid;DP-DMD K=30 wide grid"
+  python -m benchmarks.toy_diversity --rounds 400 --seeds 0,1,2 --out benchmarks/results/toy_diversity
   # both cores, one run per core, then the table:
-  taskset -c 0 python benchmarks/toy_diversity.py --shard 0/2 & taskset -c 1 python benchmarks/toy_diversity.py \
-      --shard 1/2; wait; python benchmarks/toy_diversity.py
+  taskset -c 0 python -m benchmarks.toy_diversity --shard 0/2 & taskset -c 1 python -m benchmarks.toy_diversity \
+      --shard 1/2; wait; python -m benchmarks.toy_diversity
 
 Runs are resumable (each arm/seed is a normal workdir); finished ones are only read back.
 """
@@ -20,17 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
+
+from benchmarks import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: default --out is under it
+# The compile cache must be configured before jax is imported (configs.toy imports dpdmd_jax).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/dpdmd_jax_bench_cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 
-import numpy as np  # noqa: E402
-
-from benchmarks import common  # noqa: E402
 from configs.toy import WIDE_STUDENT_SIGMAS as WIDE_GRID  # noqa: E402  first step 1 -> 0.75, not 1 -> 0.8577
 
 T = 30
@@ -143,6 +143,7 @@ def save_grids(out: str, arms: dict) -> None:
     from PIL import Image
 
     from dpdmd_jax.distill import trainer
+    from dpdmd_jax.eval.toy import ToyGrid
 
     for name, overrides in arms.items():
         workdir = workdir_of(out, name, 0)
@@ -151,7 +152,7 @@ def save_grids(out: str, arms: dict) -> None:
         like, shardings = trainer.init_train_state(setup)
         mngr = trainer.checkpoint_manager(workdir, c)
         state = trainer.restore(mngr, mngr.latest_step(), like, shardings)
-        grid = trainer._sample_fn(setup)(state.student)
+        grid = ToyGrid(setup, workdir).grid(state)
         arm_dir = os.path.basename(os.path.dirname(workdir))
         Image.fromarray((grid * 255).astype(np.uint8)).save(os.path.join(out, f"grid_{arm_dir}.png"))
 

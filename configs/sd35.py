@@ -35,8 +35,8 @@ def get_config(arg: str | None = None):
     c.distill.fake_updates_per_student = 5
     c.log_every = 10
     c.checkpoint_every = 100
-    c.sample_every = 100
-    c.eval.enabled = False  # diversity/quality evaluation of SD3.5 runs through the evaluate entry point
+    # No evaluators yet: VAE-decoded sample grids and the diversity / quality evaluation come with
+    # the text-encoder and evaluation issues.
     for variant in filter(None, (arg or "").split(",")):
         if not apply_method_variant(c, variant):
             raise ValueError(f"unknown sd35 config variant {variant!r}; see the docstring of configs/sd35.py")

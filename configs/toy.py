@@ -20,13 +20,14 @@ BENCHMARKS.md); the default keeps the paper's K = 5, which loses layout diversit
 from dpdmd_jax.config import apply_method_variant, base_config
 
 # The toy study's "wide" student grid (benchmarks/toy_diversity.py): first step 1 -> 0.75.
-WIDE_STUDENT_SIGMAS = [1.0, 0.75, 0.5, 0.25]
+WIDE_STUDENT_SIGMAS = (1.0, 0.75, 0.5, 0.25)
 
 
 def get_config(arg: str | None = None):
     c = base_config()
     c.model.source = "toy"
     c.data.kind = "toy"
+    c.data.latent_size = (16, 16)  # the toy's images are its latents
     c.mesh.fsdp = -1
     c.batch_size = 8  # one sample per virtual device on an 8-device mesh; ~1 s per round on 2 cores
     c.num_rounds = 200
@@ -40,15 +41,16 @@ def get_config(arg: str | None = None):
         c.optim[name].lr = 1e-4  # the toy's small teacher tolerates (and needs) a larger step than SD3.5's 1e-5
     c.log_every = 10
     c.checkpoint_every = 50
-    c.sample_every = 100
-    c.eval.repeats = 4
+    c.evals.grid = dict(type="toy_grid", every=100)
+    c.evals.toy = dict(type="toy_metrics", every=0, seeds_per_prompt=9, repeats=4)  # R = 9 seeds per prompt
     for variant in filter(None, (arg or "").split(",")):
         if apply_method_variant(c, variant):
             continue
         if variant == "wide":
-            c.student.sigmas = list(WIDE_STUDENT_SIGMAS)
+            c.student.sigmas = WIDE_STUDENT_SIGMAS
         elif variant == "smoke":
             c.model.source = "random"
+            c.data.latent_size = (8, 8)
             c.model.arch = dict(sample_size=8, patch_size=2, in_channels=3, out_channels=3, num_layers=2,
                                 num_attention_heads=2, attention_head_dim=8, caption_projection_dim=16,
                                 joint_attention_dim=32, pooled_projection_dim=32, pos_embed_max_size=4,
@@ -60,8 +62,7 @@ def get_config(arg: str | None = None):
             c.distill.fake_updates_per_student = 2
             c.log_every = 1
             c.checkpoint_every = 2
-            c.sample_every = 2
-            c.eval.enabled = False
+            c.evals = dict(grid=dict(type="toy_grid", every=2))  # no toy metrics: a random model
         else:
             raise ValueError(f"unknown toy config variant {variant!r}; see the docstring of configs/toy.py")
     return c

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from dpdmd_jax import backbones
 from dpdmd_jax.diffusion.flow import flow_match_sigmas
+from dpdmd_jax.parallel.mesh import DEFAULT_RULES
 
-BACKBONES = ("mmdit",)  # "unet" (SDXL, epsilon) lands with its own issue
 SIMULATIONS = ("rollout", "backward")
 TARGETS = ("line", "denoise")
 
@@ -23,12 +24,12 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.backbone = "mmdit"
+    c.backbone = "mmdit"  # a name of the backbone registry (dpdmd_jax.backbones): mmdit | tiny_flow | tiny_vp
     c.num_rounds = 6000  # generator (student) updates; each follows `fake_updates_per_student` critic updates
     c.batch_size = 32  # global batch, split over the ("data", "fsdp") mesh axes
 
     c.model = ml_collections.ConfigDict()
-    c.model.source = ""  # diffusers transformer folder (or pipeline root), "toy" or "random:<preset>"
+    c.model.source = ""  # diffusers transformer folder (or pipeline root), "toy" or "random"
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.scan_layers = False
@@ -36,20 +37,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = "xla"
 
     c.data = ml_collections.ConfigDict()
-    c.data.kind = "prompts"  # "toy" | "prompts"
+    c.data.kind = "prompts"  # "toy" | "random" | "prompts" (dpdmd_jax.data.SOURCES)
     c.data.prompt_file = ""
     c.data.latent_size = (128, 128)  # (H, W) of the latent; 1024^2 images for SD3 (VAE factor 8)
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # logical axis -> mesh axis (None: replicated), first match wins, as MaxText's logical_axis_rules.
+    c.mesh.rules = DEFAULT_RULES
 
     c.teacher = ml_collections.ConfigDict()
-    c.teacher.steps = 30  # T: the teacher's Euler grid the anchor is taken on
+    c.teacher.steps = 30  # T: the teacher's ODE grid the anchor is taken on (flow: Euler; VP: DDIM "leading")
     c.teacher.cfg_scale = 3.5
-    c.teacher.shift = 3.0
+    c.teacher.shift = 3.0  # flow only
 
     c.student = ml_collections.ConfigDict()
-    # Explicit grid (diffusers FlowMatchEuler, 4 steps, shift 3, as the public code); 0 is appended.
-    c.student.sigmas = [float(s) for s in flow_match_sigmas(4, 3.0)[:-1]]
+    # Flow: explicit grid (diffusers FlowMatchEuler, 4 steps, shift 3, as the public code); 0 is appended.
+    c.student.sigmas = tuple(float(s) for s in flow_match_sigmas(4, 3.0)[:-1])
+    # VP: DMD2's 4-step SDXL student (each step predicts x0, then re-noises to the next timestep).
+    c.student.timesteps = (999, 749, 499, 249)
 
     c.distill = ml_collections.ConfigDict()
     c.distill.anchor_k = 5  # K: teacher steps to the diversity anchor (paper default; public code: 10)
@@ -63,9 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.dmd = ml_collections.ConfigDict()
     c.dmd.simulation = "rollout"  # "rollout" (paper code) | "backward" (DMD2-style, one step with grad)
     c.dmd.real_cfg_scale = 3.5  # CFG of the real score
-    c.dmd.shift = 3.0  # the shifted 1000-step training grid the DMD noise level is drawn from
-    c.dmd.sigma_min = 0.0  # restrict that grid to [sigma_min, sigma_max]
+    c.dmd.shift = 3.0  # flow: the shifted 1000-step training grid the DMD (and critic) noise level is drawn from
+    c.dmd.sigma_min = 0.0  # flow: restrict that grid to [sigma_min, sigma_max]
     c.dmd.sigma_max = 1.0
+    c.dmd.timestep_min = 20  # VP: integer timesteps in [timestep_min, timestep_max] (DMD2: 0.02 and 0.98 x 1000)
+    c.dmd.timestep_max = 980
 
     c.optim = ml_collections.ConfigDict()
     for name in ("student", "fake"):
@@ -80,12 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.checkpoint_every = 200
     c.keep_checkpoints = 3
-    c.sample_every = 500  # sample grids to TensorBoard
-    c.max_nonfinite = 5  # consecutive non-finite losses before the run stops
-    c.eval = ml_collections.ConfigDict()
-    c.eval.enabled = True
-    c.eval.seeds_per_prompt = 9  # R
-    c.eval.repeats = 4  # prompt set repeats (toy)
+    c.max_nonfinite = 5  # consecutive non-finite generator gradients before the run stops
+    # name -> dict(type=<dpdmd_jax.eval.EVALUATORS key>, every=<rounds; 0 = after training>, **kwargs)
+    c.evals = ml_collections.ConfigDict()
     return c
 
 
@@ -116,9 +120,15 @@ def apply_method_variant(c: ml_collections.ConfigDict, variant: str) -> bool:
 
 
 def _problems(c: ml_collections.ConfigDict) -> list[str]:
+    from dpdmd_jax import eval as eval_lib
+
     p = []
-    if c.backbone not in BACKBONES:
-        p.append(f"backbone={c.backbone!r} is unknown; choose one of {BACKBONES}.")
+    if c.backbone not in backbones.names():
+        p.append(f"backbone={c.backbone!r} is unknown; choose one of {backbones.names()} or register your own "
+                 "(dpdmd_jax.backbones.register).")
+        schedule = None
+    else:
+        schedule = backbones.backbone_class(c.backbone).schedule
     if not c.model.source:
         p.append("model.source is empty: set it to a diffusers transformer folder, e.g. "
                  "--config.model.source=/ckpts/stable-diffusion-3.5-medium")
@@ -133,17 +143,15 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
                  "(paper: 0.05).")
     if c.distill.target not in TARGETS:
         p.append(f"distill.target={c.distill.target!r}; choose one of {TARGETS}.")
+    elif schedule is not None and c.distill.target not in schedule.targets:
+        p.append(f"distill.target={c.distill.target!r} does not fit backbone {c.backbone!r}'s {schedule.name} "
+                 f"schedule; choose one of {schedule.targets}.")
     if not isinstance(c.distill.fake_updates_per_student, int) or c.distill.fake_updates_per_student < 0:
         p.append(f"distill.fake_updates_per_student={c.distill.fake_updates_per_student!r} must be an integer >= 0.")
     if c.dmd.simulation not in SIMULATIONS:
         p.append(f"dmd.simulation={c.dmd.simulation!r}; choose one of {SIMULATIONS}.")
-    if not 0.0 <= c.dmd.sigma_min < c.dmd.sigma_max <= 1.0:
-        p.append(f"dmd.sigma_min={c.dmd.sigma_min}, dmd.sigma_max={c.dmd.sigma_max} must satisfy "
-                 "0 <= sigma_min < sigma_max <= 1.")
-    s = list(c.student.sigmas)
-    if len(s) < 2 or any(not 0 < x <= 1 for x in s) or any(a <= b for a, b in zip(s, s[1:])):
-        p.append(f"student.sigmas={s} must hold >= 2 strictly decreasing values in (0, 1] (0 is appended); "
-                 "DP-DMD needs a first step and at least one DMD step.")
+    if schedule is not None:
+        p.extend(schedule.problems(c))
     for name in ("teacher.cfg_scale", "dmd.real_cfg_scale"):
         sec, key = name.split(".")
         if c[sec][key] < 1.0:
@@ -157,14 +165,10 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
         if o.lr <= 0 or o.weight_decay < 0 or o.grad_clip <= 0:
             p.append(f"optim.{name}: lr ({o.lr}) and grad_clip ({o.grad_clip}) must be > 0, weight_decay "
                      f"({o.weight_decay}) >= 0.")
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "max_nonfinite"):
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
         if c[key] < 1:
             p.append(f"{key}={c[key]} must be >= 1.")
-    if c.data.kind not in ("toy", "prompts"):
-        p.append(f"data.kind={c.data.kind!r}; choose 'toy' or 'prompts'.")
-    if c.eval.seeds_per_prompt < 2:
-        p.append(f"eval.seeds_per_prompt={c.eval.seeds_per_prompt} must be >= 2 (diversity compares seeds).")
-    return p
+    return p + eval_lib.problems(c)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

@@ -15,6 +15,10 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/toy.py[:variant].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard events, summary (resumed if present).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0's coordinator "
+                    "(with --num_processes and --process_id; TPU pods, SLURM and MPI are detected without them).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,7 +33,9 @@ def main(argv):
     from dpdmd_jax.distill.trainer import TrainingError, train
     from dpdmd_jax.weights.safetensors_io import CheckpointError
 
-    if int(os.environ.get("JAX_PROCESS_COUNT", "1")) > 1 or "COORDINATOR_ADDRESS" in os.environ:
+    if FLAGS.coordinator_address is not None:  # explicit multi-process launch (e.g. several on one machine)
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif int(os.environ.get("JAX_PROCESS_COUNT", "1")) > 1 or "COORDINATOR_ADDRESS" in os.environ:
         jax.distributed.initialize()  # multi-host: one process per host, each feeds its batch slice
     try:
         train(FLAGS.config, FLAGS.workdir)

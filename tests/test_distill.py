@@ -1,4 +1,9 @@
-"""Method tests: they fail if the DP-DMD step is not exactly the method of DESIGN.md section 2."""
+"""Method tests: they fail if the DP-DMD step is not exactly the method of docs/DESIGN.md.
+
+Each runs on both schedules, through the two tiny test backbones: `tiny_flow` (rectified flow,
+velocity prediction, the "line" target) and `tiny_vp` (VP epsilon prediction, the x0 target).
+The hand-written references below use the schedules' formulas directly (not `Schedule`).
+"""
 
 from __future__ import annotations
 
@@ -6,38 +11,51 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 from configs import toy as toy_config
-from dpdmd_jax.config import override
-from dpdmd_jax.diffusion import flow
+from dpdmd_jax import backbones
+from dpdmd_jax.config import override, validate
+from dpdmd_jax.diffusion import vp
 from dpdmd_jax.distill import losses
-from dpdmd_jax.distill.step import Cond, Distiller, Frozen
-from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig
+from dpdmd_jax.distill.step import Distiller, Frozen
+from dpdmd_jax.parallel.mesh import make_mesh
+
+BACKBONES = ["tiny_flow", "tiny_vp"]
+ABAR = vp.scaled_linear_alphas_cumprod().astype(np.float64)
+KEY = jax.random.key(3)
+B = 4
 
 
-def make(overrides=None, seed=0):
-    c = override(toy_config.get_config("smoke"), overrides or {})
-    model = MMDiT(MMDiTConfig(**dict(c.model.arch)), rngs=nnx.Rngs(seed))
+def config(backbone, overrides=None):
+    c = toy_config.get_config("smoke")
+    c = override(c, {"backbone": backbone, "model.source": "random", "data.kind": "random"})
+    if backbone == "tiny_vp":
+        c.distill.target = "denoise"  # the x0 target: the only one a VP schedule has
+    c = override(c, overrides or {})
+    validate(c)
+    return c
+
+
+def make(backbone="tiny_flow", overrides=None, seed=0):
+    c = config(backbone, overrides)
+    bb = backbones.get(c)
+    model = bb.load(make_mesh(devices=jax.devices()[:1]))
     graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
-    d = Distiller(c, graphdef, (8, 8, 3))
+    d = Distiller(c, bb, graphdef)
     rng = np.random.default_rng(seed)
-    b = 4
-    cond = Cond(jnp.asarray(rng.standard_normal((b, 4, 32)), jnp.float32),
-                jnp.asarray(rng.standard_normal((b, 32)), jnp.float32))
-    uncond = Cond(jnp.zeros((b, 4, 32)), jnp.zeros((b, 32)))
-    eps = jnp.asarray(rng.standard_normal((b, 8, 8, 3)), jnp.float32)
+    cond = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), jnp.float32), bb.cond_spec(B))
+    uncond = backbones.uncond_zeros(bb, B)
+    eps = jnp.asarray(rng.standard_normal((B, *d.latent_shape)), jnp.float32)
     # A fake score that differs from the teacher, so the DMD direction is not zero.
-    fake = jax.tree.map(lambda p: p + 0.02 * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    fake = perturbed(params, seed=seed + 10)
     return d, params, fake, Frozen(teacher=params, buffers=buffers), eps, cond, uncond, model
 
 
-def perturbed(params, scale=0.02, seed=1):
+def perturbed(params, scale=0.05, seed=1):
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda p: p + scale * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
-
-
-KEY = jax.random.key(3)
 
 
 def tree_allclose(a, b, rtol, atol):
@@ -48,32 +66,63 @@ def tree_allclose(a, b, rtol, atol):
         np.testing.assert_allclose(np.asarray(x), y, rtol=rtol, atol=atol * max(np.abs(y).max(), 1e-30))
 
 
+def bcast(level):
+    return np.asarray(level, np.float64).reshape(-1, 1, 1, 1)
+
+
+def x0_by_hand(backbone, z, prediction, level):
+    """x0 = z - sigma v (flow); (z - sqrt(1 - abar_t) eps) / sqrt(abar_t) (VP, abar(-1) = 1)."""
+    z, p = np.asarray(z, np.float64), np.asarray(prediction, np.float64)
+    if backbone == "tiny_flow":
+        return z - bcast(level) * p
+    t = np.broadcast_to(np.asarray(level), (z.shape[0],)).astype(int)
+    a = bcast(np.where(t < 0, 1.0, ABAR[np.clip(t, 0, 999)]))
+    return (z - np.sqrt(1 - a) * p) / np.sqrt(a)
+
+
+def abar_of(t):
+    return 1.0 if t < 0 else float(ABAR[int(t)])
+
+
+def student_step_by_hand(backbone, z, p, s, s_next, key):
+    """Flow: Euler. VP: x0, re-noised to s_next with fresh noise (DMD2's student)."""
+    if backbone == "tiny_flow":
+        return z + (s_next - s) * p
+    a_t, a_n = abar_of(s), abar_of(s_next)
+    x0 = (z - np.sqrt(1 - a_t) * p) / np.sqrt(a_t)
+    return np.sqrt(a_n) * x0 + np.sqrt(1 - a_n) * jax.random.normal(key, z.shape)
+
+
 @pytest.mark.parametrize("simulation", ["rollout", "backward"])
-def test_dmd_gradient_never_reaches_first_step(simulation):
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_dmd_gradient_never_reaches_first_step(backbone, simulation):
     """With the diversity weight at zero but the detach on, the loss has exactly zero gradient
     with respect to the initial noise: eps only reaches the DMD term through z_1."""
     d, params, fake, frozen, eps, cond, uncond, _ = make(
-        {"dmd.simulation": simulation, "distill.lambda_div": 0.0, "distill.stop_grad_first_step": True})
+        backbone, {"dmd.simulation": simulation, "distill.lambda_div": 0.0, "distill.stop_grad_first_step": True})
     student = perturbed(params)
     grad_eps = jax.jit(jax.grad(lambda e: d.generator_loss(student, fake, frozen, e, cond, uncond, KEY)[0]))(eps)
     assert np.all(np.asarray(grad_eps) == 0.0)
     # Control: the same DMD term does depend on z_1 when z_1 is fed in directly (not a vacuous zero).
-    _, z1 = d.first_step(student, frozen.buffers, eps, cond)
+    k_sim, k_dmd = jax.random.split(KEY)
+    _, z1 = d.first_step(student, frozen.buffers, eps, cond, k_sim)
 
     def dmd_from(z):
-        x = d.remaining_steps(student, frozen.buffers, eps, z, cond, jax.random.split(KEY)[0])
-        g, _ = d.dmd_direction(fake, frozen, x, cond, uncond, jax.random.split(KEY)[1])
+        x = d.remaining_steps(student, frozen.buffers, eps, z, cond, k_sim)
+        g, _ = d.dmd_direction(fake, frozen, x, cond, uncond, k_dmd)
         return losses.dmd_loss(x, g)
 
     if simulation == "rollout":
         assert np.abs(np.asarray(jax.jit(jax.grad(dmd_from))(z1))).max() > 0
 
 
-def test_diversity_term_moves_only_the_first_step():
-    """The gradient of loss_div equals the gradient of a first-step loss written by hand (first
-    student call vs the line target); the DMD part is unaffected by lambda_div."""
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_diversity_term_moves_only_the_first_step(backbone):
+    """The gradient of loss_div equals the gradient of a first-step loss written by hand (the first
+    student call vs its target: the line velocity for flow, the teacher's x0 for VP); the DMD part
+    is unaffected by lambda_div."""
     lam = 0.7
-    d, params, fake, frozen, eps, cond, uncond, _ = make({"distill.lambda_div": lam})
+    d, params, fake, frozen, eps, cond, uncond, _ = make(backbone, {"distill.lambda_div": lam})
     student = perturbed(params)
 
     def parts(p):
@@ -82,12 +131,15 @@ def test_diversity_term_moves_only_the_first_step():
 
     jac = jax.jit(jax.jacrev(parts))(student)  # one compile: gradients of all three parts
     g_total, g_dmd, g_div_ours = (jax.tree.map(lambda g, i=i: g[i], jac) for i in range(3))
-    z_tk, t_k = d.teacher_anchor(frozen, eps, cond, uncond)
-    target = (eps - z_tk) / (1 - t_k)
+    target = d.diversity_target(frozen, eps, cond, uncond)
+    s0 = float(d.student_grid[0])
+    a0 = abar_of(s0)
 
     def first_step_loss(p):
-        v = d.velocity(p, frozen.buffers, eps, 1.0, cond)  # sigma_0 = 1 on the default grid
-        return jnp.mean((v - target) ** 2)
+        pred = d.predict(p, frozen.buffers, eps, s0, cond)
+        if backbone == "tiny_vp":  # x_theta = (z_T - sqrt(1 - abar_T) eps_theta) / sqrt(abar_T)
+            pred = (eps - np.sqrt(1 - a0) * pred) / np.sqrt(a0)
+        return jnp.mean((pred - target) ** 2)
 
     g_div = jax.jit(jax.grad(first_step_loss))(student)
     tree_allclose(g_div_ours, g_div, rtol=1e-4, atol=1e-5)
@@ -96,59 +148,69 @@ def test_diversity_term_moves_only_the_first_step():
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_dmd)) > 0
 
 
-def test_dmd_direction_matches_hand_computation():
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_dmd_direction_matches_hand_computation(backbone):
     """g at x_s equals (p_real - p_fake) / mean|p_real| with p = x_s - x0 built by hand from the
-    guided teacher and the fake model, at the sigma and noise drawn from the same key."""
-    d, params, fake, frozen, eps, cond, uncond, _ = make()
+    guided teacher and the fake model, at the level and noise drawn from the same key."""
+    d, params, fake, frozen, eps, cond, uncond, _ = make(backbone)
     x = eps * 0.3
-    g, sigma = d.dmd_direction(fake, frozen, x, cond, uncond, KEY)
-    k_sigma, k_noise = jax.random.split(KEY)
-    s = np.asarray(d.dmd_sigmas)[np.asarray(jax.random.randint(k_sigma, (4,), 0, d.dmd_sigmas.size))]
-    np.testing.assert_array_equal(np.asarray(sigma), s)
-    x_s = (1 - s[:, None, None, None]) * x + s[:, None, None, None] * jax.random.normal(k_noise, x.shape)
-    v_c = d.velocity(params, frozen.buffers, x_s, s, cond)
-    v_u = d.velocity(params, frozen.buffers, x_s, s, uncond)
-    v_real = v_u + 3.5 * (v_c - v_u)
-    v_fake = d.velocity(fake, frozen.buffers, x_s, s, cond)
-    p_real = s[:, None, None, None] * np.asarray(v_real)  # x_s - x0 = sigma * v
-    p_fake = s[:, None, None, None] * np.asarray(v_fake)
+    g, level = d.dmd_direction(fake, frozen, x, cond, uncond, KEY)
+    k_level, k_noise = jax.random.split(KEY)
+    s = np.asarray(d.dmd_levels)[np.asarray(jax.random.randint(k_level, (B,), 0, d.dmd_levels.size))]
+    np.testing.assert_array_equal(np.asarray(level), s)
+    n = np.asarray(jax.random.normal(k_noise, x.shape), np.float64)
+    if backbone == "tiny_flow":
+        x_s = (1 - bcast(s)) * np.asarray(x) + bcast(s) * n
+    else:
+        a = bcast(ABAR[s.astype(int)])
+        x_s = np.sqrt(a) * np.asarray(x) + np.sqrt(1 - a) * n
+    x_s32 = jnp.asarray(x_s, jnp.float32)
+    p_c = d.predict(params, frozen.buffers, x_s32, s, cond)
+    p_u = d.predict(params, frozen.buffers, x_s32, s, uncond)
+    p_real = x_s - x0_by_hand(backbone, x_s, np.asarray(p_u) + 3.5 * (np.asarray(p_c) - np.asarray(p_u)), s)
+    p_fake = x_s - x0_by_hand(backbone, x_s, d.predict(fake, frozen.buffers, x_s32, s, cond), s)
     expected = (p_real - p_fake) / np.abs(p_real).mean(axis=(1, 2, 3), keepdims=True)
-    np.testing.assert_allclose(np.asarray(g), expected, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g), expected, rtol=2e-4, atol=2e-5 * np.abs(expected).max())
     # And the student's DMD update direction is exactly g / x.size.
     grad_x = jax.grad(lambda xx: losses.dmd_loss(xx, g))(x)
-    np.testing.assert_allclose(np.asarray(grad_x), np.asarray(g) / x.size, rtol=1e-6)  # 1 ulp: x.size=768
+    np.testing.assert_allclose(np.asarray(grad_x), np.asarray(g) / x.size, rtol=1e-6)
 
 
-def test_real_equals_fake_gives_no_dmd_gradient():
-    d, params, fake, frozen, eps, cond, uncond, _ = make({"dmd.real_cfg_scale": 1.0, "distill.lambda_div": 0.0})
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_real_equals_fake_gives_no_dmd_gradient(backbone):
+    d, params, fake, frozen, eps, cond, uncond, _ = make(backbone, {"dmd.real_cfg_scale": 1.0,
+                                                                    "distill.lambda_div": 0.0})
     student = perturbed(params)
     grads = jax.jit(jax.grad(lambda p: d.generator_loss(p, params, frozen, eps, cond, uncond, KEY)[0]))(student)
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
 
 
 @pytest.mark.parametrize("simulation", ["rollout", "backward"])
-def test_lambda_zero_is_plain_dmd(simulation):
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_lambda_zero_is_plain_dmd(backbone, simulation):
     """lambda_div = 0: the loss and its gradient equal a plain-DMD computation written out here
     (all N student steps trained, no diversity term, no detach)."""
-    d, params, fake, frozen, eps, cond, uncond, _ = make({"distill.lambda_div": 0.0, "dmd.simulation": simulation})
+    d, params, fake, frozen, eps, cond, uncond, _ = make(backbone, {"distill.lambda_div": 0.0,
+                                                                    "dmd.simulation": simulation})
     student = perturbed(params)
     k_sim, k_dmd = jax.random.split(KEY)
-    s = d.student_sigmas
-
+    s = [float(v) for v in d.student_grid]
     j = int(jax.random.randint(k_sim, (), 0, len(s) - 1))
+    step = lambda z, p, i: student_step_by_hand(backbone, z, p, s[i], s[i + 1], jax.random.fold_in(k_sim, i))
 
     @jax.jit
     def plain_dmd(p):
+        z = eps
         if simulation == "rollout":
-            z = eps
             for i in range(len(s) - 1):
-                z = z + (s[i + 1] - s[i]) * d.velocity(p, frozen.buffers, z, s[i], cond)
+                z = step(z, d.predict(p, frozen.buffers, z, s[i], cond), i)
             x = z
-        else:  # one step j in 1..N with gradient, its input made without
-            z = eps
+        else:  # one step j in 1..N with gradient, its input made without; its output is the x0 prediction
             for i in range(j):
-                z = z + (s[i + 1] - s[i]) * d.velocity(jax.lax.stop_gradient(p), frozen.buffers, z, s[i], cond)
-            x = z - s[j] * d.velocity(p, frozen.buffers, z, s[j], cond)
+                z = step(z, d.predict(jax.lax.stop_gradient(p), frozen.buffers, z, s[i], cond), i)
+            pred = d.predict(p, frozen.buffers, z, s[j], cond)
+            x = z - s[j] * pred if backbone == "tiny_flow" else (
+                (z - np.sqrt(1 - abar_of(s[j])) * pred) / np.sqrt(abar_of(s[j])))
         g, _ = d.dmd_direction(fake, frozen, x, cond, uncond, k_dmd)
         return 0.5 * jnp.mean((x - jax.lax.stop_gradient(x - g)) ** 2)
 
@@ -158,51 +220,109 @@ def test_lambda_zero_is_plain_dmd(simulation):
     g_ours = jax.jit(jax.grad(lambda p: d.generator_loss(p, fake, frozen, eps, cond, uncond, KEY)[0]))(student)
     g_ref = jax.jit(jax.grad(plain_dmd))(student)
     tree_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5)
-    # Plain DMD trains the first step too: its gradient w.r.t. the noise is not zero.
-    grad_eps = jax.jit(jax.grad(lambda e: d.generator_loss(student, fake, frozen, e, cond, uncond, KEY)[0]))(eps)
-    assert np.abs(np.asarray(grad_eps)).max() > 0 if simulation == "rollout" else True
+    if simulation == "rollout":  # plain DMD trains the first step too: the noise reaches the loss
+        grad_eps = jax.jit(jax.grad(lambda e: d.generator_loss(student, fake, frozen, e, cond, uncond, KEY)[0]))(eps)
+        assert np.abs(np.asarray(grad_eps)).max() > 0
+
+
+def _guided(model_fn, z, t, cond, uncond, scale=3.5):
+    p_c, p_u = np.asarray(model_fn(z, t, cond)), np.asarray(model_fn(z, t, uncond))
+    return p_u + scale * (p_c - p_u)
 
 
 @pytest.mark.parametrize("k", [1, 3, 4])
-def test_teacher_target_matches_independent_computation(k):
-    """(eps - z_tk) / (1 - t_k) with z_tk from a hand-written guided Euler loop on diffusers'
-    FlowMatchEulerDiscreteScheduler (30... here T=4 steps, shift 3)."""
+def test_flow_line_target_matches_diffusers_euler(k):
+    """(eps - z_tk) / (1 - t_k) with z_tk from a guided Euler loop on diffusers'
+    FlowMatchEulerDiscreteScheduler (T = 4 steps, shift 3; K = T gives t_k = 0)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    d, params, fake, frozen, eps, cond, uncond, model = make({"distill.anchor_k": k})
+    d, params, fake, frozen, eps, cond, uncond, model = make("tiny_flow", {"distill.anchor_k": k})
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     sched.set_timesteps(d.c.teacher.steps)
-    sig = sched.sigmas.numpy()
-    z = np.asarray(eps)
-    for i in range(k):
-        t = np.full((4,), 1000 * sig[i], np.float32)
-        v_c = np.asarray(model(jnp.asarray(z), t, cond.context, cond.pooled))
-        v_u = np.asarray(model(jnp.asarray(z), t, uncond.context, uncond.pooled))
-        z = z + (sig[i + 1] - sig[i]) * (v_u + 3.5 * (v_c - v_u))
-    t_k = sig[k]
-    expected = (np.asarray(eps) - z) / (1 - t_k) if t_k < 1 else None
+    apply = jax.jit(lambda z, t, c: d.backbone.apply(model, z, t / 1000.0, c))  # level = sigma = t / 1000
+    z = torch.from_numpy(np.asarray(eps))
+    for t in sched.timesteps[:k]:
+        v = _guided(apply, jnp.asarray(z.numpy()), jnp.full((B,), float(t)), cond, uncond)
+        z = sched.step(torch.from_numpy(v), t, z).prev_sample
+    t_k = float(sched.sigmas[k])
+    expected = (np.asarray(eps) - z.numpy()) / (1 - t_k)
     got = d.diversity_target(frozen, eps, cond, uncond)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_denoise_target_is_teacher_x0_at_anchor():
-    d, params, fake, frozen, eps, cond, uncond, _ = make({"distill.target": "denoise", "distill.anchor_k": 2})
+@pytest.mark.parametrize("k", [1, 3])
+def test_vp_x0_target_matches_diffusers_ddim(k):
+    """The VP diversity target: K guided DDIM steps of diffusers' DDIMScheduler (SDXL settings,
+    T = 4, "leading") from z_T = eps to z_tk, one more teacher evaluation, then
+    x_target = (z_tk - sqrt(1 - abar_tk) eps_tea) / sqrt(abar_tk); and the student side of the
+    loss is the first step's x0 (z_T - sqrt(1 - abar_T) eps_theta) / sqrt(abar_T) at T = 999."""
+    from diffusers import DDIMScheduler
+
+    d, params, fake, frozen, eps, cond, uncond, model = make("tiny_vp", {"distill.anchor_k": k})
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    sched.set_timesteps(d.c.teacher.steps)
+    apply = jax.jit(lambda z, t, c: d.backbone.apply(model, z, t, c))
+    z = torch.from_numpy(np.asarray(eps))
+    for t in sched.timesteps[:k]:
+        e = _guided(apply, jnp.asarray(z.numpy()), jnp.full((B,), float(t)), cond, uncond)
+        z = sched.step(torch.from_numpy(e), t, z, eta=0.0).prev_sample
+    t_k = int(sched.timesteps[k])
+    z_tk = z.numpy().astype(np.float64)
+    eps_tea = _guided(apply, jnp.asarray(z.numpy()), jnp.full((B,), float(t_k)), cond, uncond)
+    a = float(sched.alphas_cumprod[t_k])
+    x_target = (z_tk - np.sqrt(1 - a) * eps_tea) / np.sqrt(a)
+    got = d.diversity_target(frozen, eps, cond, uncond)
+    np.testing.assert_allclose(np.asarray(got), x_target, rtol=1e-4, atol=1e-4 * np.abs(x_target).max())
+    # The student's side: loss_div = mean((x_theta - x_target)^2) with x_theta at timestep 999.
+    student = perturbed(params)
+    e_theta = np.asarray(d.predict(student, frozen.buffers, eps, 999.0, cond))
+    a_T = float(sched.alphas_cumprod[999])
+    x_theta = (np.asarray(eps, np.float64) - np.sqrt(1 - a_T) * e_theta) / np.sqrt(a_T)
+    _, aux = d.generator_loss(student, fake, frozen, eps, cond, uncond, KEY)
+    np.testing.assert_allclose(float(aux["loss_div"]), np.mean((x_theta - x_target) ** 2), rtol=1e-4)
+
+
+def test_flow_denoise_target_is_teacher_x0_at_anchor():
+    d, params, fake, frozen, eps, cond, uncond, _ = make("tiny_flow", {"distill.target": "denoise",
+                                                                       "distill.anchor_k": 2})
     z_tk, t_k = d.teacher_anchor(frozen, eps, cond, uncond)
-    v = d.guided_velocity(params, frozen.buffers, z_tk, t_k, cond, uncond, 3.5)
+    v = d.guided_prediction(params, frozen.buffers, z_tk, t_k, cond, uncond, 3.5)
     np.testing.assert_allclose(np.asarray(d.diversity_target(frozen, eps, cond, uncond)),
                                np.asarray(z_tk - t_k * v), rtol=1e-5, atol=1e-6)
 
 
-def test_critic_loss_is_flow_matching_on_student_samples():
-    d, params, fake, frozen, eps, cond, uncond, _ = make()
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_critic_loss_is_score_matching_on_student_samples(backbone):
+    """Flow matching (target noise - x) for flow, the epsilon loss (target noise) for VP, on the
+    student's N-step samples; the critic update never changes the student."""
+    d, params, fake, frozen, eps, cond, uncond, _ = make(backbone)
     student = perturbed(params)
     loss = d.critic_loss(fake, student, frozen, eps, cond, KEY)
-    x = d.sample(student, frozen.buffers, eps, cond)
-    k_sigma, k_noise = jax.random.split(KEY)
-    sigma = d.dmd_sigma(k_sigma, 4)
-    n = jax.random.normal(k_noise, x.shape)
-    v = d.velocity(fake, frozen.buffers, flow.add_noise(x, n, sigma), sigma, cond)
-    np.testing.assert_allclose(float(loss), float(jnp.mean((v - (n - x)) ** 2)), rtol=1e-6)
-    # The critic update never changes the student (its samples are made without gradient).
+    x = np.asarray(d.sample(student, frozen.buffers, eps, cond, KEY), np.float64)
+    k_level, k_noise = jax.random.split(KEY)
+    level = np.asarray(d.dmd_level(k_level, B))
+    n = np.asarray(jax.random.normal(k_noise, x.shape), np.float64)
+    if backbone == "tiny_flow":
+        x_s, target = (1 - bcast(level)) * x + bcast(level) * n, n - x
+    else:
+        a = bcast(ABAR[level.astype(int)])
+        x_s, target = np.sqrt(a) * x + np.sqrt(1 - a) * n, n
+    p = np.asarray(d.predict(fake, frozen.buffers, jnp.asarray(x_s, jnp.float32), level, cond))
+    np.testing.assert_allclose(float(loss), np.mean((p - target) ** 2), rtol=1e-5)
     grads = jax.jit(jax.grad(lambda st: d.critic_loss(fake, st, frozen, eps, cond, KEY)))(student)
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
+
+
+def test_vp_student_samples_by_hand():
+    """The VP student's 4 steps: x0 from eps at 999, 749, 499, 249, re-noised to the next timestep
+    with noise from the key folded with the step index; the last step returns its x0."""
+    d, params, fake, frozen, eps, cond, uncond, _ = make("tiny_vp")
+    assert list(d.student_grid) == [999, 749, 499, 249, -1]
+    z = np.asarray(eps, np.float64)
+    for i in range(4):
+        s, s_next = float(d.student_grid[i]), float(d.student_grid[i + 1])
+        e = np.asarray(d.predict(params, frozen.buffers, jnp.asarray(z, jnp.float32), s, cond))
+        z = student_step_by_hand("tiny_vp", z, e, s, s_next, jax.random.fold_in(KEY, i))
+    got = d.sample(params, frozen.buffers, eps, cond, KEY)
+    np.testing.assert_allclose(np.asarray(got), z, rtol=1e-4, atol=1e-4 * np.abs(z).max())

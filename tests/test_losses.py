@@ -3,7 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from dpdmd_jax.diffusion import sampler
+from dpdmd_jax.diffusion.schedules import RectifiedFlow, VPEpsilon
 from dpdmd_jax.distill import losses
 
 RNG = np.random.default_rng(0)
@@ -15,9 +18,9 @@ def _randn(*shape):
 
 def test_cfg_algebra():
     cond, uncond = _randn(2, 3, 3, 4), _randn(2, 3, 3, 4)
-    np.testing.assert_allclose(losses.cfg(cond, uncond, 1.0), cond, atol=1e-6)
-    np.testing.assert_array_equal(losses.cfg(cond, uncond, 0.0), uncond)
-    np.testing.assert_allclose(losses.cfg(jnp.float32(2.0), jnp.float32(1.0), 3.5), 4.5)
+    np.testing.assert_allclose(sampler.cfg(cond, uncond, 1.0), cond, atol=1e-6)
+    np.testing.assert_array_equal(sampler.cfg(cond, uncond, 0.0), uncond)
+    np.testing.assert_allclose(sampler.cfg(jnp.float32(2.0), jnp.float32(1.0), 3.5), 4.5)
 
 
 def _hand_example():
@@ -112,12 +115,16 @@ def test_diversity_loss_value_and_gradients():
     assert losses.diversity_loss(pred.astype(jnp.bfloat16), target).dtype == jnp.float32
 
 
-def test_flow_matching_loss_value_and_gradients():
-    v, noise, x = _randn(2, 3, 3, 4), _randn(2, 3, 3, 4), _randn(2, 3, 3, 4)
-    loss, (gv, gn, gx) = jax.value_and_grad(losses.flow_matching_loss, argnums=(0, 1, 2))(v, noise, x)
-    np.testing.assert_allclose(loss, np.mean((np.asarray(v) - (np.asarray(noise) - np.asarray(x))) ** 2), rtol=1e-6)
-    np.testing.assert_allclose(gv, 2 * (v - (noise - x)) / v.size, rtol=1e-5, atol=1e-8)
+@pytest.mark.parametrize("schedule", [RectifiedFlow(), VPEpsilon()], ids=["flow", "vp"])
+def test_critic_loss_is_the_schedules_score_matching(schedule):
+    """Flow: mean((v - (noise - x))^2), flow matching; VP: mean((eps_hat - noise)^2), the epsilon loss."""
+    p, noise, x = _randn(2, 3, 3, 4), _randn(2, 3, 3, 4), _randn(2, 3, 3, 4)
+    loss_fn = lambda p, n, x: losses.regression_loss(p, schedule.critic_target(x, n))
+    loss, (gp, gn, gx) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2))(p, noise, x)
+    target = np.asarray(noise) - np.asarray(x) if schedule.name == "flow" else np.asarray(noise)
+    np.testing.assert_allclose(loss, np.mean((np.asarray(p) - target) ** 2), rtol=1e-6)
+    np.testing.assert_allclose(gp, 2 * (p - target) / p.size, rtol=1e-5, atol=1e-8)
     np.testing.assert_array_equal(gn, 0.0)
     np.testing.assert_array_equal(gx, 0.0)
-    # The exact velocity has zero loss.
-    assert losses.flow_matching_loss(noise - x, noise, x) == 0.0
+    # The exact prediction has zero loss.
+    assert loss_fn(jnp.asarray(target), noise, x) == 0.0

@@ -28,10 +28,10 @@ def smoke(**overrides):
 def run_rounds(c, devices, rounds=2):
     setup = trainer.build(c, devices=devices)
     state, shardings = trainer.init_train_state(setup)
-    fn = trainer.compile_round(setup, shardings, setup.data.round(0))
+    fn = trainer.compile_round(setup, shardings, trainer.round_batch(setup, 0))
     history = []
     for r in range(rounds):
-        state, metrics = fn(state, setup.frozen, trainer.put_batch(setup.mesh, setup.data.round(r)))
+        state, metrics = fn(state, setup.frozen, trainer.round_batch(setup, r))
         history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     return setup, state, history
 
@@ -44,9 +44,13 @@ def single_device_run():
 @pytest.mark.parametrize("mesh", [dict(data=1, fsdp=8, tensor=1), dict(data=2, fsdp=4, tensor=1)])
 def test_sharded_rounds_equal_single_device(single_device_run, mesh):
     _, ref_state, ref_hist = single_device_run
-    setup, state, hist = run_rounds(smoke(mesh=mesh), jax.devices())
+    setup, state, hist = run_rounds(smoke(**{f"mesh.{k}": v for k, v in mesh.items()}), jax.devices())
     kernel = state.student["context_embedder"]["kernel"].get_value()
     assert not kernel.sharding.is_fully_replicated  # student/fake/optimizer really are sharded
+    # Adam's moments take their parameter's sharding (optax.tree_map_params), counters are replicated.
+    mu = state.opt_student.inner_state[1][0].mu["context_embedder"]["kernel"].get_value()
+    assert mu.sharding.is_equivalent_to(kernel.sharding, kernel.ndim)
+    assert state.opt_student.notfinite_count.sharding.is_fully_replicated
     for a, b in zip(hist, ref_hist, strict=True):
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-7, err_msg=k)
@@ -63,7 +67,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     saved_setup = trainer.build(c)
     like, sh = trainer.init_train_state(saved_setup)
     saved = trainer.restore(mngr, 2, like, sh)
-    other = smoke(**{"num_rounds": 2, "mesh": dict(data=2, fsdp=4, tensor=1)})
+    other = smoke(**{"num_rounds": 2, "mesh.data": 2, "mesh.fsdp": 4})
     setup = trainer.build(other)
     like, shardings = trainer.init_train_state(setup)
     restored = trainer.restore(mngr, 2, like, shardings)
@@ -153,12 +157,18 @@ def test_toy_recommended_variant_is_valid():
         ({"backbone": "dit"}, "backbone='dit' is unknown"),
         ({"dmd.simulation": "both"}, "dmd.simulation='both'"),
         ({"distill.target": "x"}, "distill.target='x'"),
-        ({"student.sigmas": [1.0, 1.0, 0.5]}, "strictly decreasing"),
+        ({"student.sigmas": (1.0, 1.0, 0.5)}, "strictly decreasing"),
         ({"teacher.cfg_scale": 0.5}, "teacher.cfg_scale=0.5 must be >= 1"),
         ({"batch_size": 6}, "batch_size=6 is not divisible by the data x fsdp mesh size 8"),
         ({"mesh.fsdp": 3}, "mesh: mesh sizes"),
         ({"model.source": "/nowhere/sd35"}, "model.source='/nowhere/sd35' does not exist"),
         ({"dmd.sigma_min": 0.9, "dmd.sigma_max": 0.1}, "sigma_min < sigma_max"),
+        ({"backbone": "tiny_vp", "data.kind": "random"}, "distill.target='line' does not fit backbone 'tiny_vp'"),
+        ({"backbone": "tiny_vp", "distill.target": "denoise", "student.timesteps": (999, 1000)},
+         "student.timesteps=[999, 1000] must hold"),
+        ({"backbone": "tiny_flow", "model.source": "toy"}, "test backbone only builds random weights"),
+        ({"data.kind": "parquet"}, "data.kind='parquet'"),
+        ({"evals.grid.every": -1}, "evals.grid.every=-1"),
     ],
 )
 def test_invalid_config_fails_before_loading(overrides, message):
@@ -175,6 +185,43 @@ def test_prompt_inputs_fail_clearly(tmp_path):
     empty.write_text("a photo of a cat\n")
     with pytest.raises(ConfigError, match="text encoders .* not ported yet"):
         trainer.build(c)
+
+
+def test_vp_backbone_trains_through_the_same_trainer(tmp_path):
+    """The tiny VP test backbone (epsilon prediction, x0 target, SDXL-shaped conditioning from the
+    random data source) runs through `trainer.train` unchanged: finite losses, a checkpoint."""
+    c = smoke(**{"backbone": "tiny_vp", "distill.target": "denoise", "data.kind": "random", "num_rounds": 2,
+                 "evals": {}})
+    trainer.train(c, str(tmp_path))
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r[k]) for r in rows for k in ("loss", "loss_dmd", "loss_div", "loss_fake"))
+    assert rows[0]["loss_div"] > 0 and 20 <= rows[0]["dmd_level"] <= 980
+    assert trainer.checkpoint_manager(str(tmp_path), c).latest_step() == 2
+
+
+def test_data_rows_are_a_pure_function_of_seed_and_round():
+    """Each process builds only its rows; any split of the batch gives the same data as the whole."""
+    setup = trainer.build(smoke(**{"mesh.fsdp": 8}))
+    whole = setup.data.round(3, slice(0, 8))
+    halves = [setup.data.round(3, slice(0, 4)), setup.data.round(3, slice(4, 8))]
+    joined = jax.tree.map(lambda a, b: np.concatenate([a, b], axis=1), halves[0].cond, halves[1].cond)
+    for x, y in zip(jax.tree.leaves(whole.cond), jax.tree.leaves(joined), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert halves[0].cond.context.shape[1] == 4 and halves[0].uncond.context.shape[0] == 4
+    assert trainer.local_rows(setup) == slice(0, 8)  # one process holds every row
+    assert not np.array_equal(whole.cond.context, setup.data.round(4, slice(0, 8)).cond.context)
+
+
+def test_replicated_dimension_is_logged(caplog):
+    """A parameter dimension whose rule names a mesh axis it does not divide is replicated, and said so."""
+    from dpdmd_jax.parallel import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh(fsdp=8)
+    with caplog.at_level("WARNING"):
+        spec = mesh_lib.spec_for((12, 16), ("embed", "mlp"), mesh)
+    assert spec == jax.sharding.PartitionSpec(None, None)
+    assert "embed=12" in caplog.text and "not divisible by mesh axes ('fsdp',)" in caplog.text
 
 
 def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):

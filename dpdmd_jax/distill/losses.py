@@ -22,12 +22,6 @@ def _f32(x: ArrayLike) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def cfg(cond: ArrayLike, uncond: ArrayLike, scale: ArrayLike) -> jax.Array:
-    """Classifier-free guidance: uncond + scale * (cond - uncond) (scale 1 -> cond)."""
-    cond, uncond = jnp.asarray(cond), jnp.asarray(uncond)
-    return uncond + scale * (cond - uncond)
-
-
 def dmd_gradient(x_s: ArrayLike, x0_real: ArrayLike, x0_fake: ArrayLike) -> jax.Array:
     """DMD direction g = (p_real - p_fake) / mean_{H,W,C}|p_real|, float32, no gradient.
 
@@ -66,14 +60,14 @@ def line_velocity_target(eps: ArrayLike, z_tk: ArrayLike, t_k: ArrayLike) -> jax
     return (eps - z_tk) / (1.0 - t)
 
 
-def diversity_loss(pred: ArrayLike, target: ArrayLike) -> jax.Array:
+def regression_loss(pred: ArrayLike, target: ArrayLike) -> jax.Array:
     """mean((pred - stop_gradient(target))**2) in float32.
 
-    Velocity target (line_velocity_target) for flow students, x0 target for epsilon students.
+    The diversity loss (velocity target for the "line" target, x0 target for "denoise" and VP
+    students) and the fake score's loss (target `Schedule.critic_target`: noise - x for flow
+    matching, the noise for the epsilon loss) are both this regression.
     """
     return jnp.mean((_f32(pred) - _sg(_f32(target))) ** 2)
 
 
-def flow_matching_loss(v_pred: ArrayLike, noise: ArrayLike, x: ArrayLike) -> jax.Array:
-    """Fake-score (critic) loss mean((v_pred - stop_gradient(noise - x))**2) in float32."""
-    return jnp.mean((_f32(v_pred) - _sg(_f32(noise) - _f32(x))) ** 2)
+diversity_loss = regression_loss

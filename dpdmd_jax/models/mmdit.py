@@ -169,8 +169,8 @@ def sincos_pos_embed(embed_dim: int, grid_size: int, base_size: int) -> jax.Arra
     Computed in float64 and rounded once (diffusers now computes in fp32: equal within rounding).
     The float64 work is done on the [grid, D/2] 1-D embedding only and the [grid^2, D] table is
     assembled with jnp broadcasts, bitwise the same as the full float64 grid: under `nnx.eval_shape` (the loader's
-    abstract model) that is traced, not computed. Building the full table in float64 numpy cost
-    ~40 s and a 3.6 GiB host peak at SD3.5's pos_embed_max_size=384, only to be overwritten.
+    abstract model) that is traced, not computed; a full float64 numpy table would be built on the host
+    only to be overwritten (its cost: BENCHMARKS.md, "Loading a full-size SD3.5-Medium checkpoint").
     """
     coords = np.arange(grid_size, dtype=np.float64) / (grid_size / base_size)
     dim = embed_dim // 2

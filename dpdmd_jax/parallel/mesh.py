@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -78,8 +79,22 @@ def spec_for(
             used.update(axes)
             out.append(axes[0] if len(axes) == 1 else axes)
         else:
+            if axes:
+                _log_replicated(tuple(shape), tuple(logical_axes), logical, dim, axes, size)
             out.append(None)
     return PartitionSpec(*out)
+
+
+_REPLICATED_LOGGED: set[tuple] = set()
+
+
+def _log_replicated(shape, logical_axes, logical, dim, axes, size) -> None:
+    """One log line per distinct case of a dimension that its rule would shard but cannot."""
+    key = (shape, logical_axes, logical)
+    if key not in _REPLICATED_LOGGED:
+        _REPLICATED_LOGGED.add(key)
+        logging.warning("sharding: dimension %s=%d of a %s parameter %s is not divisible by mesh axes %s (size %d); "
+                        "it is replicated", logical, dim, shape, logical_axes, axes, size)
 
 
 def _logical_axes(var: Any) -> tuple | None:
@@ -103,6 +118,20 @@ def state_shardings(state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) axis over ("data", "fsdp"), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def process_batch_rows(mesh: Mesh, batch: int) -> slice:
+    """The rows of a global batch (split over BATCH_AXES) that this process's devices hold.
+
+    Each process builds only these rows of its input; with devices ordered by process (as
+    `jax.devices()` and `make_mesh` order them) they are one contiguous block."""
+    index = batch_sharding(mesh, 1).addressable_devices_indices_map((batch,))
+    held = sorted({(sl.start or 0, batch if sl.stop is None else sl.stop) for (sl,) in index.values()})
+    lo, hi = held[0][0], held[-1][1]
+    if sum(b - a for a, b in held) != hi - lo:
+        raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {held}; order the mesh's "
+                         "devices by process (the default) so that each host feeds one block")
+    return slice(lo, hi)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -3,9 +3,9 @@
 A trained copy ships in `TEACHER_DIR` (a diffusers `SD3Transformer2DModel` folder), so toy
 distillation starts at once; `python -m dpdmd_jax.toy.train_teacher` re-trains it.
 
-`sample_flow` is the sampler of every toy model (teacher or 4-step student): Euler steps over
-an explicit sigma grid, with classifier-free guidance whose unconditional branch is the
-NULL_CLASS embedding (all zeros), the same constant the teacher saw under CFG dropout.
+`sample_flow` samples any toy model (teacher or 4-step student) with the project's one sampler:
+Euler steps over an explicit sigma grid, with classifier-free guidance whose unconditional branch
+is the NULL_CLASS embedding (all zeros), the same constant the teacher saw under CFG dropout.
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpdmd_jax.diffusion import flow
+from dpdmd_jax.backbones import SD3Cond
+from dpdmd_jax.diffusion import flow, sampler
+from dpdmd_jax.diffusion.schedules import RectifiedFlow
 from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig
 from dpdmd_jax.toy import data, metrics
 
+FLOW = RectifiedFlow()
 CONTEXT_LEN = 4  # tokens of the toy "text encoder" (data.class_embedding)
 
 # A small SD3.5-Medium lookalike: patch 2 on the 16x16x3 latent (8x8 = 64 image tokens + 4
@@ -87,45 +90,13 @@ def load_toy_teacher(path: str | os.PathLike | None = None, **overrides: Any) ->
     return load_mmdit(folder, **overrides)
 
 
-def cfg_velocity(
-    model: MMDiT,
-    z: jax.Array,
-    sigma: jax.Array,
-    context: jax.Array,
-    pooled: jax.Array,
-    cfg_scale: float | jax.Array = 1.0,
-    guided: bool | None = None,
-) -> jax.Array:
-    """Velocity with classifier-free guidance: v_u + w (v_c - v_u), uncond = NULL_CLASS (zeros).
-
-    Cond and uncond run as one batch of 2B. `guided` False (default: `cfg_scale != 1` for a
-    Python number) skips the unconditional half: w = 1 is the plain conditional velocity.
-    """
-    if guided is None:
-        guided = not (isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0)
-    b = z.shape[0]
-    t = jnp.broadcast_to(flow.timestep_from_sigma(sigma), (b,))
-    if not guided:
-        return model(z, t, context, pooled)
-    # NULL_CLASS embeds to exact zeros (data.class_embedding), so no lookup is needed here.
-    ctx = jnp.concatenate([context, jnp.zeros_like(context)])
-    pool = jnp.concatenate([pooled, jnp.zeros_like(pooled)])
-    v = model(jnp.concatenate([z, z]), jnp.concatenate([t, t]), ctx, pool)
-    v_cond, v_uncond = v[:b], v[b:]
-    w = jnp.asarray(cfg_scale, jnp.float32).astype(v.dtype)
-    return v_uncond + w * (v_cond - v_uncond)
-
-
 def _sample_impl(graphdef, state, noise, context, pooled, sigmas, cfg_scale, guided):
     model = nnx.merge(graphdef, state)
-
-    def step(z, s):
-        sigma, sigma_next = s
-        v = cfg_velocity(model, z, sigma, context, pooled, cfg_scale, guided=guided)
-        return flow.euler_step(z, v, sigma, sigma_next), None
-
-    z, _ = jax.lax.scan(step, noise, (sigmas[:-1], sigmas[1:]))
-    return z
+    predict = lambda z, level, c: model(z, FLOW.model_time(level), c.context, c.pooled)
+    cond = SD3Cond(context, pooled)
+    # NULL_CLASS embeds to exact zeros (data.class_embedding), so no lookup is needed here.
+    uncond = jax.tree.map(jnp.zeros_like, cond) if guided else None
+    return sampler.sample(predict, FLOW, noise, sigmas, cond, uncond, cfg_scale)
 
 
 # The grid and the guidance scale are traced (one compile per batch shape and grid length);
@@ -143,9 +114,9 @@ def sample_flow(
     """Euler sampling from `noise` [B, 16, 16, 3] (at sigmas[0]) along `sigmas` (ending at 0
     for clean samples), class-conditioned, with CFG `cfg_scale` (1 = conditional only).
 
-    Pure: the model's state is read, never changed; jitted (compiled once per batch shape,
-    grid length and guided/unguided). Works for the teacher (30-step grid) and students
-    (4-step grid) alike.
+    The project's one sampler (`diffusion.sampler.sample`) with the toy's conditioning. Pure:
+    the model's state is read, never changed; jitted (compiled once per batch shape, grid length
+    and guided/unguided). Works for the teacher (30-step grid) and students (4-step grid) alike.
     """
     graphdef, state = nnx.split(model)
     context, pooled = toy_conditioning(class_ids, model.cfg.joint_attention_dim, model.cfg.pooled_projection_dim)

@@ -1,0 +1,102 @@
+"""Cost of the engine's interfaces: a toy round and its compile time, this tree vs a git revision.
+
+Each measurement is a fresh child process (no persistent compilation cache, so compiles are
+real) that builds the README's toy default (`configs/toy.py`, shipped teacher, batch 8, one CPU
+device as `python -m dpdmd_jax.main` uses), compiles one round with the tree's own public trainer
+API, runs one warm-up round and times `--rounds` more. Children of the two trees alternate
+(`--pairs` times), so machine noise hits both alike. Prints a table; results go in BENCHMARKS.md.
+
+  python -m benchmarks.engine_overhead --baseline d6f9ac5 [--pairs 3] [--rounds 10]
+
+The baseline is checked out with `git worktree` into a temporary folder (removed afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child(rounds: int) -> None:
+    """Runs in the tree on PYTHONPATH; prints one JSON line."""
+    import time
+
+    import jax
+
+    from configs import toy as toy_config
+    from dpdmd_jax.distill import trainer
+
+    c = toy_config.get_config()
+    setup = trainer.build(c)
+    state, shardings = trainer.init_train_state(setup)
+    # The interface-based trainer builds each process's rows; the earlier one took host batches.
+    batch = (lambda r: trainer.round_batch(setup, r)) if hasattr(trainer, "round_batch") else (
+        lambda r: trainer.put_batch(setup.mesh, setup.data.round(r)))
+    b0 = batch(0)
+    t0 = time.perf_counter()
+    compiled = trainer.compile_round(setup, shardings, b0).lower(state, setup.frozen, b0).compile()
+    t_compile = time.perf_counter() - t0
+    state, m = compiled(state, setup.frozen, b0)
+    jax.block_until_ready(m)
+    times = []
+    for r in range(1, rounds + 1):
+        b = batch(r)
+        t0 = time.perf_counter()
+        state, m = compiled(state, setup.frozen, b)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"compile_s": t_compile, "round_s": statistics.median(times), "loss": float(m["loss"])}))
+
+
+def run_child(tree: str, rounds: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(PYTHONPATH=tree, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", f"--rounds={rounds}"], cwd=tree,
+                         env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", default="HEAD", help="git revision to compare against")
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args.rounds)
+        return
+    from benchmarks.common import host, table
+
+    rev = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(tmp, "baseline")
+        subprocess.run(["git", "worktree", "add", "--detach", base, rev], cwd=ROOT, check=True, capture_output=True)
+        try:
+            res = {"baseline": [], "this tree": []}
+            for i in range(args.pairs):
+                for name, tree in (("baseline", base), ("this tree", ROOT)):
+                    res[name].append(run_child(tree, args.rounds))
+                    print(f"pair {i + 1}/{args.pairs} {name}: {res[name][-1]}", flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", base], cwd=ROOT, capture_output=True)
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("compile_s", "round_s")} for n, rs in res.items()}
+    rows = [[n, f"{med[n]['compile_s']:.2f}", f"{1e3 * med[n]['round_s']:.1f}",
+             " ".join(f"{1e3 * r['round_s']:.0f}" for r in res[n])] for n in res]
+    rows.append(["ratio (this / baseline)", f"{med['this tree']['compile_s'] / med['baseline']['compile_s']:.3f}",
+                 f"{med['this tree']['round_s'] / med['baseline']['round_s']:.3f}", ""])
+    print(f"\n{host()}; baseline {rev}; toy default round, batch 8, 1 CPU device; "
+          f"median of {args.pairs} interleaved children x {args.rounds} rounds")
+    print(table(["tree", "compile (s)", "round (ms)", "per-child round medians (ms)"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The SD3 / SD3.5 MMDiT as a backbone: rectified flow, velocity prediction, `SD3Cond`.
+
+`model.source` is a diffusers transformer folder (or the pipeline root holding `transformer/`),
+"toy" (the shipped toy teacher) or "random" (a random `MMDiT` of `model.arch`, for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh
+
+from dpdmd_jax import backbones
+from dpdmd_jax.diffusion.schedules import RectifiedFlow
+from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig
+from dpdmd_jax.parallel import mesh as mesh_lib
+
+# CLIP's 77 tokens ++ T5's 256 (SD3's max_sequence_length), the pipeline's context length.
+SD3_CONTEXT_LEN = 77 + 256
+
+
+def exec_overrides(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    m = c.model
+    return dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
+                remat_policy=m.remat_policy, attention_impl=m.attention_impl)
+
+
+@backbones.register("mmdit")
+class SD3Backbone:
+    schedule = RectifiedFlow()
+    cond_type = backbones.SD3Cond
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.c = config
+        self.source = config.model.source
+
+    @functools.cached_property
+    def arch(self) -> MMDiTConfig:
+        if self.source == "toy":
+            from dpdmd_jax.toy.teacher import toy_config
+
+            return toy_config()
+        if self.source.startswith("random"):
+            return MMDiTConfig(**dict(self.c.model.arch))
+        from dpdmd_jax.weights.sd3 import read_config, resolve_folder
+
+        return read_config(resolve_folder(self.source))
+
+    def check_source(self) -> list[str]:
+        """Cheap checks of `model.source`, before anything is loaded."""
+        if self.source in ("toy",) or self.source.startswith("random") or os.path.exists(self.source):
+            return []
+        return [f"model.source={self.source!r} does not exist; set --config.model.source to a diffusers "
+                "SD3/SD3.5 transformer/ folder (or the pipeline root that contains it)."]
+
+    def load(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES) -> MMDiT:
+        overrides = exec_overrides(self.c)
+        if self.source == "toy":
+            from dpdmd_jax.toy.teacher import load_toy_teacher
+
+            return load_toy_teacher(mesh=mesh, rules=rules, **overrides)
+        if self.source.startswith("random"):
+            model = MMDiT(MMDiTConfig(**dict(self.c.model.arch), **overrides), rngs=nnx.Rngs(self.c.seed))
+            state = nnx.state(model)
+            nnx.update(model, jax.device_put(state, mesh_lib.state_shardings(state, mesh, rules)))
+            return model
+        from dpdmd_jax.weights.sd3 import load_mmdit
+
+        return load_mmdit(self.source, mesh=mesh, rules=rules, **overrides)
+
+    def apply(self, model: MMDiT, z: jax.Array, level: jax.Array, cond: backbones.SD3Cond) -> jax.Array:
+        return model(z, self.schedule.model_time(level), cond.context, cond.pooled)
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (*self.c.data.latent_size, self.arch.in_channels)
+
+    def cond_spec(self, batch: int) -> backbones.SD3Cond:
+        length = SD3_CONTEXT_LEN
+        if self.source == "toy" or self.source.startswith("random"):
+            from dpdmd_jax.toy.teacher import CONTEXT_LEN as length  # the toy "text encoder"'s tokens
+        f32 = jax.numpy.float32
+        return backbones.SD3Cond(
+            context=jax.ShapeDtypeStruct((batch, length, self.arch.joint_attention_dim), f32),
+            pooled=jax.ShapeDtypeStruct((batch, self.arch.pooled_projection_dim), f32),
+        )

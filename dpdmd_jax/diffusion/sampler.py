@@ -1,0 +1,75 @@
+"""The one guided sampler: the trainer's anchor and grids, the toy evaluation and (later) the
+sampling script all step through here.
+
+`predict(z, level, cond) -> prediction` is any backbone call (v or eps, per the schedule).
+Classifier-free guidance runs cond and uncond as one batch of 2B, as the diffusers pipelines do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpdmd_jax.diffusion.schedules import Schedule
+
+Predict = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+
+def cfg(cond: jax.typing.ArrayLike, uncond: jax.typing.ArrayLike, scale: jax.typing.ArrayLike) -> jax.Array:
+    """Classifier-free guidance: uncond + scale * (cond - uncond) (scale 1 -> cond)."""
+    cond, uncond = jnp.asarray(cond), jnp.asarray(uncond)
+    return uncond + scale * (cond - uncond)
+
+
+def is_unguided(scale: Any) -> bool:
+    """A Python scale of exactly 1 needs no unconditional half (a traced scale always runs it)."""
+    return isinstance(scale, (int, float)) and scale == 1.0
+
+
+def guided_prediction(predict: Predict, z: jax.Array, level, cond: Any, uncond: Any, scale) -> jax.Array:
+    """CFG prediction; `uncond=None` or a Python scale of 1 gives the conditional prediction alone."""
+    level = jnp.broadcast_to(jnp.asarray(level, jnp.float32), (z.shape[0],))
+    if uncond is None or is_unguided(scale):
+        return predict(z, level, cond)
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, uncond)
+    p = predict(jnp.concatenate([z, z]), jnp.concatenate([level, level]), both)
+    p_cond, p_uncond = jnp.split(p, 2)
+    return cfg(p_cond, p_uncond, scale).astype(z.dtype)
+
+
+def sample(
+    predict: Predict,
+    schedule: Schedule,
+    z: jax.Array,
+    grid: np.ndarray | jax.Array,
+    cond: Any,
+    uncond: Any = None,
+    cfg_scale: Any = 1.0,
+    *,
+    student: bool = False,
+    key: jax.Array | None = None,
+    first_index: int = 0,
+) -> jax.Array:
+    """Steps `z` (at grid[0]) along `grid` as a scan (one traced model call, differentiable).
+
+    student=False: the schedule's deterministic teacher (ODE) step; student=True: the student's
+    step, which for VP re-noises with fresh noise from `key` folded with the step index (counted
+    from `first_index`, for a grid that continues a longer one).
+    """
+    grid = jnp.asarray(grid, jnp.float32)
+    steps = grid.shape[0] - 1
+    if student and key is None:
+        key = jax.random.key(0)  # unused by deterministic (flow) students
+
+    def body(z, inp):
+        i, level, next_level = inp
+        p = guided_prediction(predict, z, level, cond, uncond, cfg_scale)
+        if student:
+            return schedule.student_step(z, p, level, next_level, jax.random.fold_in(key, i)), None
+        return schedule.teacher_step(z, p, level, next_level), None
+
+    return jax.lax.scan(body, z, (first_index + jnp.arange(steps), grid[:-1], grid[1:]))[0]

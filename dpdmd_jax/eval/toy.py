@@ -1,0 +1,84 @@
+"""The toy's evaluators: a student sample grid for TensorBoard, and the analytic toy metrics of
+the 4-step student next to the T-step teacher (written to workdir/summary.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dpdmd_jax.eval import image_grid
+from dpdmd_jax.toy import metrics as toy_metrics
+from dpdmd_jax.toy.teacher import evaluate_sampler
+
+
+class ToyGrid:
+    """The student's samples for the 6 toy classes x `seeds` fixed noises, one row per class."""
+
+    def __init__(self, setup: Any, workdir: str, seeds: int = 8):
+        d = setup.distiller
+        ids = np.repeat(np.arange(6), seeds)
+        cond = setup.data.embed(ids)
+        eps = jax.random.normal(jax.random.key(1234), (ids.size, *d.latent_shape))
+        key = jax.random.key(1235)  # stochastic (VP) student steps
+        self.cols = seeds
+        self.buffers = setup.frozen.buffers
+        self._sample = jax.jit(lambda p, b: d.sample(p, b, eps, cond, key),
+                               out_shardings=jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec()))
+
+    def grid(self, state: Any) -> np.ndarray:
+        """[rows * H * 4, cols * W * 4, C] in [0, 1]."""
+        images = self._sample(state.student, self.buffers)  # replicated: every process holds all of it
+        return image_grid(np.asarray(images.addressable_data(0)), cols=self.cols)
+
+    def run(self, step: int, state: Any, writer: Any) -> None:
+        writer.write_images(step, {"student_samples": self.grid(state)[None]})
+
+
+class ToyMetrics:
+    """Toy metrics of the student vs the teacher (same noise, same prompts), printed and written to
+    workdir/summary.json; the teacher's row is cached in workdir/teacher_metrics.json."""
+
+    KEYS = ("diversity_layout", "diversity_pixel", "spread_cx", "spread_cy", "spread_size", "adherence", "valid",
+            "frechet_layout")
+
+    def __init__(self, setup: Any, workdir: str, seeds_per_prompt: int = 9, repeats: int = 4):
+        if seeds_per_prompt < 2:
+            raise ValueError(f"seeds_per_prompt={seeds_per_prompt} must be >= 2 (diversity compares seeds)")
+        self.setup, self.workdir = setup, workdir
+        self.seeds = seeds_per_prompt
+        self.kw = dict(seeds=seeds_per_prompt, repeats=repeats, seed=setup.config.seed + 777)
+
+    def run(self, step: int, state: Any, writer: Any) -> dict:
+        c, d = self.setup.config, self.setup.distiller
+        cache = os.path.join(self.workdir, "teacher_metrics.json")
+        if os.path.exists(cache):
+            with open(cache) as f:
+                teacher = json.load(f)
+        else:
+            teacher = evaluate_sampler(self.setup.teacher_model, (c.teacher.cfg_scale,), sigmas=d.teacher_grid,
+                                       **self.kw)[float(c.teacher.cfg_scale)]
+            with open(cache, "w") as f:
+                json.dump(teacher, f, indent=2)
+        student_model = nnx.merge(d.graphdef, state.student, self.setup.frozen.buffers)
+        student = evaluate_sampler(student_model, (1.0,), sigmas=d.student_grid, **self.kw)[1.0]
+        summary = {
+            "rounds": int(state.step),
+            "teacher": {"nfe": 2 * c.teacher.steps, "cfg_scale": c.teacher.cfg_scale, **teacher},
+            "student": {"nfe": len(d.student_grid) - 1, **student},
+            "spread_ratio": toy_metrics.spread_ratio(student, teacher),
+            "skipped_updates": int(state.skipped),
+        }
+        with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"\nToy metrics after {summary['rounds']} rounds (R={self.seeds} seeds per prompt):")
+        print(f"{'':10s}" + "".join(f"{k:>17s}" for k in ["nfe", *self.KEYS]))
+        for name in ("teacher", "student"):
+            row = summary[name]
+            print(f"{name:10s}" + "".join(f"{row[k]:17.4f}" for k in ["nfe", *self.KEYS]))
+        print(f"summary written to {os.path.join(self.workdir, 'summary.json')}")
+        return summary
