@@ -34,7 +34,7 @@ forward+backwards; round: M critic updates + 1 generator update, each corrected)
 run) with `jax.lax.scan` / static-bound `jax.lax.fori_loop` patched to `unroll=True`, so XLA sees
 every iteration; the two counts are printed side by side as a check of the correction.
 
-"model calls" counts what the method does per call, from the code (DESIGN.md section 2):
+"model calls" counts what the method does per call, from the code (docs/DESIGN.md section 2):
   critic update   = N student forwards (fresh sample, no grad) + 1 fake forward+backward
   generator       = K teacher CFG forwards (2B, anchor; skipped when lambda_div = 0)
                     + N student forward+backward (rollout) + 1 teacher CFG forward (real score)

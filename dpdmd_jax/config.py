@@ -1,6 +1,6 @@
 """The shared config skeleton and its up-front validation.
 
-`base_config()` holds every knob of DESIGN.md section 2 with the paper's values; configs in
+`base_config()` holds every knob of docs/DESIGN.md section 2 with the paper's values; configs in
 `configs/` start from it and change what they need. `validate()` runs before anything is loaded
 or compiled and raises one `ConfigError` paragraph per problem, naming the field and the fix.
 """
@@ -123,12 +123,12 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
     from dpdmd_jax import eval as eval_lib
 
     p = []
-    if c.backbone not in backbones.names():
-        p.append(f"backbone={c.backbone!r} is unknown; choose one of {backbones.names()} or register your own "
-                 "(dpdmd_jax.backbones.register).")
-        schedule = None
-    else:
+    try:
         schedule = backbones.backbone_class(c.backbone).schedule
+    except (KeyError, ImportError) as e:
+        p.append(f"backbone={c.backbone!r} is unknown ({e}); choose one of {backbones.names()} or register your "
+                 "own and name it as 'package.module:name' (dpdmd_jax.backbones.register).")
+        schedule = None
     if not c.model.source:
         p.append("model.source is empty: set it to a diffusers transformer folder, e.g. "
                  "--config.model.source=/ckpts/stable-diffusion-3.5-medium")

@@ -29,7 +29,7 @@ def test_shipped_teacher_is_the_toy_architecture(toy_teacher):
 
 
 def test_shipped_teacher_samples_the_toy_distribution(toy_teacher):
-    # 6 classes x 9 seeds, the 30-step shift-3 teacher grid, CFG 3.5 (DESIGN.md's teacher).
+    # 6 classes x 9 seeds, the 30-step shift-3 teacher grid, CFG 3.5 (docs/DESIGN.md's teacher).
     ids = teacher.eval_class_ids(seeds=9, repeats=1)
     noise = jax.random.normal(jax.random.key(123), (ids.size, 16, 16, 3))
     images = np.asarray(teacher.sample_flow(toy_teacher, noise, ids, flow.flow_match_sigmas(30, 3.0), 3.5))

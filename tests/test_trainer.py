@@ -200,6 +200,18 @@ def test_vp_backbone_trains_through_the_same_trainer(tmp_path):
     assert trainer.checkpoint_manager(str(tmp_path), c).latest_step() == 2
 
 
+def test_user_backbone_is_named_by_module():
+    """A backbone outside the built-in list is named 'package.module:name'; its module is imported."""
+    from dpdmd_jax import backbones
+    from dpdmd_jax.config import validate
+
+    c = smoke(**{"backbone": "dpdmd_jax.backbones.tiny:tiny_vp", "distill.target": "denoise", "data.kind": "random"})
+    validate(c)
+    assert type(backbones.get(c)).__name__ == "TinyVP"
+    with pytest.raises(ConfigError, match="backbone='nowhere.mod:x' is unknown"):
+        validate(smoke(backbone="nowhere.mod:x"))
+
+
 def test_data_rows_are_a_pure_function_of_seed_and_round():
     """Each process builds only its rows; any split of the batch gives the same data as the whole."""
     setup = trainer.build(smoke(**{"mesh.fsdp": 8}))

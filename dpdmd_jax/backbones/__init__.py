@@ -15,7 +15,8 @@ A backbone is one module with a class registered under a name:
         def latent_shape(self) -> tuple[int, int, int]: ...
         def cond_spec(self, batch) -> cond_type of jax.ShapeDtypeStruct: ...
 
-and `--config.backbone=my_dit` picks it (import its module first, or add it to `_BUILTIN`).
+and `--config.backbone=my_package.my_module:my_dit` imports the module and picks it (a built-in
+is named alone: `--config.backbone=mmdit`).
 `docs/DESIGN.md` ("Adding a backbone") walks through one.
 """
 
@@ -103,6 +104,10 @@ def names() -> tuple[str, ...]:
 
 
 def backbone_class(name: str):
+    """The registered class; "package.module:name" imports that module first (a user's backbone)."""
+    if ":" in name:
+        module, name = name.split(":", 1)
+        importlib.import_module(module)
     if name not in _REGISTRY and name in _BUILTIN:
         importlib.import_module(_BUILTIN[name])
     if name not in _REGISTRY:

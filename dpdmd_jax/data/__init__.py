@@ -23,10 +23,6 @@ class DataSource(Protocol):
     def round(self, r: int, rows: slice) -> RoundBatch: ...
 
 
-class DataError(ValueError):
-    """Bad data input (missing or empty prompt file, ...); the message says what to fix."""
-
-
 SOURCES = {
     "toy": "dpdmd_jax.data.toy:ToySource",  # the toy's class prompts
     "random": "dpdmd_jax.data.random:RandomSource",  # Gaussian conditionings of the backbone's shapes (tests)

@@ -51,7 +51,7 @@ TRAIN_COMMAND = (
     "python -m dpdmd_jax.toy.train_teacher --config=configs/toy_teacher.py --workdir=runs/toy_teacher"
 )
 
-# Evaluation protocol of the toy teacher (DESIGN.md: 30-step teacher on the shift-3 grid).
+# Evaluation protocol of the toy teacher (docs/DESIGN.md: 30-step teacher on the shift-3 grid).
 EVAL_STEPS = 30
 EVAL_SHIFT = 3.0
 
