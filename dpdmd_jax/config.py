@@ -11,7 +11,7 @@ import ml_collections
 
 from dpdmd_jax import backbones
 from dpdmd_jax.diffusion.flow import flow_match_sigmas
-from dpdmd_jax.parallel.mesh import DEFAULT_RULES
+from dpdmd_jax.parallel.mesh import DEFAULT_RULES, MESH_AXES
 
 SIMULATIONS = ("rollout", "backward")
 TARGETS = ("line", "denoise")
@@ -165,6 +165,12 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
         if o.lr <= 0 or o.weight_decay < 0 or o.grad_clip <= 0:
             p.append(f"optim.{name}: lr ({o.lr}) and grad_clip ({o.grad_clip}) must be > 0, weight_decay "
                      f"({o.weight_decay}) >= 0.")
+    for rule in c.mesh.rules:
+        ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+        targets = () if not ok or rule[1] is None else (rule[1],) if isinstance(rule[1], str) else tuple(rule[1])
+        if not ok or any(t not in MESH_AXES for t in targets):
+            p.append(f"mesh.rules entry {rule!r} must be (logical_axis, mesh_axis | None | (mesh_axes, ...)) with "
+                     f"mesh axes from {MESH_AXES}.")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
         if c[key] < 1:
             p.append(f"{key}={c[key]} must be >= 1.")

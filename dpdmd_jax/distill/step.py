@@ -132,15 +132,10 @@ class Distiller:
     def teacher_anchor(self, frozen: Frozen, eps: jax.Array, cond: Cond, uncond: Cond) -> tuple[jax.Array, jax.Array]:
         """z_tk after K guided ODE steps of the teacher grid from eps, and its level t_k."""
         k = self.c.distill.anchor_k
-        grid = jnp.asarray(self.teacher_grid)
-        teacher = jax.lax.stop_gradient(frozen.teacher)
-
-        def body(i, z):
-            p = self.guided_prediction(teacher, frozen.buffers, z, grid[i], cond, uncond, self.c.teacher.cfg_scale)
-            return self.schedule.teacher_step(z, p, grid[i], grid[i + 1])
-
-        z_tk = jax.lax.fori_loop(0, k, body, eps)
-        return jax.lax.stop_gradient(z_tk), grid[k]
+        teacher = self._predictor(jax.lax.stop_gradient(frozen.teacher), frozen.buffers)
+        z_tk = sampler.sample(teacher, self.schedule, eps, self.teacher_grid[: k + 1], cond, uncond,
+                              self.c.teacher.cfg_scale)
+        return jax.lax.stop_gradient(z_tk), jnp.asarray(self.teacher_grid[k])
 
     def diversity_target(self, frozen: Frozen, eps, cond: Cond, uncond: Cond) -> jax.Array:
         """The first step's target: a velocity ("line") or the teacher's x0 at z_tk ("denoise")."""
