@@ -4,9 +4,10 @@ Each measurement is a fresh child process (no persistent compilation cache, so c
 real) that builds the README's toy default (`configs/toy.py`, shipped teacher, batch 8, one CPU
 device as `python -m dpdmd_jax.main` uses), compiles one round with the tree's own public trainer
 API, runs one warm-up round and times `--rounds` more. Children of the two trees alternate
-(`--pairs` times), so machine noise hits both alike. Prints a table; results go in BENCHMARKS.md.
+(`--pairs` times), so machine noise hits both alike. Reports median and minimum round times and the
+FLOPs XLA counts in the compiled round (the same work on both sides). Results go in BENCHMARKS.md.
 
-  python -m benchmarks.engine_overhead --baseline d6f9ac5 [--pairs 3] [--rounds 10]
+  python -m benchmarks.engine_overhead --baseline d6f9ac5 [--pairs 4] [--rounds 20]
 
 The baseline is checked out with `git worktree` into a temporary folder (removed afterwards).
 """
@@ -52,7 +53,10 @@ def child(rounds: int) -> None:
         state, m = compiled(state, setup.frozen, b)
         jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"compile_s": t_compile, "round_s": statistics.median(times), "loss": float(m["loss"])}))
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    print(json.dumps({"compile_s": t_compile, "round_s": statistics.median(times), "round_min_s": min(times),
+                      "gflop": cost.get("flops", float("nan")) / 1e9, "loss": float(m["loss"])}))
 
 
 def run_child(tree: str, rounds: int) -> dict:
@@ -88,14 +92,19 @@ def main() -> None:
                     print(f"pair {i + 1}/{args.pairs} {name}: {res[name][-1]}", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", base], cwd=ROOT, capture_output=True)
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("compile_s", "round_s")} for n, rs in res.items()}
-    rows = [[n, f"{med[n]['compile_s']:.2f}", f"{1e3 * med[n]['round_s']:.1f}",
-             " ".join(f"{1e3 * r['round_s']:.0f}" for r in res[n])] for n in res]
-    rows.append(["ratio (this / baseline)", f"{med['this tree']['compile_s'] / med['baseline']['compile_s']:.3f}",
-                 f"{med['this tree']['round_s'] / med['baseline']['round_s']:.3f}", ""])
+    keys = ("compile_s", "round_s", "round_min_s", "gflop")
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in res.items()}
+    rows = [[n, f"{med[n]['compile_s']:.2f}", f"{1e3 * med[n]['round_s']:.1f}", f"{1e3 * med[n]['round_min_s']:.1f}",
+             f"{med[n]['gflop']:.3f}", " ".join(f"{1e3 * r['round_s']:.0f}" for r in res[n])] for n in res]
+    ratio = {k: med["this tree"][k] / med["baseline"][k] for k in keys}
+    rows.append(["ratio (this / baseline)", *(f"{ratio[k]:.3f}" for k in keys), ""])
+    # Paired ratios (child i of this tree against child i of the baseline, run next to each other).
+    paired = [a["round_s"] / b["round_s"] for a, b in zip(res["this tree"], res["baseline"])]
+    print(f"paired round ratios: {' '.join(f'{x:.3f}' for x in paired)} (median {statistics.median(paired):.3f})")
     print(f"\n{host()}; baseline {rev}; toy default round, batch 8, 1 CPU device; "
           f"median of {args.pairs} interleaved children x {args.rounds} rounds")
-    print(table(["tree", "compile (s)", "round (ms)", "per-child round medians (ms)"], rows))
+    print(table(["tree", "compile (s)", "round median (ms)", "round min (ms)", "GFLOP / round (XLA)",
+                 "per-child round medians (ms)"], rows))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from dpdmd_jax import backbones
+from dpdmd_jax import eval as eval_lib
 from dpdmd_jax.diffusion.flow import flow_match_sigmas
 from dpdmd_jax.parallel.mesh import DEFAULT_RULES, MESH_AXES
 
@@ -120,8 +121,6 @@ def apply_method_variant(c: ml_collections.ConfigDict, variant: str) -> bool:
 
 
 def _problems(c: ml_collections.ConfigDict) -> list[str]:
-    from dpdmd_jax import eval as eval_lib
-
     p = []
     try:
         schedule = backbones.backbone_class(c.backbone).schedule

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from dpdmd_jax.eval import image_grid
+from dpdmd_jax.parallel.mesh import replicated
 from dpdmd_jax.toy import metrics as toy_metrics
 from dpdmd_jax.toy.teacher import evaluate_sampler
 
@@ -27,8 +28,7 @@ class ToyGrid:
         key = jax.random.key(1235)  # stochastic (VP) student steps
         self.cols = seeds
         self.buffers = setup.frozen.buffers
-        self._sample = jax.jit(lambda p, b: d.sample(p, b, eps, cond, key),
-                               out_shardings=jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec()))
+        self._sample = jax.jit(lambda p, b: d.sample(p, b, eps, cond, key), out_shardings=replicated(setup.mesh))
 
     def grid(self, state: Any) -> np.ndarray:
         """[rows * H * 4, cols * W * 4, C] in [0, 1]."""
@@ -47,6 +47,8 @@ class ToyMetrics:
             "frechet_layout")
 
     def __init__(self, setup: Any, workdir: str, seeds_per_prompt: int = 9, repeats: int = 4):
+        if jax.process_count() > 1:
+            raise ValueError("the toy_metrics evaluator samples on one host: run the toy in one process")
         if seeds_per_prompt < 2:
             raise ValueError(f"seeds_per_prompt={seeds_per_prompt} must be >= 2 (diversity compares seeds)")
         self.setup, self.workdir = setup, workdir
