@@ -25,8 +25,9 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def child(rounds: int) -> None:
-    """Runs in the tree on PYTHONPATH; prints one JSON line."""
+def child(rounds: int, lockstep: bool = False) -> None:
+    """Runs in the tree on PYTHONPATH; prints one JSON line (lockstep: one "@@" line per round asked
+    for on stdin, after an "@@ready" line)."""
     import time
 
     import jax
@@ -46,6 +47,19 @@ def child(rounds: int) -> None:
     t_compile = time.perf_counter() - t0
     state, m = compiled(state, setup.frozen, b0)
     jax.block_until_ready(m)
+    if lockstep:
+        print(f"@@ready {t_compile}", flush=True)
+        r = 0
+        for line in sys.stdin:
+            if line.strip() != "go":
+                break
+            r += 1
+            b = batch(r)
+            t0 = time.perf_counter()
+            state, m = compiled(state, setup.frozen, b)
+            jax.block_until_ready((state, m))
+            print(f"@@{time.perf_counter() - t0}", flush=True)
+        return
     times = []
     for r in range(1, rounds + 1):
         b = batch(r)
@@ -67,15 +81,46 @@ def run_child(tree: str, rounds: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def lockstep(trees: dict[str, str], rounds: int) -> dict[str, list[float]]:
+    """Both trees' children alive at once, warmed up, running one round each in turn (the order
+    alternating every round), so that slow phases of the machine hit both alike."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    procs = {}
+    for name, tree in trees.items():  # compile one at a time: compiles would compete for the cores
+        procs[name] = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", "--lockstep"], cwd=tree,
+                                       env={**env, "PYTHONPATH": tree}, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        while not (line := procs[name].stdout.readline()).startswith("@@ready"):
+            if not line:
+                raise RuntimeError(f"{name} child ended before it was ready")
+    times = {name: [] for name in trees}
+    names = list(trees)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            procs[name].stdin.write("go\n")
+            procs[name].stdin.flush()
+            while not (line := procs[name].stdout.readline()).startswith("@@"):
+                pass
+            times[name].append(float(line[2:]))
+    for p in procs.values():
+        p.stdin.write("stop\n")
+        p.stdin.flush()
+        p.wait()
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", default="HEAD", help="git revision to compare against")
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--lockstep", action="store_true",
+                   help="one child per tree, both alive, alternating single rounds (--rounds of them)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.rounds)
+        child(args.rounds, args.lockstep)
         return
     from benchmarks.common import host, table
 
@@ -85,6 +130,17 @@ def main() -> None:
         base = os.path.join(tmp, "baseline")
         subprocess.run(["git", "worktree", "add", "--detach", base, rev], cwd=ROOT, check=True, capture_output=True)
         try:
+            if args.lockstep:
+                t = lockstep({"baseline": base, "this tree": ROOT}, args.rounds)
+                paired = [a / b for a, b in zip(t["this tree"], t["baseline"])]
+                print(f"\n{host()}; baseline {rev}; toy default round, batch 8, 1 CPU device; lockstep, "
+                      f"{args.rounds} alternating rounds")
+                print(table(["tree", "round median (ms)", "round min (ms)"],
+                            [[n, f"{1e3 * statistics.median(v):.1f}", f"{1e3 * min(v):.1f}"] for n, v in t.items()]))
+                print(f"ratio of medians {statistics.median(t['this tree']) / statistics.median(t['baseline']):.3f}, "
+                      f"of minima {min(t['this tree']) / min(t['baseline']):.3f}, median paired ratio "
+                      f"{statistics.median(paired):.3f}")
+                return
             res = {"baseline": [], "this tree": []}
             for i in range(args.pairs):
                 for name, tree in (("baseline", base), ("this tree", ROOT)):

@@ -202,16 +202,18 @@ def test_vp_backbone_trains_through_the_same_trainer(tmp_path):
     assert trainer.checkpoint_manager(str(tmp_path), c).latest_step() == 2
 
 
-def test_sequence_fields_are_settable_from_the_command_line():
+def test_sequence_fields_are_settable_from_the_command_line(monkeypatch):
     """Grids and rules are tuples, so ml_collections' flags can override them."""
     from absl import flags
     from ml_collections import config_flags
 
+    argv = ["prog", f"--config={REPO}/configs/toy.py:smoke", "--config.student.sigmas=(1.0, 0.5)",
+            "--config.student.timesteps=(999, 499)", "--config.mesh.rules=(('embed', None),)",
+            "--config.data.latent_size=(4, 4)"]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags registers the override flags it finds in argv
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
-    fv(["prog", f"--config={REPO}/configs/toy.py:smoke", "--config.student.sigmas=(1.0, 0.5)",
-        "--config.student.timesteps=(999, 499)", "--config.mesh.rules=(('embed', None),)",
-        "--config.data.latent_size=(4, 4)"])
+    fv(argv)
     c = fv.config
     assert tuple(c.student.sigmas) == (1.0, 0.5) and tuple(c.student.timesteps) == (999, 499)
     assert tuple(c.mesh.rules) == (("embed", None),) and tuple(c.data.latent_size) == (4, 4)
