@@ -38,12 +38,15 @@ def child(rounds: int, lockstep: bool = False) -> None:
     c = toy_config.get_config()
     setup = trainer.build(c)
     state, shardings = trainer.init_train_state(setup)
-    # The interface-based trainer builds each process's rows; the earlier one took host batches.
-    batch = (lambda r: trainer.round_batch(setup, r)) if hasattr(trainer, "round_batch") else (
+    # The interface-based trainer builds each process's rows and takes batch shapes from the
+    # backbone; the earlier one took host batches and an example batch.
+    new_api = hasattr(trainer, "round_batch")
+    batch = (lambda r: trainer.round_batch(setup, r)) if new_api else (
         lambda r: trainer.put_batch(setup.mesh, setup.data.round(r)))
     b0 = batch(0)
     t0 = time.perf_counter()
-    compiled = trainer.compile_round(setup, shardings, b0).lower(state, setup.frozen, b0).compile()
+    jitted = trainer.compile_round(setup, shardings) if new_api else trainer.compile_round(setup, shardings, b0)
+    compiled = jitted.lower(state, setup.frozen, b0).compile()
     t_compile = time.perf_counter() - t0
     state, m = compiled(state, setup.frozen, b0)
     jax.block_until_ready(m)

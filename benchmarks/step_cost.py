@@ -298,7 +298,7 @@ def measure_size(name: str, args, log) -> dict:
         gen_flops = add(f"generator update {tag}", jax.jit(dv.generator_update, donate_argnums=(0,)),
                         dv.generator_update, (holder["state"], frozen, cond_gen, uncond, key), calls_of(cv, "gen"),
                         True, extra=loop_extra(cv, "gen", unit))
-        add(f"round {tag} (lambda={lam:g})", trainer.compile_round(sv, state_sh, batch), None,
+        add(f"round {tag} (lambda={lam:g})", trainer.compile_round(sv, state_sh), None,
             (holder["state"], frozen, batch), calls_of(cv, "round"), True, flops=m * corrected["critic"] + gen_flops)
 
     repeats = args.repeats or {"toy": 5 if args.quick else 9, "mid": 1 if args.quick else 3}[name]

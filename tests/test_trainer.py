@@ -29,7 +29,7 @@ def smoke(**overrides):
 def run_rounds(c, devices, rounds=2):
     setup = trainer.build(c, devices=devices)
     state, shardings = trainer.init_train_state(setup)
-    fn = trainer.compile_round(setup, shardings, trainer.round_batch(setup, 0))
+    fn = trainer.compile_round(setup, shardings)
     history = []
     for r in range(rounds):
         state, metrics = fn(state, setup.frozen, trainer.round_batch(setup, r))

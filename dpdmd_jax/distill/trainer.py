@@ -138,11 +138,19 @@ def init_train_state(setup: Setup) -> tuple[step_lib.TrainState, step_lib.TrainS
     return jax.jit(make, out_shardings=shardings)(setup.frozen.teacher), shardings
 
 
-def compile_round(setup: Setup, state_sh, example_batch):
+def batch_spec(setup: Setup) -> step_lib.RoundBatch:
+    """Shapes of a round's global batch, from the backbone (no data is built)."""
+    c, spec = setup.config, setup.backbone.cond_spec(setup.config.batch_size)
+    rows = c.distill.fake_updates_per_student + 1
+    return step_lib.RoundBatch(cond=jax.tree.map(lambda s: jax.ShapeDtypeStruct((rows, *s.shape), s.dtype), spec),
+                               uncond=spec)
+
+
+def compile_round(setup: Setup, state_sh):
     frozen_sh = jax.tree.map(lambda x: x.sharding, setup.frozen)
     return jax.jit(
         setup.distiller.train_round,
-        in_shardings=(state_sh, frozen_sh, batch_shardings(setup.mesh, example_batch)),
+        in_shardings=(state_sh, frozen_sh, batch_shardings(setup.mesh, batch_spec(setup))),
         out_shardings=(state_sh, None),
         donate_argnums=(0,),
     )
@@ -334,7 +342,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_count() > 1:
         print(f"process {jax.process_index()}/{jax.process_count()} builds batch rows {rows.start}:{rows.stop} "
               f"of {c.batch_size}", flush=True)
-    round_fn = compile_round(setup, shardings, round_batch(setup, start))
+    round_fn = compile_round(setup, shardings)
     is_main = jax.process_index() == 0
     evaluators = eval_lib.make_evaluators(c, setup, workdir)
     writer = make_writer(workdir, start)
