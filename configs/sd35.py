@@ -6,11 +6,17 @@ Full-size run (TPU slice or 8-GPU node; batch 4 per device x 8 devices, bf16, 10
       --config.model.source=/ckpts/stable-diffusion-3.5-medium \
       --config.data.prompt_file=data/diffusiondb_prompts.txt
 
-Variants: `:k10` (the public code's anchor), `:dmd` (lambda_div = 0 baseline), `:backward`
-(DMD2-style simulation, far less memory), `:denoise` (x0 diversity target).
+`model.source` is the diffusers StableDiffusion3Pipeline folder: the transformer (teacher, and the
+initial student and fake score), the text encoders (CLIP-L, OpenCLIP-bigG, T5-XXL, sharded like the
+teacher) and the VAE (sample grids) all come from it. Prompts: `data.kind="prompts"` (a text file),
+`"diffusiondb"` (the TFDS builder in `dpdmd_jax.data.diffusiondb`, data.tfds_dir / data.manual_dir)
+or `"embeddings"` (a cache made by `python -m dpdmd_jax.data.embedding_cache`, no text encoders
+loaded).
 
-Prompts are encoded by the SD3 text encoders (CLIP-L, OpenCLIP-bigG, T5-XXL); until their ports
-land, this config stops up front with a message saying so (no weights are read before that).
+Variants: `:k10` (the public code's anchor), `:dmd` (lambda_div = 0 baseline), `:backward`
+(DMD2-style simulation, far less memory), `:denoise` (x0 diversity target), `:tiny` (the tiny
+random pipeline of `python -m dpdmd_jax.tools.tiny_pipeline DIR`: every code path in minutes on a
+CPU). Combine them with commas (`:tiny,dmd`).
 """
 
 from dpdmd_jax.config import apply_method_variant, base_config
@@ -35,9 +41,28 @@ def get_config(arg: str | None = None):
     c.distill.fake_updates_per_student = 5
     c.log_every = 10
     c.checkpoint_every = 100
-    # No evaluators yet: VAE-decoded sample grids and the diversity / quality evaluation come with
-    # the text-encoder and evaluation issues.
+    # VAE-decoded student samples: the first 4 prompts x 4 seeds, every 100 rounds.
+    c.evals.samples = dict(type="samples", every=100, num_prompts=4, seeds=4)
     for variant in filter(None, (arg or "").split(",")):
-        if not apply_method_variant(c, variant):
+        if variant == "tiny":
+            _tiny(c)
+        elif not apply_method_variant(c, variant):
             raise ValueError(f"unknown sd35 config variant {variant!r}; see the docstring of configs/sd35.py")
     return c
+
+
+def _tiny(c):
+    """The tiny random pipeline (dpdmd_jax.tools.tiny_pipeline) on a CPU: fp32, a few rounds."""
+    c.model.dtype = c.model.param_dtype = c.text.dtype = "float32"
+    c.model.scan_layers = False
+    c.model.remat_policy = "none"
+    c.text.max_sequence_length = 16
+    c.data.latent_size = (8, 8)
+    c.batch_size = 8
+    c.num_rounds = 4
+    c.teacher.steps = 6
+    c.distill.anchor_k = 2
+    c.distill.fake_updates_per_student = 1
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.evals.samples = dict(type="samples", every=2, num_prompts=2, seeds=2)

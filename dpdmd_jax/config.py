@@ -38,9 +38,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = "xla"
 
     c.data = ml_collections.ConfigDict()
-    c.data.kind = "prompts"  # "toy" | "random" | "prompts" (dpdmd_jax.data.SOURCES)
-    c.data.prompt_file = ""
+    c.data.kind = "prompts"  # toy | random | prompts | diffusiondb | embeddings (dpdmd_jax.data.SOURCES)
+    c.data.prompt_file = ""  # kind "prompts": a UTF-8 text file, one prompt per line
+    c.data.tfds_dir = ""  # kind "diffusiondb": TFDS data dir of the built dataset (dpdmd_jax.data.diffusiondb)
+    c.data.manual_dir = ""  # kind "diffusiondb": metadata.parquet / prompts.txt to build it from on first use
+    c.data.cache_dir = ""  # kind "embeddings": a cache written by `python -m dpdmd_jax.data.embedding_cache`
     c.data.latent_size = (128, 128)  # (H, W) of the latent; 1024^2 images for SD3 (VAE factor 8)
+
+    # The text encoders (prompt sources): tokenizers and encoders of the diffusers pipeline at
+    # `text.source` ("" = model.source, a pipeline root), sharded like the teacher.
+    c.text = ml_collections.ConfigDict()
+    c.text.source = ""
+    c.text.dtype = "bfloat16"
+    c.text.max_sequence_length = 256  # SD3: T5 tokens
+    c.text.use_t5 = True  # SD3: False = the pipeline without T5-XXL (zeros in its 256 positions)
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     # logical axis -> mesh axis (None: replicated), first match wins, as MaxText's logical_axis_rules.
@@ -170,6 +181,11 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
         if not ok or any(t not in MESH_AXES for t in targets):
             p.append(f"mesh.rules entry {rule!r} must be (logical_axis, mesh_axis | None | (mesh_axes, ...)) with "
                      f"mesh axes from {MESH_AXES}.")
+    if c.text.dtype not in ("float32", "bfloat16"):
+        p.append(f"text.dtype={c.text.dtype!r}; choose 'bfloat16' or 'float32' (T5 overflows in float16).")
+    if not isinstance(c.text.max_sequence_length, int) or not 1 <= c.text.max_sequence_length <= 512:
+        p.append(f"text.max_sequence_length={c.text.max_sequence_length!r} must be an integer in 1..512 "
+                 "(T5's tokens; SD3: 256).")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
         if c[key] < 1:
             p.append(f"{key}={c[key]} must be >= 1.")

@@ -42,3 +42,25 @@ def sd3_torch_kwargs(x: dict) -> dict:
         timestep=torch.from_numpy(x["timesteps"]),
         return_dict=False,
     )
+
+
+def copy_checkpoint(src, dst, weights_name: str, edit_tensors=None, edit_config=None) -> str:
+    """Copies a one-file model folder (config.json + `weights_name`) to `dst`, letting
+    `edit_tensors(dict)` / `edit_config(dict)` change it in place on the way (bad-input tests)."""
+    import json
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(dst, exist_ok=True)
+    tensors = load_file(os.path.join(src, weights_name))
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, os.path.join(dst, weights_name))
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    if edit_config:
+        edit_config(config)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    return str(dst)

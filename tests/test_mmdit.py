@@ -3,7 +3,6 @@ full-size parameter counts, and clear errors on bad checkpoints."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -16,7 +15,7 @@ from flax import nnx
 from dpdmd_jax.models.mmdit import PRESETS, MMDiT, MMDiTConfig
 from dpdmd_jax.weights.safetensors_io import CheckpointError
 from dpdmd_jax.weights.sd3 import load_mmdit, save_mmdit
-from tests.helpers import nhwc, rel_err, save_random_sd3, sd3_torch_kwargs
+from tests.helpers import copy_checkpoint, nhwc, rel_err, save_random_sd3, sd3_torch_kwargs
 
 # Three small configs that together cover every branch the acceptance list names.
 CONFIGS = {
@@ -175,18 +174,7 @@ def small_ckpt(tmp_path_factory):
 
 
 def _copy_with(src, dst, edit_tensors=None, edit_config=None):
-    from safetensors.torch import load_file, save_file
-
-    os.makedirs(dst, exist_ok=True)
-    tensors = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
-    if edit_tensors:
-        edit_tensors(tensors)
-    save_file(tensors, os.path.join(dst, "diffusion_pytorch_model.safetensors"))
-    config = json.load(open(os.path.join(src, "config.json")))
-    if edit_config:
-        edit_config(config)
-    json.dump(config, open(os.path.join(dst, "config.json"), "w"))
-    return dst
+    return copy_checkpoint(src, dst, "diffusion_pytorch_model.safetensors", edit_tensors, edit_config)
 
 
 def test_missing_key_is_named(small_ckpt, tmp_path):

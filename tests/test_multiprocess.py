@@ -1,6 +1,8 @@
 """Two processes on this machine (jax.distributed with the coordinator on localhost, CPU gloo
 collectives, 4 virtual devices each) train like one 8-device process, each building only its
-rows of the batch, and a SIGTERM to one of them stops both at the same saved round."""
+rows of the batch, and a SIGTERM to one of them stops both at the same saved round. One of them
+compiles the round 40 s later than the other (gloo gives up on a peer after 30 s), as a host with
+a cold compile cache or a busy CPU does."""
 
 from __future__ import annotations
 
@@ -21,6 +23,20 @@ from dpdmd_jax.distill import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS_COMPARED = 3
+COMPILE_DELAY_S = 40
+
+# Runs dpdmd_jax.main with the round's compile delayed by argv[1] seconds.
+SLOW_COMPILE_MAIN = """
+import runpy, sys, time
+from dpdmd_jax.parallel import multihost
+compile_, delay = multihost.SyncedJit.compile, float(sys.argv.pop(1))
+def slow(self, *args):
+    if self.name == "round" and not self._compiled:
+        time.sleep(delay)
+    return compile_(self, *args)
+multihost.SyncedJit.compile = slow
+runpy.run_module("dpdmd_jax.main", run_name="__main__", alter_sys=True)
+"""
 
 
 def _free_port() -> int:
@@ -34,11 +50,12 @@ def _metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-def _launch(workdir, port, process_id, *flags):
+def _launch(workdir, port, process_id, *flags, compile_delay_s=0):
     env = dict(os.environ)
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
-    cmd = [sys.executable, "-m", "dpdmd_jax.main", "--config=configs/toy.py:smoke", f"--workdir={workdir}",
+    cmd = [sys.executable, "-c", SLOW_COMPILE_MAIN, str(compile_delay_s), "--config=configs/toy.py:smoke",
+           f"--workdir={workdir}",
            f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={process_id}", *flags]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -51,7 +68,7 @@ def test_two_processes_train_like_one_and_stop_together(tmp_path):
 
     workdir, port = tmp_path / "two", _free_port()
     flags = ("--config.num_rounds=100000", "--config.checkpoint_every=100000")
-    procs = [_launch(workdir, port, i, *flags) for i in (0, 1)]
+    procs = [_launch(workdir, port, i, *flags, compile_delay_s=COMPILE_DELAY_S * i) for i in (0, 1)]
     try:
         t0 = time.time()
         while not (os.path.exists(workdir / "metrics.jsonl") and len(_metrics(workdir)) >= ROUNDS_COMPARED + 1):

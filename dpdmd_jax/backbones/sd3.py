@@ -21,7 +21,7 @@ from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig
 from dpdmd_jax.parallel import mesh as mesh_lib
 
 # CLIP's 77 tokens ++ T5's 256 (SD3's max_sequence_length), the pipeline's context length.
-SD3_CONTEXT_LEN = 77 + 256
+CLIP_LEN = 77
 
 
 def exec_overrides(c: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -51,12 +51,44 @@ class SD3Backbone:
 
         return read_config(resolve_folder(self.source))
 
+    @property
+    def pipeline_root(self) -> str:
+        """The diffusers pipeline folder the text encoders and the VAE come from."""
+        return self.c.text.source or self.source
+
     def check_source(self) -> list[str]:
-        """Cheap checks of `model.source`, before anything is loaded."""
-        if self.source in ("toy",) or self.source.startswith("random") or os.path.exists(self.source):
-            return []
-        return [f"model.source={self.source!r} does not exist; set --config.model.source to a diffusers "
-                "SD3/SD3.5 transformer/ folder (or the pipeline root that contains it)."]
+        """Cheap checks of `model.source` (and of the pipeline's text side when the data are
+        prompts), before anything is loaded."""
+        from dpdmd_jax.text.sd3 import check_pipeline
+
+        if not (self.source in ("toy",) or self.source.startswith("random") or os.path.exists(self.source)):
+            return [f"model.source={self.source!r} does not exist; set --config.model.source to a diffusers "
+                    "SD3/SD3.5 transformer/ folder (or the pipeline root that contains it)."]
+        if self.c.data.kind in ("prompts", "diffusiondb"):
+            if not os.path.isdir(self.pipeline_root):
+                return [f"the text encoders come from a diffusers pipeline folder, and {self.pipeline_root!r} is "
+                        "not one: set --config.model.source (or --config.text.source) to the pipeline root."]
+            return check_pipeline(self.pipeline_root, self.c.text.use_t5)
+        return []
+
+    def load_text_encoder(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES):
+        """CLIP-L, OpenCLIP-bigG and T5-XXL of the pipeline, sharded on `mesh` (`text.sd3`)."""
+        from dpdmd_jax.text.sd3 import load_sd3_text_encoder
+
+        t = self.c.text
+        return load_sd3_text_encoder(self.pipeline_root, mesh, rules, dtype=t.dtype,
+                                     max_sequence_length=t.max_sequence_length, use_t5=t.use_t5)
+
+    def load_vae(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES, dtype: str = "float32"):
+        from dpdmd_jax.weights.vae import load_vae
+
+        return load_vae(os.path.join(self.pipeline_root, "vae"), dtype=dtype, mesh=mesh, rules=rules)
+
+    def decode(self, vae, z: jax.Array) -> jax.Array:
+        """Latents (as the transformer sees them) -> images NHWC in [-1, 1]."""
+        from dpdmd_jax.models.vae import from_model_latent
+
+        return vae.decode(from_model_latent(vae.cfg, z))
 
     def load(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES) -> MMDiT:
         overrides = exec_overrides(self.c)
@@ -80,7 +112,7 @@ class SD3Backbone:
         return (*self.c.data.latent_size, self.arch.in_channels)
 
     def cond_spec(self, batch: int) -> backbones.SD3Cond:
-        length = SD3_CONTEXT_LEN
+        length = CLIP_LEN + self.c.text.max_sequence_length
         if self.source == "toy" or self.source.startswith("random"):
             from dpdmd_jax.toy.teacher import CONTEXT_LEN as length  # the toy "text encoder"'s tokens
         f32 = jax.numpy.float32

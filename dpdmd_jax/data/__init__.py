@@ -5,12 +5,18 @@ the global batch rows `rows` (a slice): conditionings [M + 1, len(rows), ...] fo
 updates and the generator update, and the unconditional conditioning [len(rows), ...]. A source
 is a pure function of (config.seed, r), so a resumed run replays the same data, and each process
 builds only the rows its devices hold (the trainer asks for exactly those).
+
+A source may also define `encode(global_batch) -> RoundBatch`, run on device once the rows of
+every process form global arrays: the text sources return token ids from `round` and encode them
+there, with the text encoders sharded over the mesh. `eval_cond(n)` gives the conditionings of
+the first n prompts (fixed sample grids).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from typing import Protocol
 
 import ml_collections
@@ -26,27 +32,70 @@ class DataSource(Protocol):
 SOURCES = {
     "toy": "dpdmd_jax.data.toy:ToySource",  # the toy's class prompts
     "random": "dpdmd_jax.data.random:RandomSource",  # Gaussian conditionings of the backbone's shapes (tests)
-    "prompts": None,  # a text file of prompts, through the text encoders (not ported yet)
+    "prompts": "dpdmd_jax.data:text_source",  # data.prompt_file: one prompt per line, through the text encoders
+    "diffusiondb": "dpdmd_jax.data:text_source",  # the DiffusionDB TFDS dataset (data.tfds_dir, data.manual_dir)
+    "embeddings": "dpdmd_jax.data.embedding_cache:EmbeddingSource",  # data.cache_dir, made by data.embedding_cache
 }
 
 
 def problems(c: ml_collections.ConfigDict) -> list[str]:
     """Cheap checks of the data config and inputs, one sentence each, before anything is loaded."""
+    from dpdmd_jax.data.prompts import PromptFileError, read_prompt_file
+
     if c.data.kind not in SOURCES:
         return [f"data.kind={c.data.kind!r}; choose one of {tuple(SOURCES)}."]
-    if c.data.kind != "prompts":
-        return []
-    if not c.data.prompt_file or not os.path.isfile(c.data.prompt_file):
-        return [f"data.prompt_file={c.data.prompt_file!r} does not exist; point it at a text file with one "
-                "prompt per line (--config.data.prompt_file=prompts.txt)."]
-    with open(c.data.prompt_file, encoding="utf-8") as f:
-        if not any(line.strip() for line in f):
-            return [f"data.prompt_file={c.data.prompt_file!r} holds no prompts."]
-    return ["data.kind='prompts' needs the SD3 text encoders (CLIP-L, OpenCLIP-bigG, T5-XXL) to turn prompts "
-            "into `context`/`pooled` embeddings, and they are not ported yet (tracked in the text-encoder "
-            "issue). Until then only the toy (--config=configs/toy.py) can train."]
+    if c.data.kind == "prompts":
+        if not c.data.prompt_file:
+            return ["data.kind='prompts' needs --config.data.prompt_file=FILE (one prompt per line)."]
+        try:
+            read_prompt_file(c.data.prompt_file)
+        except PromptFileError as e:
+            return [f"data.prompt_file: {e}; point it at a UTF-8 text file with one prompt per line."]
+    if c.data.kind == "diffusiondb":
+        from dpdmd_jax.data import diffusiondb
+
+        if not c.data.tfds_dir:
+            return ["data.kind='diffusiondb' needs --config.data.tfds_dir (where the TFDS dataset is, or is built)."]
+        if not diffusiondb.is_prepared(c.data.tfds_dir):
+            manual = c.data.manual_dir
+            if not manual or not os.path.isdir(manual):
+                how = diffusiondb.DiffusionDbPrompts.MANUAL_DOWNLOAD_INSTRUCTIONS
+                return [f"the DiffusionDB prompts are not built in data.tfds_dir={c.data.tfds_dir!r} and "
+                        f"data.manual_dir={manual!r} is not a folder; {how}"]
+    if c.data.kind == "embeddings":
+        from dpdmd_jax.data.embedding_cache import read_meta
+
+        try:
+            read_meta(c.data.cache_dir)
+        except FileNotFoundError as e:
+            return [f"data.cache_dir: {e}"]
+    return []
 
 
-def make_source(c: ml_collections.ConfigDict, backbone: Backbone) -> DataSource:
+def prompt_sequence(c: ml_collections.ConfigDict) -> Sequence[str]:
+    """The prompts of a text source (`prompts` or `diffusiondb`), as a random-access sequence."""
+    if c.data.kind == "prompts":
+        from dpdmd_jax.data.prompts import text_file_prompts
+
+        return text_file_prompts(c)
+    if c.data.kind == "diffusiondb":
+        from dpdmd_jax.data import diffusiondb
+
+        if not diffusiondb.is_prepared(c.data.tfds_dir):
+            diffusiondb.prepare(c.data.tfds_dir, c.data.manual_dir)
+        return diffusiondb.Prompts(c.data.tfds_dir)
+    raise ValueError(f"data.kind={c.data.kind!r} has no prompts (choose 'prompts' or 'diffusiondb')")
+
+
+def text_source(c: ml_collections.ConfigDict, backbone: Backbone, mesh, rules):
+    from dpdmd_jax.data.prompts import TextSource
+
+    if not hasattr(backbone, "load_text_encoder"):
+        raise ValueError(f"backbone {c.backbone!r} has no text encoders; data.kind={c.data.kind!r} needs them")
+    prompts = prompt_sequence(c)
+    return TextSource(c, prompts, backbone.load_text_encoder(mesh, rules), mesh)
+
+
+def make_source(c: ml_collections.ConfigDict, backbone: Backbone, mesh, rules) -> DataSource:
     module, name = SOURCES[c.data.kind].split(":")
-    return getattr(importlib.import_module(module), name)(c, backbone)
+    return getattr(importlib.import_module(module), name)(c, backbone, mesh, rules)

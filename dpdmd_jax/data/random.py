@@ -12,7 +12,7 @@ from dpdmd_jax.distill.step import RoundBatch
 
 
 class RandomSource:
-    def __init__(self, c: ml_collections.ConfigDict, backbone: backbones.Backbone):
+    def __init__(self, c: ml_collections.ConfigDict, backbone: backbones.Backbone, mesh=None, rules=None):
         self.seed, self.batch = c.seed, c.batch_size
         self.rows = c.distill.fake_updates_per_student + 1
         self.spec = backbone.cond_spec(self.batch)

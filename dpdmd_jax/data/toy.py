@@ -14,7 +14,7 @@ class ToySource:
     """Class-conditioned toy prompts embedded by the toy's fixed "text encoder"
     (`toy.data.class_embedding`); the unconditional branch is its NULL class (zeros)."""
 
-    def __init__(self, c: ml_collections.ConfigDict, backbone: backbones.Backbone):
+    def __init__(self, c: ml_collections.ConfigDict, backbone: backbones.Backbone, mesh=None, rules=None):
         if backbone.cond_type is not backbones.SD3Cond:
             raise ValueError(f"the toy data source makes SD3-shaped conditioning; backbone {c.backbone!r} "
                              f"takes {backbone.cond_type.__name__}")

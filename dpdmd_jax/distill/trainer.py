@@ -33,6 +33,7 @@ from dpdmd_jax import data as data_lib
 from dpdmd_jax import eval as eval_lib
 from dpdmd_jax.distill import step as step_lib
 from dpdmd_jax.parallel import mesh as mesh_lib
+from dpdmd_jax.parallel.multihost import SyncedJit
 
 
 class TrainingError(RuntimeError):
@@ -76,7 +77,7 @@ def build(c: ml_collections.ConfigDict, devices=None) -> Setup:
     teacher = backbone.load(mesh, mesh_rules(c))
     graphdef, params, buffers = nnx.split(teacher, nnx.Param, ...)
     distiller = step_lib.Distiller(c, backbone, graphdef)
-    data = data_lib.make_source(c, backbone)
+    data = data_lib.make_source(c, backbone, mesh, mesh_rules(c))
     return Setup(c, mesh, backbone, distiller, step_lib.Frozen(teacher=params, buffers=buffers), teacher, data)
 
 
@@ -127,15 +128,18 @@ def put_batch(setup: Setup, local: step_lib.RoundBatch) -> step_lib.RoundBatch:
 
 
 def round_batch(setup: Setup, r: int) -> step_lib.RoundBatch:
-    """Round r's global batch, of which this process built only its own rows."""
-    return put_batch(setup, setup.data.round(r, local_rows(setup)))
+    """Round r's global batch, of which this process built only its own rows (then encoded on
+    device, for sources that return token ids)."""
+    batch = put_batch(setup, setup.data.round(r, local_rows(setup)))
+    encode = getattr(setup.data, "encode", None)
+    return encode(batch) if encode is not None else batch
 
 
 def init_train_state(setup: Setup) -> tuple[step_lib.TrainState, step_lib.TrainState]:
     """(state, shardings): student and fake copied from the teacher directly on their shardings."""
     make = lambda teacher: step_lib.init_state(setup.distiller, teacher, setup.config.seed)
     shardings = state_shardings(setup, jax.eval_shape(make, setup.frozen.teacher))
-    return jax.jit(make, out_shardings=shardings)(setup.frozen.teacher), shardings
+    return SyncedJit(make, "init_state", out_shardings=shardings)(setup.frozen.teacher), shardings
 
 
 def batch_spec(setup: Setup) -> step_lib.RoundBatch:
@@ -146,10 +150,12 @@ def batch_spec(setup: Setup) -> step_lib.RoundBatch:
                                uncond=spec)
 
 
-def compile_round(setup: Setup, state_sh):
+def compile_round(setup: Setup, state_sh) -> SyncedJit:
+    """The jitted round; on several processes its first call also waits for every host's compile."""
     frozen_sh = jax.tree.map(lambda x: x.sharding, setup.frozen)
-    return jax.jit(
+    return SyncedJit(
         setup.distiller.train_round,
+        "round",
         in_shardings=(state_sh, frozen_sh, batch_shardings(setup.mesh, batch_spec(setup))),
         out_shardings=(state_sh, None),
         donate_argnums=(0,),

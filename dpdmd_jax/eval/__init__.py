@@ -22,6 +22,7 @@ import numpy as np
 EVALUATORS = {
     "toy_grid": "dpdmd_jax.eval.toy:ToyGrid",  # student sample grid (6 classes x 8 seeds) to TensorBoard
     "toy_metrics": "dpdmd_jax.eval.toy:ToyMetrics",  # analytic toy metrics, student vs teacher, summary.json
+    "samples": "dpdmd_jax.eval.samples:SampleGrid",  # VAE-decoded student samples, fixed prompts x seeds
 }
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 
 from dpdmd_jax.eval import image_grid
 from dpdmd_jax.parallel.mesh import replicated
+from dpdmd_jax.parallel.multihost import SyncedJit
 from dpdmd_jax.toy import metrics as toy_metrics
 from dpdmd_jax.toy.teacher import evaluate_sampler
 
@@ -28,7 +29,8 @@ class ToyGrid:
         key = jax.random.key(1235)  # stochastic (VP) student steps
         self.cols = seeds
         self.buffers = setup.frozen.buffers
-        self._sample = jax.jit(lambda p, b: d.sample(p, b, eps, cond, key), out_shardings=replicated(setup.mesh))
+        self._sample = SyncedJit(lambda p, b: d.sample(p, b, eps, cond, key), "toy_grid",
+                                 out_shardings=replicated(setup.mesh))
 
     def grid(self, state: Any) -> np.ndarray:
         """[rows * H * 4, cols * W * 4, C] in [0, 1]."""

@@ -138,8 +138,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_divisor(mesh: Mesh) -> int:
+    """Global batches are split over this many devices (data x fsdp)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch(mesh: Mesh, x: np.ndarray) -> jax.Array:
+    """A host array that every process holds whole -> a global array sharded on its leading axis
+    (which must divide by `batch_divisor`); each device takes its rows."""
+    sharding = batch_sharding(mesh, np.ndim(x))
+    return jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index])
+
+
 def check_batch_divisible(batch: int, mesh: Mesh, what: str = "batch") -> None:
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    n = batch_divisor(mesh)
     if batch % n:
         raise ValueError(
             f"{what}={batch} is not divisible by the data x fsdp mesh size {n} "

@@ -10,7 +10,9 @@ and `device_put` straight onto its sharding, so host memory peaks near one copy 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import json
+import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -19,7 +21,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from dpdmd_jax.weights.safetensors_io import CheckpointError, TensorInfo, read_tensor
+from dpdmd_jax.parallel.mesh import DEFAULT_RULES, state_shardings
+from dpdmd_jax.weights.safetensors_io import CheckpointError, TensorInfo, index_checkpoint, read_tensor, write_file
 
 Path = tuple[Any, ...]
 
@@ -141,3 +144,74 @@ def checkpoint_shapes(state: nnx.State, sources: dict[Path, Source], dtype: Any 
         for key in src.keys:
             out[key] = (tuple(src.shape), dt)
     return out
+
+
+# ---------------------------------------------------------------------------- whole folders
+
+
+def read_folder_config(folder: str, class_names: Iterable[str], what: str) -> dict:
+    """The `config.json` of a diffusers/transformers model folder, checked to describe one of
+    `class_names` (its `_class_name` or `architectures`, when present)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder}: no config.json; expected a {what} folder")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    names = set(class_names)
+    declared = [raw["_class_name"]] if "_class_name" in raw else list(raw.get("architectures") or [])
+    if declared and not names.intersection(declared):
+        raise CheckpointError(f"{path} describes a {'/'.join(declared)}, not a {what} ({' or '.join(sorted(names))})")
+    return raw
+
+
+def load_module(
+    abstract_model: nnx.Module,
+    key_map: Callable[[nnx.State], dict[Path, Source]],
+    folder: str,
+    *,
+    prefix: str,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=DEFAULT_RULES,
+    progress: bool = True,
+    tensors: dict[str, TensorInfo] | None = None,
+    ignore: Iterable[str] = (),
+) -> nnx.Module:
+    """Fills `abstract_model` (from `nnx.eval_shape`) from the safetensors of `folder` (one file or
+    an indexed set named `prefix`; or `tensors`, its already-read index), each leaf placed on its
+    sharding on `mesh` (else device 0). Checkpoint keys in `ignore` (buffers that are not
+    parameters) are dropped; every other key is validated."""
+    graphdef, abstract = nnx.split(abstract_model)
+    tensors = index_checkpoint(folder, prefix) if tensors is None else tensors
+    tensors = {k: v for k, v in tensors.items() if k not in set(ignore)}
+    shardings = state_shardings(abstract, mesh, rules) if mesh is not None else jax.devices()[0]
+    state = load_state(abstract, key_map(abstract), tensors, shardings, folder, progress=progress)
+    return nnx.merge(graphdef, state)
+
+
+def save_module(
+    model: nnx.Module,
+    key_map: Callable[[nnx.State], dict[Path, Source]],
+    out_dir: str | os.PathLike,
+    *,
+    weights_name: str,
+    config: dict,
+    dtype: Any = None,
+    overwrite: bool = False,
+) -> str:
+    """Writes `model` as a reference-loadable folder: `config.json` + one `weights_name` file.
+    Refuses to overwrite existing weights unless asked."""
+    out_dir = os.fspath(out_dir)
+    weights = os.path.join(out_dir, weights_name)
+    if os.path.exists(weights) and not overwrite:
+        raise FileExistsError(f"{weights} exists; pass overwrite=True or choose another folder")
+    os.makedirs(out_dir, exist_ok=True)
+    state = nnx.state(model)
+    sources = key_map(state)
+    np_dtype = None if dtype is None else np.dtype(jax.numpy.dtype(dtype))
+    write_file(weights, export_tensors(state, sources, np_dtype), checkpoint_shapes(state, sources, np_dtype))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return out_dir

@@ -7,21 +7,18 @@ the time/text embedders sit at the top level, `to_out.0` is `to_out`, the feed-f
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig
-from dpdmd_jax.parallel.mesh import DEFAULT_RULES, state_shardings
+from dpdmd_jax.parallel.mesh import DEFAULT_RULES
 from dpdmd_jax.weights import loader
-from dpdmd_jax.weights.safetensors_io import CheckpointError, index_checkpoint, write_file
+from dpdmd_jax.weights.pipeline import component_folder, resolve_pipeline
+from dpdmd_jax.weights.safetensors_io import CheckpointError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -89,30 +86,15 @@ def resolve_folder(path: str | os.PathLike) -> str:
     hub snapshot (only if `path` is not a local directory and the hub is reachable)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-            from huggingface_hub import snapshot_download
-
-            try:
-                root = snapshot_download(path, allow_patterns=["transformer/*"])
-            except Exception as e:  # offline, unknown repo, gated...
-                raise CheckpointError(
-                    f"{path!r} is not a local folder and could not be fetched from the hub ({type(e).__name__}: {e}). "
-                    "Pass the path of a local diffusers transformer/ folder."
-                ) from e
-            return os.path.join(root, "transformer")
-        raise CheckpointError(f"checkpoint path {path!r} does not exist")
-    if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "transformer")):
-        path = os.path.join(path, "transformer")
+        path = resolve_pipeline(path, ["transformer"])
+    path = component_folder(path, "transformer")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path}: no config.json; expected a diffusers SD3Transformer2DModel folder")
     return path
 
 
 def read_config(folder: str, **overrides: Any) -> MMDiTConfig:
-    with open(os.path.join(folder, "config.json")) as f:
-        raw = json.load(f)
-    if raw.get("_class_name") not in (None, "SD3Transformer2DModel"):
-        raise CheckpointError(f"{folder}/config.json describes a {raw['_class_name']}, not an SD3Transformer2DModel")
+    raw = loader.read_folder_config(folder, ("SD3Transformer2DModel",), "diffusers SD3Transformer2DModel")
     try:
         return MMDiTConfig.from_diffusers(raw, **overrides)
     except (TypeError, ValueError) as e:
@@ -157,26 +139,13 @@ def load_mmdit(
                 f"{folder}/config.json does not match the requested architecture: "
                 + ", ".join(f"{k}: expected {a}, checkpoint has {b}" for k, (a, b) in diff.items())
             )
-    tensors = index_checkpoint(folder)
-    graphdef, abstract = abstract_mmdit(cfg)
-    shardings = state_shardings(abstract, mesh, rules) if mesh is not None else jax.devices()[0]
-    state = loader.load_state(abstract, key_map(cfg, abstract), tensors, shardings, folder, progress=progress)
-    return nnx.merge(graphdef, state)
+    abstract = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0)))
+    return loader.load_module(abstract, lambda st: key_map(cfg, st), folder, prefix="diffusion_pytorch_model",
+                              mesh=mesh, rules=rules, progress=progress)
 
 
 def save_mmdit(model: MMDiT, out_dir: str | os.PathLike, *, dtype: str | None = None, overwrite: bool = False) -> str:
     """Writes `model` as a diffusers transformer folder (config.json + one safetensors file) that
     `SD3Transformer2DModel.from_pretrained(out_dir)` loads. Refuses to overwrite unless asked."""
-    out_dir = os.fspath(out_dir)
-    weights = os.path.join(out_dir, WEIGHTS_NAME)
-    if os.path.exists(weights) and not overwrite:
-        raise FileExistsError(f"{weights} exists; pass overwrite=True or choose another folder")
-    os.makedirs(out_dir, exist_ok=True)
-    state = nnx.state(model)
-    sources = key_map(model.cfg, state)
-    np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
-    shapes = loader.checkpoint_shapes(state, sources, np_dtype)
-    write_file(weights, loader.export_tensors(state, sources, np_dtype), shapes)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(model.cfg.to_diffusers(), f, indent=2)
-    return out_dir
+    return loader.save_module(model, lambda st: key_map(model.cfg, st), out_dir, weights_name=WEIGHTS_NAME,
+                              config=model.cfg.to_diffusers(), dtype=dtype, overwrite=overwrite)

@@ -1,0 +1,145 @@
+"""A tiny random `StableDiffusion3Pipeline` folder, built offline (no hub): tokenizers from a small
+vocabulary written here, random CLIP-L / bigG / T5 / transformer / VAE of a few thousand
+parameters each. It exercises every code path of the real pipeline in seconds; the tests train on
+it, and a user can try the SD3.5 config end to end with it:
+
+  python -m dpdmd_jax.tools.tiny_pipeline /tmp/tiny_sd3
+  python -m dpdmd_jax.main --config=configs/sd35.py:tiny --workdir=/tmp/run \
+      --config.model.source=/tmp/tiny_sd3 --config.data.prompt_file=prompts.txt
+
+Needs torch, diffusers and transformers (requirements-dev.txt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import sys
+
+WORDS = ("the", "a", "and", "of", "cat", "dog", "on", "in", "sea", "red", "blue", "house", "photo", "night")
+CLIP_HIDDEN = (16, 16)  # CLIP-L, bigG: their sum must not exceed T5's d_model (the pipeline pads to it)
+T5_D_MODEL = 32
+PROJECTION = 8
+LATENT_CHANNELS = 16
+
+
+def write_clip_vocab(folder: str) -> None:
+    """A byte-level BPE vocabulary (vocab.json + merges.txt) in CLIP's format: "!" is id 0 (bigG's
+    pad), the end-of-text token is the largest id (CLIP-L's legacy pooling takes argmax(ids))."""
+    chars = list(string.ascii_lowercase + string.digits + ".,'!-")
+    tokens = ["!"] + [c for c in chars if c != "!"] + [c + "</w>" for c in chars]
+    merges = []
+    for w in WORDS:  # merge each word left to right, so common words are one token
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1]] + parts[2:]
+            if parts[0] not in tokens:
+                tokens.append(parts[0])
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+
+
+def clip_tokenizer(folder: str, pad_token: str):
+    from transformers import CLIPTokenizer
+
+    write_clip_vocab(folder)
+    # model_max_length 77: the pipeline takes its CLIP length from it (the default 1e30 overflows)
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                         model_max_length=77, pad_token=pad_token)
+
+
+def t5_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_lowercase + string.digits + ".,'!-"]
+    pieces += [("▁" + w, -1.0) for w in WORDS]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.normalizer = normalizers.Lowercase()
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
+
+
+def _perturb(module, seed: int, scale: float = 0.05):
+    """Random init plus noise on every parameter, so zero / one initialised ones are exercised."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def build_pipeline(work: str, seed: int = 0):
+    """The tiny pipeline object (tokenizer files go under `work`)."""
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok_l = clip_tokenizer(os.path.join(work, "clip_vocab_l"), pad_token="<|endoftext|>")
+    tok_g = clip_tokenizer(os.path.join(work, "clip_vocab_g"), pad_token="!")
+    tok_t5 = t5_tokenizer()
+    vocab, eos = len(tok_l), tok_l.eos_token_id
+
+    def clip(hidden, layers, act, eos_token_id, s):
+        cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                             projection_dim=PROJECTION, num_hidden_layers=layers, num_attention_heads=2,
+                             max_position_embeddings=77, hidden_act=act, bos_token_id=vocab - 2,
+                             eos_token_id=eos_token_id, pad_token_id=1)
+        return _perturb(CLIPTextModelWithProjection(cfg), s)
+
+    text_encoder = clip(CLIP_HIDDEN[0], 2, "quick_gelu", 2, seed + 1)  # SD3's CLIP-L: legacy eos_token_id 2
+    text_encoder_2 = clip(CLIP_HIDDEN[1], 3, "gelu", eos, seed + 2)  # bigG: pools at the real EOS id
+    t5 = _perturb(T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=T5_D_MODEL, d_kv=8, d_ff=48, num_layers=2,
+                                          num_heads=4, relative_attention_num_buckets=8,
+                                          relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
+                                          is_encoder_decoder=False, use_cache=False)), seed + 3)
+    transformer = _perturb(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=T5_D_MODEL, caption_projection_dim=16,
+        pooled_projection_dim=2 * PROJECTION, out_channels=LATENT_CHANNELS, pos_embed_max_size=8,
+        dual_attention_layers=(0,), qk_norm="rms_norm"), seed + 4)
+    vae = _perturb(AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=LATENT_CHANNELS, norm_num_groups=4, scaling_factor=1.5305, shift_factor=0.0609,
+        use_quant_conv=False, use_post_quant_conv=False), seed + 5, scale=0.02)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tok_l, text_encoder_2=text_encoder_2, tokenizer_2=tok_g,
+        text_encoder_3=t5, tokenizer_3=tok_t5)
+
+
+def make_tiny_pipeline(out: str, seed: int = 0):
+    """Writes the tiny pipeline to `out` (which must not exist yet); returns the pipeline object."""
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"{out} exists and is not empty")
+    os.makedirs(out, exist_ok=True)
+    work = os.path.join(out, ".vocab")
+    pipe = build_pipeline(work, seed)
+    pipe.save_pretrained(out, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(work)
+    return pipe
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m dpdmd_jax.tools.tiny_pipeline OUT_DIR")
+    make_tiny_pipeline(sys.argv[1])
+    print(f"wrote a tiny random StableDiffusion3Pipeline to {sys.argv[1]}")

@@ -1,0 +1,216 @@
+"""The real SD3.5 path on a tiny random pipeline (`dpdmd_jax.tools.tiny_pipeline`): prompt
+embeddings equal `StableDiffusion3Pipeline.encode_prompt`; `configs/sd35.py` trains from a prompt
+file (CLI), the DiffusionDB builder and an embedding cache, checkpoints, resumes and writes
+VAE-decoded grids; bad inputs stop with one clear message before anything is compiled."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from configs import sd35 as sd35_config
+from dpdmd_jax.config import ConfigError, override
+from dpdmd_jax.distill import trainer
+from dpdmd_jax.parallel.mesh import make_mesh
+from dpdmd_jax.text.sd3 import load_sd3_text_encoder
+from dpdmd_jax.tools.tiny_pipeline import make_tiny_pipeline
+from tests.helpers import rel_err
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LONG = "a red house at night on the sea " * 40  # > 77 CLIP and > 256 T5 tokens
+PROMPTS = ["the cat on the sea", "photo of a blue house", LONG, "dog", "the red dog in the house",
+           "a cat and a dog", "blue sea at night", "photo of the sea"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tiny_sd3") / "pipe")
+    return root, make_tiny_pipeline(root)
+
+
+def _prompt_file(folder, lines: list[bytes]) -> str:
+    path = os.path.join(folder, "prompts.txt")
+    with open(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    return path
+
+
+def tiny_config(root: str, **overrides):
+    c = sd35_config.get_config("tiny")
+    return override(c, {"model.source": root, **overrides})
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _image_tags(workdir) -> set[str]:
+    from tensorboard.backend.event_processing import event_accumulator
+
+    tags = set()
+    for f in glob.glob(os.path.join(workdir, "tb", "events.*")):
+        acc = event_accumulator.EventAccumulator(f, size_guidance={"tensors": 0})
+        acc.Reload()
+        tags |= {t for t in acc.Tags()["tensors"] if acc.Tensors(t)[0].tensor_proto.dtype == 7}  # DT_STRING: images
+    return tags
+
+
+# ---------------------------------------------------------------------------- encoding parity
+
+
+def test_prompt_embeddings_match_encode_prompt(tiny):
+    root, pipe = tiny
+    with torch.no_grad():
+        ctx, neg_ctx, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True,
+                                                              max_sequence_length=256)
+    single = load_sd3_text_encoder(root, make_mesh(fsdp=1, devices=jax.devices()[:1]), dtype="float32",
+                                   progress=False)
+    ours = single.encode(PROMPTS)
+    empty = jax.device_get(single.empty())
+    for name, a, b in [("context", ours.context, ctx), ("pooled", ours.pooled, pooled),
+                       ("negative context", np.broadcast_to(empty.context, neg_ctx.shape), neg_ctx),
+                       ("negative pooled", np.broadcast_to(empty.pooled, neg_pooled.shape), neg_pooled)]:
+        err = rel_err(a, b.numpy())
+        print(f"{name}: rel {err:.2e}, max abs {np.abs(np.asarray(a) - b.numpy()).max():.2e}")
+        assert np.shape(a) == tuple(b.shape) and err <= 1e-5, name
+    # the long prompt was truncated by every tokenizer, as the pipeline does; the others were not
+    _, truncated = single.tokenize(PROMPTS)
+    assert truncated.tolist() == [p == LONG for p in PROMPTS]
+
+    # Sharded over 8 devices (every encoder weight split on fsdp) gives the same embeddings.
+    sharded = load_sd3_text_encoder(root, make_mesh(fsdp=8), dtype="float32", progress=False)
+    specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(sharded.params) if leaf.ndim == 2}
+    assert any("fsdp" in s for s in specs)
+    got = sharded.encode(PROMPTS)
+    np.testing.assert_allclose(got.context, ours.context, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got.pooled, ours.pooled, rtol=1e-6, atol=1e-6)
+
+    bf16 = load_sd3_text_encoder(root, make_mesh(fsdp=1, devices=jax.devices()[:1]), dtype="bfloat16",
+                                 progress=False).encode(PROMPTS)
+    assert np.isfinite(bf16.context).all() and rel_err(bf16.context, ctx.numpy()) <= 3e-2
+
+
+# ---------------------------------------------------------------------------- training end to end
+
+
+def test_sd35_config_trains_from_a_prompt_file_and_resumes(tiny, tmp_path):
+    root, _ = tiny
+    prompts = _prompt_file(tmp_path, [p.encode() for p in PROMPTS[:4]] + [b"caf\xe9 on the sea", LONG.encode()])
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dpdmd_jax.main", "--config=configs/sd35.py:tiny", f"--workdir={workdir}",
+           f"--config.model.source={root}", f"--config.data.prompt_file={prompts}", "--config.num_rounds=2"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "skipped 1 lines that are not valid UTF-8; 5 prompts remain" in out.stdout
+    assert "were truncated" in out.stderr  # the over-long prompt, counted in the log
+    assert [m["step"] for m in _metrics(workdir)] == [1, 2]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    assert "student_samples" in _image_tags(workdir)  # the VAE-decoded grid of round 2
+
+    # Resume to round 3 in this process: continues from the checkpoint, writes only round 3.
+    c = tiny_config(root, **{"data.prompt_file": prompts, "num_rounds": 3})
+    trainer.train(c, str(workdir))
+    logged = _metrics(workdir)
+    assert [m["step"] for m in logged] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in logged)
+
+
+@pytest.fixture(scope="module")
+def diffusiondb_run(tiny, tmp_path_factory):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, _ = tiny
+    base = tmp_path_factory.mktemp("ddb")
+    manual = base / "manual"
+    manual.mkdir()
+    rows = PROMPTS[:5] + PROMPTS[:3] + [None, "  "]  # repeats, a null and a blank, as in metadata.parquet
+    pq.write_table(pa.table({"prompt": rows, "seed": list(range(len(rows)))}), manual / "metadata.parquet")
+    c = tiny_config(root, **{"data.kind": "diffusiondb", "data.tfds_dir": str(base / "tfds"),
+                             "data.manual_dir": str(manual), "num_rounds": 2, "evals": {}})
+    workdir = base / "run"
+    trainer.train(c, str(workdir))
+    return c, _metrics(workdir)
+
+
+def test_diffusiondb_builder_keeps_distinct_prompts_and_trains(diffusiondb_run):
+    from dpdmd_jax.data import diffusiondb
+
+    c, logged = diffusiondb_run
+    assert sorted(diffusiondb.Prompts(c.data.tfds_dir)) == sorted(p.strip() for p in PROMPTS[:5])
+    assert [m["step"] for m in logged] == [1, 2] and all(np.isfinite(m["loss"]) for m in logged)
+
+
+def test_embedding_cache_trains_like_the_encoders_without_loading_them(diffusiondb_run, tmp_path, monkeypatch):
+    from dpdmd_jax.backbones.sd3 import SD3Backbone
+    from dpdmd_jax.data import embedding_cache, prompt_sequence
+
+    c, logged = diffusiondb_run
+    cache = str(tmp_path / "cache")
+    setup_text = load_sd3_text_encoder(c.model.source, make_mesh(), dtype=c.text.dtype, progress=False,
+                                       max_sequence_length=c.text.max_sequence_length)
+    from dpdmd_jax.backbones import SD3Cond
+
+    embedding_cache.write_cache(cache, prompt_sequence(c), setup_text, SD3Cond, meta={}, batch=8, dtype="float32")
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        embedding_cache.write_cache(cache, prompt_sequence(c), setup_text, SD3Cond, meta={}, batch=8)
+
+    def no_text(*a, **k):
+        raise AssertionError("the embedding source must not load the text encoders")
+
+    monkeypatch.setattr(SD3Backbone, "load_text_encoder", no_text)
+    cached = override(c.copy_and_resolve_references(), {"data.kind": "embeddings", "data.cache_dir": cache})
+    workdir = tmp_path / "run"
+    trainer.train(cached, str(workdir))
+    for a, b in zip(_metrics(workdir), logged, strict=True):  # same prompts, same order, same numbers
+        for k in ("loss", "loss_dmd", "loss_div", "loss_fake"):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=k)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _copy_without(root, tmp_path, component):
+    dst = str(tmp_path / "broken")
+    shutil.copytree(root, dst)
+    shutil.rmtree(os.path.join(dst, component))
+    return dst
+
+
+def test_bad_pipeline_and_prompt_inputs_are_reported_before_loading(tiny, tmp_path, monkeypatch):
+    root, _ = tiny
+    prompts = _prompt_file(tmp_path, [b"a cat"])
+    loaded = []
+    monkeypatch.setattr("dpdmd_jax.weights.loader.load_state", lambda *a, **k: loaded.append(a) or 1 / 0)
+
+    broken = _copy_without(root, tmp_path, "text_encoder_2")
+    with pytest.raises(ConfigError, match="has no text_encoder_2/ folder"):
+        trainer.build(tiny_config(broken, **{"data.prompt_file": prompts}))
+
+    # A T5 tokenizer with more tokens than the encoder embeds.
+    from dpdmd_jax.tools.tiny_pipeline import t5_tokenizer
+
+    shutil.rmtree(broken)
+    shutil.copytree(root, broken)
+    big = t5_tokenizer()
+    big.add_tokens([f"extra{i}" for i in range(100)])
+    shutil.rmtree(os.path.join(broken, "tokenizer_3"))
+    big.save_pretrained(os.path.join(broken, "tokenizer_3"))
+    with pytest.raises(ConfigError, match=r"tokenizer_3/ vs text_encoder_3/: the tokenizer has \d+ tokens"):
+        trainer.build(tiny_config(broken, **{"data.prompt_file": prompts}))
+
+    empty = _prompt_file(tmp_path, [b"", b"   "])
+    with pytest.raises(ConfigError, match="holds no prompts"):
+        trainer.build(tiny_config(root, **{"data.prompt_file": empty}))
+    with pytest.raises(ConfigError, match="needs --config.data.prompt_file"):
+        trainer.build(tiny_config(root))
+    assert not loaded  # every error came before any tensor was read
