@@ -100,6 +100,21 @@ def test_prompt_embeddings_match_encode_prompt(tiny):
     assert np.isfinite(bf16.context).all() and rel_err(bf16.context, ctx.numpy()) <= 3e-2
 
 
+def test_pipeline_loader_places_every_component_on_the_mesh(tiny):
+    from dpdmd_jax.pipelines import load_sd3_pipeline
+    from flax import nnx
+
+    root, _ = tiny
+    pipe = load_sd3_pipeline(root, make_mesh(fsdp=8), progress=False)
+    parts = {"transformer": nnx.state(pipe.transformer), "vae": nnx.state(pipe.vae), **pipe.text.params}
+    dtypes = {"transformer": "bfloat16", "vae": "float32", "clip_l": "bfloat16", "clip_g": "bfloat16",
+              "t5": "bfloat16"}
+    for name, state in parts.items():
+        leaves = [x for x in jax.tree.leaves(state) if x.ndim == 2 and x.size >= 256]
+        assert leaves and any(not x.sharding.is_fully_replicated for x in leaves), name  # sharded, not replicated
+        assert {str(x.dtype) for x in leaves} == {dtypes[name]}, name
+
+
 # ---------------------------------------------------------------------------- training end to end
 
 
@@ -152,17 +167,14 @@ def test_diffusiondb_builder_keeps_distinct_prompts_and_trains(diffusiondb_run):
 
 def test_embedding_cache_trains_like_the_encoders_without_loading_them(diffusiondb_run, tmp_path, monkeypatch):
     from dpdmd_jax.backbones.sd3 import SD3Backbone
-    from dpdmd_jax.data import embedding_cache, prompt_sequence
+    from dpdmd_jax.data import embedding_cache
 
     c, logged = diffusiondb_run
     cache = str(tmp_path / "cache")
-    setup_text = load_sd3_text_encoder(c.model.source, make_mesh(), dtype=c.text.dtype, progress=False,
-                                       max_sequence_length=c.text.max_sequence_length)
-    from dpdmd_jax.backbones import SD3Cond
-
-    embedding_cache.write_cache(cache, prompt_sequence(c), setup_text, SD3Cond, meta={}, batch=8, dtype="float32")
+    embedding_cache.build_cache(c, cache, batch=8)  # the config's prompts, through its text encoders
+    assert embedding_cache.read_meta(cache)["num_prompts"] == 5
     with pytest.raises(FileExistsError, match="never overwritten"):
-        embedding_cache.write_cache(cache, prompt_sequence(c), setup_text, SD3Cond, meta={}, batch=8)
+        embedding_cache.build_cache(c, cache, batch=8)
 
     def no_text(*a, **k):
         raise AssertionError("the embedding source must not load the text encoders")

@@ -162,7 +162,8 @@ def test_toy_recommended_variant_is_valid():
         ({"teacher.cfg_scale": 0.5}, "teacher.cfg_scale=0.5 must be >= 1"),
         ({"batch_size": 6}, "batch_size=6 is not divisible by the data x fsdp mesh size 8"),
         ({"mesh.fsdp": 3}, "mesh: mesh sizes"),
-        ({"model.source": "/nowhere/sd35"}, "model.source='/nowhere/sd35' does not exist"),
+        ({"model.source": "/nowhere/sd35"},
+         "model.source='/nowhere/sd35': pipeline folder '/nowhere/sd35' does not exist"),
         ({"dmd.sigma_min": 0.9, "dmd.sigma_max": 0.1}, "sigma_min < sigma_max"),
         ({"backbone": "tiny_vp", "data.kind": "random"}, "distill.target='line' does not fit backbone 'tiny_vp'"),
         ({"backbone": "tiny_vp", "distill.target": "denoise", "student.timesteps": (999, 1000)},
@@ -184,8 +185,8 @@ def test_prompt_inputs_fail_clearly(tmp_path):
     c = smoke(**{"data.kind": "prompts", "data.prompt_file": str(empty)})
     with pytest.raises(ConfigError, match="holds no prompts"):
         trainer.build(c)
-    empty.write_text("a photo of a cat\n")
-    with pytest.raises(ConfigError, match="text encoders .* not ported yet"):
+    empty.write_text("a photo of a cat\n")  # a random teacher has no text encoders to encode it
+    with pytest.raises(ConfigError, match="needs the text encoders of a diffusers pipeline, and model.source='random'"):
         trainer.build(c)
 
 

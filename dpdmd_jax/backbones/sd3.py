@@ -51,25 +51,36 @@ class SD3Backbone:
 
         return read_config(resolve_folder(self.source))
 
-    @property
+    @functools.cached_property
     def pipeline_root(self) -> str:
-        """The diffusers pipeline folder the text encoders and the VAE come from."""
-        return self.c.text.source or self.source
+        """The local diffusers pipeline folder the text encoders and the VAE come from
+        (`text.source`, else `model.source`; a hub id is fetched where the network allows)."""
+        from dpdmd_jax.weights.pipeline import SD3_COMPONENTS, resolve_pipeline
+
+        return resolve_pipeline(self.c.text.source or self.source, SD3_COMPONENTS)
 
     def check_source(self) -> list[str]:
         """Cheap checks of `model.source` (and of the pipeline's text side when the data are
         prompts), before anything is loaded."""
         from dpdmd_jax.text.sd3 import check_pipeline
+        from dpdmd_jax.weights.safetensors_io import CheckpointError
 
-        if not (self.source in ("toy",) or self.source.startswith("random") or os.path.exists(self.source)):
-            return [f"model.source={self.source!r} does not exist; set --config.model.source to a diffusers "
-                    "SD3/SD3.5 transformer/ folder (or the pipeline root that contains it)."]
-        if self.c.data.kind in ("prompts", "diffusiondb"):
-            if not os.path.isdir(self.pipeline_root):
-                return [f"the text encoders come from a diffusers pipeline folder, and {self.pipeline_root!r} is "
-                        "not one: set --config.model.source (or --config.text.source) to the pipeline root."]
+        builtin = self.source == "toy" or self.source.startswith("random")
+        if not builtin:
+            try:
+                self.arch  # noqa: B018  (reads config.json: the folder, or a hub snapshot of it)
+            except CheckpointError as e:
+                return [f"model.source={self.source!r}: {e}. Set --config.model.source to a diffusers SD3/SD3.5 "
+                        "pipeline folder (or its transformer/ folder)."]
+        if self.c.data.kind not in ("prompts", "diffusiondb"):
+            return []
+        if builtin and not self.c.text.source:
+            return [f"data.kind={self.c.data.kind!r} needs the text encoders of a diffusers pipeline, and "
+                    f"model.source={self.source!r} is not one: set --config.text.source to its folder."]
+        try:
             return check_pipeline(self.pipeline_root, self.c.text.use_t5)
-        return []
+        except CheckpointError as e:
+            return [f"text.source: {e}"]
 
     def load_text_encoder(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES):
         """CLIP-L, OpenCLIP-bigG and T5-XXL of the pipeline, sharded on `mesh` (`text.sd3`)."""

@@ -144,26 +144,40 @@ class EmbeddingSource:
         return self._rows(np.arange(min(n, len(self))))
 
 
-def main(argv):
-    del argv
+def build_cache(c: ml_collections.ConfigDict, out: str, batch: int = 32) -> str:
+    """Encodes the prompts of config `c`'s prompt source with its text encoders (only those are
+    loaded) into the cache folder `out`."""
+    from dpdmd_jax import backbones
+    from dpdmd_jax import config as config_lib
+    from dpdmd_jax.data import problems, prompt_sequence
     from dpdmd_jax.distill.trainer import mesh_rules
     from dpdmd_jax.parallel import mesh as mesh_lib
-    from dpdmd_jax import backbones, config as config_lib
-    from dpdmd_jax.data import prompt_sequence
 
-    c = FLAGS.config
     config_lib.validate(c)
-    if os.path.exists(FLAGS.out):
-        raise SystemExit(f"Error: {FLAGS.out} exists; embedding caches are never overwritten")
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} exists; embedding caches are never overwritten: choose another --out")
     backbone = backbones.get(c)
+    issues = problems(c) + backbone.check_source()
+    if issues:
+        raise config_lib.ConfigError("\n  - ".join(["Invalid input:", *issues]))
     prompts = prompt_sequence(c)
     mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     text = backbone.load_text_encoder(mesh, mesh_rules(c))
-    meta = {"prompt_source": c.data.kind, "prompt_file": c.data.prompt_file, "prompts_sha256": prompts_digest(prompts),
-            "model_source": c.model.source, "text_dtype": c.text.dtype}
-    out = write_cache(FLAGS.out, prompts, text, backbone.cond_type, meta=meta, batch=FLAGS.batch,
-                      dtype=c.text.dtype)
-    print(f"wrote {len(prompts)} prompt embeddings to {out}")
+    meta = {"prompt_source": c.data.kind, "prompt_file": c.data.prompt_file, "tfds_dir": c.data.tfds_dir,
+            "prompts_sha256": prompts_digest(prompts), "model_source": c.model.source, "text_dtype": c.text.dtype,
+            "max_sequence_length": c.text.max_sequence_length}
+    return write_cache(out, prompts, text, backbone.cond_type, meta=meta, batch=batch, dtype=c.text.dtype)
+
+
+def main(argv):
+    del argv
+    from dpdmd_jax.config import ConfigError
+
+    try:
+        out = build_cache(FLAGS.config, FLAGS.out, FLAGS.batch)
+    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+        raise SystemExit(f"Error: {e}") from e
+    print(f"wrote {read_meta(out)['num_prompts']} prompt embeddings to {out}")
 
 
 if __name__ == "__main__":
