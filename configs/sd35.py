@@ -19,7 +19,7 @@ random pipeline of `python -m dpdmd_jax.tools.tiny_pipeline DIR`: every code pat
 CPU). Combine them with commas (`:tiny,dmd`).
 """
 
-from dpdmd_jax.config import apply_method_variant, base_config
+from dpdmd_jax.config import apply_method_variant, apply_tiny_pipeline, base_config
 
 
 def get_config(arg: str | None = None):
@@ -52,17 +52,5 @@ def get_config(arg: str | None = None):
 
 
 def _tiny(c):
-    """The tiny random pipeline (dpdmd_jax.tools.tiny_pipeline) on a CPU: fp32, a few rounds."""
-    c.model.dtype = c.model.param_dtype = c.text.dtype = "float32"
-    c.model.scan_layers = False
-    c.model.remat_policy = "none"
-    c.text.max_sequence_length = 16
-    c.data.latent_size = (8, 8)
-    c.batch_size = 8
-    c.num_rounds = 4
-    c.teacher.steps = 6
-    c.distill.anchor_k = 2
-    c.distill.fake_updates_per_student = 1
-    c.log_every = 1
-    c.checkpoint_every = 2
-    c.evals.samples = dict(type="samples", every=2, num_prompts=2, seeds=2)
+    apply_tiny_pipeline(c)
+    c.text.max_sequence_length = 16  # T5 tokens: the tiny run's context is 77 + 16

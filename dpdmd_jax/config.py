@@ -131,6 +131,23 @@ def apply_method_variant(c: ml_collections.ConfigDict, variant: str) -> bool:
     return True
 
 
+def apply_tiny_pipeline(c: ml_collections.ConfigDict) -> None:
+    """The `:tiny` variant of the pipeline configs: the tiny random pipelines of
+    `python -m dpdmd_jax.tools.tiny_pipeline` on a CPU, fp32, a few rounds, every code path."""
+    c.model.dtype = c.model.param_dtype = c.text.dtype = "float32"
+    c.model.scan_layers = False
+    c.model.remat_policy = "none"
+    c.data.latent_size = (8, 8)
+    c.batch_size = 8
+    c.num_rounds = 4
+    c.teacher.steps = 6
+    c.distill.anchor_k = 2
+    c.distill.fake_updates_per_student = 1
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.evals.samples = dict(type="samples", every=2, num_prompts=2, seeds=2)
+
+
 def _problems(c: ml_collections.ConfigDict) -> list[str]:
     p = []
     try:

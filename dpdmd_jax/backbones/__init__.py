@@ -82,6 +82,7 @@ _REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], Backbone]] = {}
 # Built-in backbones, imported on first use so that naming one never loads the others.
 _BUILTIN = {
     "mmdit": "dpdmd_jax.backbones.sd3",
+    "unet": "dpdmd_jax.backbones.sdxl",
     "tiny_flow": "dpdmd_jax.backbones.tiny",
     "tiny_vp": "dpdmd_jax.backbones.tiny",
 }

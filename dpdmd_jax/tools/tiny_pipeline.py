@@ -1,9 +1,9 @@
-"""A tiny random `StableDiffusion3Pipeline` folder, built offline (no hub): tokenizers from a small
-vocabulary written here, random CLIP-L / bigG / T5 / transformer / VAE of a few thousand
-parameters each. It exercises every code path of the real pipeline in seconds; the tests train on
-it, and a user can try the SD3.5 config end to end with it:
+"""A tiny random `StableDiffusion3Pipeline` (or `StableDiffusionXLPipeline`) folder, built offline
+(no hub): tokenizers from a small vocabulary written here, random CLIP-L / bigG / T5 /
+transformer (or UNet) / VAE of a few thousand parameters each. It exercises every code path of the
+real pipeline in seconds; the tests train on it, and a user can try the configs end to end with it:
 
-  python -m dpdmd_jax.tools.tiny_pipeline /tmp/tiny_sd3
+  python -m dpdmd_jax.tools.tiny_pipeline /tmp/tiny_sd3            # or: --family=sdxl /tmp/tiny_sdxl
   python -m dpdmd_jax.main --config=configs/sd35.py:tiny --workdir=/tmp/run \
       --config.model.source=/tmp/tiny_sd3 --config.data.prompt_file=prompts.txt
 
@@ -85,25 +85,15 @@ def _perturb(module, seed: int, scale: float = 0.05):
 def build_pipeline(work: str, seed: int = 0):
     """The tiny pipeline object (tokenizer files go under `work`)."""
     import torch
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     tok_l = clip_tokenizer(os.path.join(work, "clip_vocab_l"), pad_token="<|endoftext|>")
     tok_g = clip_tokenizer(os.path.join(work, "clip_vocab_g"), pad_token="!")
     tok_t5 = t5_tokenizer()
-    vocab, eos = len(tok_l), tok_l.eos_token_id
 
-    def clip(hidden, layers, act, eos_token_id, s):
-        cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                             projection_dim=PROJECTION, num_hidden_layers=layers, num_attention_heads=2,
-                             max_position_embeddings=77, hidden_act=act, bos_token_id=vocab - 2,
-                             eos_token_id=eos_token_id, pad_token_id=1)
-        return _perturb(CLIPTextModelWithProjection(cfg), s)
-
-    text_encoder = clip(CLIP_HIDDEN[0], 2, "quick_gelu", 2, seed + 1)  # SD3's CLIP-L: legacy eos_token_id 2
-    text_encoder_2 = clip(CLIP_HIDDEN[1], 3, "gelu", eos, seed + 2)  # bigG: pools at the real EOS id
+    text_encoder, text_encoder_2 = tiny_clips(tok_l, with_projection_l=True, seed=seed)
     t5 = _perturb(T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=T5_D_MODEL, d_kv=8, d_ff=48, num_layers=2,
                                           num_heads=4, relative_attention_num_buckets=8,
                                           relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
@@ -113,24 +103,74 @@ def build_pipeline(work: str, seed: int = 0):
         num_attention_heads=2, joint_attention_dim=T5_D_MODEL, caption_projection_dim=16,
         pooled_projection_dim=2 * PROJECTION, out_channels=LATENT_CHANNELS, pos_embed_max_size=8,
         dual_attention_layers=(0,), qk_norm="rms_norm"), seed + 4)
-    vae = _perturb(AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=LATENT_CHANNELS, norm_num_groups=4, scaling_factor=1.5305, shift_factor=0.0609,
-        use_quant_conv=False, use_post_quant_conv=False), seed + 5, scale=0.02)
+    vae = tiny_vae(LATENT_CHANNELS, seed + 5, scaling_factor=1.5305, shift_factor=0.0609, quant_convs=False)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=text_encoder, tokenizer=tok_l, text_encoder_2=text_encoder_2, tokenizer_2=tok_g,
         text_encoder_3=t5, tokenizer_3=tok_t5)
 
 
-def make_tiny_pipeline(out: str, seed: int = 0):
-    """Writes the tiny pipeline to `out` (which must not exist yet); returns the pipeline object."""
+def tiny_clips(tokenizer, with_projection_l: bool, seed: int):
+    """CLIP-L-like (quick_gelu, legacy eos_token_id 2, as SD3 / SDXL ship it) and bigG-like (exact
+    gelu, pooling at the real EOS id, with projection) random encoders."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+
+    def clip(hidden, layers, act, eos_token_id, s, cls=CLIPTextModelWithProjection):
+        cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                             projection_dim=PROJECTION, num_hidden_layers=layers, num_attention_heads=2,
+                             max_position_embeddings=77, hidden_act=act, bos_token_id=vocab - 2,
+                             eos_token_id=eos_token_id, pad_token_id=1)
+        return _perturb(cls(cfg), s)
+
+    clip_l = clip(CLIP_HIDDEN[0], 2, "quick_gelu", 2, seed + 1,
+                  CLIPTextModelWithProjection if with_projection_l else CLIPTextModel)
+    return clip_l, clip(CLIP_HIDDEN[1], 3, "gelu", eos, seed + 2)
+
+
+def tiny_vae(latent_channels: int, seed: int, *, scaling_factor: float, shift_factor: float | None,
+             quant_convs: bool):
+    from diffusers import AutoencoderKL
+
+    return _perturb(AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=4, scaling_factor=scaling_factor,
+        shift_factor=shift_factor, use_quant_conv=quant_convs, use_post_quant_conv=quant_convs), seed, scale=0.02)
+
+
+def build_sdxl_pipeline(work: str, seed: int = 0, force_zeros_for_empty_prompt: bool = True):
+    """The tiny SDXL pipeline object (tokenizer files go under `work`)."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tok_l = clip_tokenizer(os.path.join(work, "clip_vocab_l"), pad_token="<|endoftext|>")
+    tok_g = clip_tokenizer(os.path.join(work, "clip_vocab_g"), pad_token="!")
+    text_encoder, text_encoder_2 = tiny_clips(tok_l, with_projection_l=False, seed=seed)
+    unet = _perturb(UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=sum(CLIP_HIDDEN),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + PROJECTION, norm_num_groups=4), seed + 4)
+    vae = tiny_vae(4, seed + 5, scaling_factor=0.13025, shift_factor=None, quant_convs=True)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tok_l, tokenizer_2=tok_g, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+
+
+def make_tiny_pipeline(out: str, seed: int = 0, family: str = "sd3", **kw):
+    """Writes the tiny pipeline of `family` ("sd3" | "sdxl") to `out` (which must not exist yet);
+    returns the pipeline object."""
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"{out} exists and is not empty")
     os.makedirs(out, exist_ok=True)
     work = os.path.join(out, ".vocab")
-    pipe = build_pipeline(work, seed)
+    pipe = {"sd3": build_pipeline, "sdxl": build_sdxl_pipeline}[family](work, seed, **kw)
     pipe.save_pretrained(out, safe_serialization=True)
     import shutil
 
@@ -139,7 +179,11 @@ def make_tiny_pipeline(out: str, seed: int = 0):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m dpdmd_jax.tools.tiny_pipeline OUT_DIR")
-    make_tiny_pipeline(sys.argv[1])
-    print(f"wrote a tiny random StableDiffusion3Pipeline to {sys.argv[1]}")
+    args = sys.argv[1:]
+    family = "sd3"
+    if args and args[0].startswith("--family="):
+        family = args.pop(0).split("=", 1)[1]
+    if len(args) != 1 or family not in ("sd3", "sdxl"):
+        raise SystemExit("usage: python -m dpdmd_jax.tools.tiny_pipeline [--family=sd3|sdxl] OUT_DIR")
+    pipe = make_tiny_pipeline(args[0], family=family)
+    print(f"wrote a tiny random {type(pipe).__name__} to {args[0]}")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -20,6 +19,16 @@ SD3_COMPONENTS = {
     "tokenizer": "CLIPTokenizer",
     "tokenizer_2": "CLIPTokenizer",
     "tokenizer_3": "T5TokenizerFast",
+}
+
+# ... and of a StableDiffusionXLPipeline.
+SDXL_COMPONENTS = {
+    "unet": "UNet2DConditionModel",
+    "vae": "AutoencoderKL",
+    "text_encoder": "CLIPTextModel (CLIP-L)",
+    "text_encoder_2": "CLIPTextModelWithProjection (OpenCLIP-bigG)",
+    "tokenizer": "CLIPTokenizer",
+    "tokenizer_2": "CLIPTokenizer",
 }
 
 
@@ -54,20 +63,13 @@ def component_folder(path: str | os.PathLike, component: str) -> str:
     return path
 
 
-def component_problems(root: str, components: Iterable[str], table: dict[str, str] = SD3_COMPONENTS) -> list[str]:
+def component_problems(root: str, components: Iterable[str]) -> list[str]:
     """One sentence per component subfolder of `root` that is missing or empty."""
     problems = []
+    table = {**SD3_COMPONENTS, **SDXL_COMPONENTS}
     for name in components:
         folder = os.path.join(root, name)
         if not os.path.isdir(folder) or not os.listdir(folder):
             problems.append(f"{root} has no {name}/ folder (the pipeline's {table.get(name, name)}); "
                             "point the config at a complete diffusers pipeline folder")
     return problems
-
-
-def model_index(root: str) -> dict:
-    path = os.path.join(root, "model_index.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)

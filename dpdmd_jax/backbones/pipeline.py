@@ -1,0 +1,77 @@
+"""What the backbones read from a diffusers pipeline folder share: the folder itself (local, or a
+hub snapshot), the cheap up-front checks of its text side, its VAE for decoding samples.
+
+A subclass sets `components` (the pipeline's subfolders), `text_check(root)` (config and tokenizer
+checks of its encoders) and `load_text_encoder`; `model.source` is the pipeline root (or, for the
+denoiser alone, its folder), `text.source` overrides where the encoders and the VAE come from.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from dpdmd_jax.parallel import mesh as mesh_lib
+
+TEXT_KINDS = ("prompts", "diffusiondb")  # data sources that need the text encoders
+
+
+class PipelineBackbone:
+    components: tuple[str, ...] = ()
+    family: str = ""  # "SD3/SD3.5", "SDXL": for messages
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.c = config
+        self.source = config.model.source
+
+    def builtin_source(self) -> bool:
+        """Sources that are not folders (toy / random weights)."""
+        return False
+
+    def text_check(self, root: str) -> list[str]:
+        raise NotImplementedError
+
+    @functools.cached_property
+    def pipeline_root(self) -> str:
+        """The local diffusers pipeline folder the text encoders and the VAE come from
+        (`text.source`, else `model.source`; a hub id is fetched where the network allows)."""
+        from dpdmd_jax.weights.pipeline import resolve_pipeline
+
+        return resolve_pipeline(self.c.text.source or self.source, self.components)
+
+    def check_source(self) -> list[str]:
+        """Cheap checks of `model.source` (its config) and, when the data are prompts, of the
+        pipeline's text side, before anything is loaded."""
+        from dpdmd_jax.weights.safetensors_io import CheckpointError
+
+        builtin = self.builtin_source()
+        if not builtin:
+            try:
+                self.arch  # noqa: B018  (reads config.json: the folder, or a hub snapshot of it)
+            except CheckpointError as e:
+                return [f"model.source={self.source!r}: {e}. Set --config.model.source to a diffusers {self.family} "
+                        "pipeline folder (or its denoiser's folder)."]
+        if self.c.data.kind not in TEXT_KINDS:
+            return []
+        if builtin and not self.c.text.source:
+            return [f"data.kind={self.c.data.kind!r} needs the text encoders of a diffusers pipeline, and "
+                    f"model.source={self.source!r} is not one: set --config.text.source to its folder."]
+        try:
+            return self.text_check(self.pipeline_root)
+        except CheckpointError as e:
+            return [f"text.source: {e}"]
+
+    def load_vae(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES, dtype: str = "float32"):
+        from dpdmd_jax.weights.vae import load_vae
+
+        return load_vae(os.path.join(self.pipeline_root, "vae"), dtype=dtype, mesh=mesh, rules=rules)
+
+    def decode(self, vae, z: jax.Array) -> jax.Array:
+        """Latents (as the denoiser sees them) -> images NHWC in [-1, 1]."""
+        from dpdmd_jax.models.vae import from_model_latent
+
+        return vae.decode(from_model_latent(vae.cfg, z))
