@@ -1,7 +1,7 @@
 """The SDXL UNet (diffusers `UNet2DConditionModel`) as a Flax NNX module.
 
-One module family covers SDXL base (and the SD 1.x / 2.x layout: conv projections, no added
-embedding): down blocks `DownBlock2D` / `CrossAttnDownBlock2D`, the `UNetMidBlock2DCrossAttn`
+One module family covers SDXL base (and the SD 1.x / 2.x layouts: conv or linear projections,
+no added embedding): down blocks `DownBlock2D` / `CrossAttnDownBlock2D`, the `UNetMidBlock2DCrossAttn`
 mid block, up blocks `UpBlock2D` / `CrossAttnUpBlock2D`, in any order and depth the config names.
 Attribute names follow diffusers so the key map in `dpdmd_jax.weights.unet` stays a one-to-one
 table; the only flattenings are the one-element `downsamplers` / `upsamplers` lists (single
@@ -45,7 +45,7 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
     block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, norm_num_groups=32, norm_eps=1e-5,
     cross_attention_dim=1280, transformer_layers_per_block=1, attention_head_dim=8, use_linear_projection=False,
     addition_embed_type=None, addition_time_embed_dim=None, projection_class_embeddings_input_dim=None,
-    time_embedding_dim=None,
+    time_embedding_dim=None, upcast_attention=False,
 )
 # Fields whose other values select variants this module does not implement: field -> accepted
 # values (the first is what `to_diffusers` writes).
@@ -54,7 +54,7 @@ _FIXED: dict[str, tuple[Any, ...]] = dict(
     downsample_padding=(1,), mid_block_scale_factor=(1,), dropout=(0.0,), act_fn=("silu",),
     reverse_transformer_layers_per_block=(None,), encoder_hid_dim=(None,), encoder_hid_dim_type=(None,),
     num_attention_heads=(None,), dual_cross_attention=(False,), class_embed_type=(None,), num_class_embeds=(None,),
-    upcast_attention=(False, None), resnet_time_scale_shift=("default",), resnet_skip_time_act=(False,),
+    resnet_time_scale_shift=("default",), resnet_skip_time_act=(False,),
     resnet_out_scale_factor=(1.0,), time_embedding_type=("positional",), time_embedding_act_fn=(None,),
     timestep_post_act=(None,), time_cond_proj_dim=(None,), conv_in_kernel=(3,), conv_out_kernel=(3,),
     attention_type=("default",), class_embeddings_concat=(False,), mid_block_only_cross_attention=(None, False),
@@ -100,6 +100,9 @@ class UNetConfig:
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
     time_embedding_dim: int | None = None
+    # Carried through for export only: diffusers' default SDPA attention processor ignores it, and
+    # ours always computes logits and softmax in float32 (what the flag asks for), whatever it says.
+    upcast_attention: bool = False
     # Execution knobs (not part of the checkpoint).
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -114,6 +117,7 @@ class UNetConfig:
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "upcast_attention", bool(self.upcast_attention))  # SDXL's config.json: null
         problems = []
         n = len(self.block_out_channels)
         if n == 0:
@@ -407,7 +411,7 @@ class DownBlock(nnx.Module):
         self.downsampler = None if last else conv(out_ch, out_ch, 3, strides=2, **_module_kwargs(cfg, rngs))
         self.remat_policy = cfg.remat_policy
 
-    def __call__(self, x, temb, context) -> tuple[jax.Array, list[jax.Array]]:
+    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         resnet_fn = _maybe_remat(lambda blk, x, t: blk(x, t), self.remat_policy)
         states = []
         for j, resnet in enumerate(self.resnets):
@@ -431,7 +435,7 @@ class MidBlock(nnx.Module):
         self.attentions = nnx.List([Transformer2DModel(cfg, c, heads, depth, rngs=rngs)])
         self.remat_policy = cfg.remat_policy
 
-    def __call__(self, x, temb, context) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
         resnet_fn = _maybe_remat(lambda blk, x, t: blk(x, t), self.remat_policy)
         x = resnet_fn(self.resnets[0], x, temb)
         x = self.attentions[0](x, context)
@@ -464,7 +468,8 @@ class UpBlock(nnx.Module):
         self.upsampler = conv(out_ch, out_ch, 3, **_module_kwargs(cfg, rngs)) if i < n_blocks - 1 else None
         self.remat_policy = cfg.remat_policy
 
-    def __call__(self, x, skips: list[jax.Array], temb, context, size: tuple[int, int] | None) -> jax.Array:
+    def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array,
+                 size: tuple[int, int] | None) -> jax.Array:
         resnet_fn = _maybe_remat(lambda blk, x, t: blk(x, t), self.remat_policy)
         for j, resnet in enumerate(self.resnets):
             x = resnet_fn(resnet, jnp.concatenate([x, skips[-1 - j]], axis=-1), temb)

@@ -94,7 +94,7 @@ def read_config(folder: str, **overrides: Any) -> CLIPTextConfig:
 
 def abstract_clip_text(cfg: CLIPTextConfig) -> CLIPTextModel:
     """The model with shape-only parameters (no allocation)."""
-    return nnx.eval_shape(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
+    return loader.abstract_model(lambda rngs: CLIPTextModel(cfg, rngs=rngs))
 
 
 def load_clip_text(

@@ -103,7 +103,7 @@ def read_config(folder: str, **overrides: Any) -> MMDiTConfig:
 
 def abstract_mmdit(cfg: MMDiTConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and shape-only state of the model (no allocation)."""
-    model = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0)))
+    model = loader.abstract_model(lambda rngs: MMDiT(cfg, rngs=rngs))
     return nnx.split(model)
 
 
@@ -139,7 +139,7 @@ def load_mmdit(
                 f"{folder}/config.json does not match the requested architecture: "
                 + ", ".join(f"{k}: expected {a}, checkpoint has {b}" for k, (a, b) in diff.items())
             )
-    abstract = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0)))
+    abstract = loader.abstract_model(lambda rngs: MMDiT(cfg, rngs=rngs))
     return loader.load_module(abstract, lambda st: key_map(cfg, st), folder, prefix="diffusion_pytorch_model",
                               mesh=mesh, rules=rules, progress=progress)
 

@@ -115,7 +115,7 @@ def load_t5_encoder(
     cfg = read_config(folder, dtype=dtype, param_dtype=param_dtype or dtype, **overrides)
     tensors = index_checkpoint(folder, WEIGHTS_PREFIX)  # headers only
     embedding_keys = embedding_keys_in(tensors)
-    abstract = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)))
+    abstract = loader.abstract_model(lambda rngs: T5Encoder(cfg, rngs=rngs))
     return loader.load_module(abstract, lambda st: key_map(cfg, st, embedding_keys), folder, prefix=WEIGHTS_PREFIX,
                               mesh=mesh, rules=rules, progress=progress, tensors=tensors)
 

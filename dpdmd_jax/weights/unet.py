@@ -13,7 +13,6 @@ import os
 import re
 from typing import Any
 
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -90,22 +89,9 @@ def read_config(folder: str, **overrides: Any) -> UNetConfig:
         raise CheckpointError(f"{folder}/config.json: {e}") from e
 
 
-def _host_counted_rngs(seed: int) -> nnx.Rngs:
-    """`nnx.Rngs(seed)` whose params draw counter is a host (numpy) integer.
-
-    Under `nnx.eval_shape` a traced counter makes every draw cost time linear in the ops traced so
-    far (flax 0.12.8 `Variable.set_value` reads the new value's `.sharding`; on a tracer that builds
-    an error message by walking the whole trace), so building the unscanned full-size SDXL UNet
-    (~1,000 draws) took 83 s on CPU; with a host counter it takes 3 s. Keys are unchanged.
-    """
-    rngs = nnx.Rngs(seed)
-    rngs.params.count = nnx.RngCount(np.zeros((), np.uint32), tag="params")
-    return rngs
-
-
 def abstract_unet(cfg: UNetConfig) -> UNet2DConditionModel:
     """The model with shape-only parameters (no allocation)."""
-    return nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=_host_counted_rngs(0)))
+    return loader.abstract_model(lambda rngs: UNet2DConditionModel(cfg, rngs=rngs))
 
 
 def load_unet(

@@ -79,7 +79,7 @@ def read_config(folder: str, **overrides: Any) -> VAEConfig:
 
 def abstract_vae(cfg: VAEConfig) -> AutoencoderKL:
     """The model with shape-only parameters (no allocation)."""
-    return nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    return loader.abstract_model(lambda rngs: AutoencoderKL(cfg, rngs=rngs))
 
 
 def _uses_legacy_attention(keys) -> bool:
