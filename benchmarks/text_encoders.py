@@ -1,8 +1,8 @@
 """SD3 text-encoder speed and parity: our jitted Flax NNX CLIP-L, OpenCLIP-bigG and T5 v1.1 ports vs
 transformers (torch eager), fp32 and bf16, on CPU.
 
-    python -m benchmarks.text_encoders            # mid size (about 10 min on 2 cores)
-    python -m benchmarks.text_encoders --quick    # fewer layers, batch 2, 3 rounds (about 2 min)
+    python -m benchmarks.text_encoders            # mid size (13-14 min on the shared 2-core VM)
+    python -m benchmarks.text_encoders --quick    # fewer layers, batch 2, 3 rounds (2-4 min)
 
 Mid size (the real widths, fewer layers where the real depth would take minutes per batch here):
   CLIP-L:         the real config (12 layers, 768 wide, 12 heads, quick_gelu, projection 768);
@@ -15,16 +15,21 @@ What it does:
   1. builds each reference with transformers (`CLIPTextModelWithProjection`, `T5EncoderModel`): the
      default init, norm weights and biases perturbed by 0.05 N(0, 1); `save_pretrained`s it (fp32) to a
      temp dir and loads it with `load_clip_text` / `load_t5_encoder` in fp32 and in bf16, and with
-     `from_pretrained(dtype=torch.bfloat16)` for torch bf16, so all four hold the same weights;
+     `from_pretrained(dtype=torch.bfloat16)` for torch bf16, so all of them hold the same weights;
   2. checks in the same run that the outputs agree (relative error, everything against torch fp32);
-  3. times per encoder the four implementations interleaved (A B C D, order reversed every other
+  3. times per encoder the implementations interleaved (A B C D E, order reversed every other
      round), medians and the median of the per-round ratios; torch runs what SD3's `encode_prompt`
      runs (`output_hidden_states=True` for CLIP), ours the jitted model (all outputs);
   4. "total": the whole SD3 prompt encoding, ours `SD3TextEncoder.encode_tokens` (one jitted program:
      three encoders, concatenation, padding to 4096, fp32 cast) vs torch doing the same three calls
      and the same assembly as `StableDiffusion3Pipeline.encode_prompt`;
   5. XLA cost-analysis FLOPs of each of our programs and the fp32 / bf16 2048^3 matmul rate of JAX and
-     torch on this CPU (standalone, before the models run), to tell slow kernels from slow models.
+     torch on this CPU (standalone, before the models run), to tell slow kernels from slow models;
+  6. a diagnostic bf16 variant of ours, "ours bf16 f32-acc": the same bf16 weights and activations, but
+     every `nnx.Linear` asks its dot for a float32 result (`preferred_element_type`) and casts it back
+     to bf16. XLA:CPU (jax 0.10.2) rewrites a bf16 x bf16 -> bf16 dot into converts + an fp32 dot, while
+     bf16 x bf16 -> fp32 runs a native bf16 kernel; this row measures what that is worth per model.
+     It is a benchmark-only patch of the loaded models (`f32_accumulating_dots`), not the library's path.
 
 Thread counts: `--threads N` (default 2) sets torch.set_num_threads, OMP/MKL and XLA's intra-op pool
 before jax and torch are imported.
@@ -33,7 +38,9 @@ before jax and torch are imported.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -149,18 +156,52 @@ PEAK_N = 2048
 
 
 def matmul_rates(repeats: int) -> dict[str, float]:
-    """GFLOP/s of an n^3 matmul, JAX and torch, fp32 and bf16 (bf16 in, bf16 out)."""
+    """GFLOP/s of an n^3 matmul, JAX and torch, fp32 and bf16 (bf16 in, bf16 out), and JAX bf16 in with
+    a float32 result (`preferred_element_type`)."""
     a = np.random.default_rng(0).standard_normal((PEAK_N, PEAK_N), np.float32)
     b = np.random.default_rng(1).standard_normal((PEAK_N, PEAK_N), np.float32)
     f = jax.jit(lambda x, y: x @ y)
+    f_acc = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     fns = {}
     for name, jd, td in (("fp32", jnp.float32, torch.float32), ("bf16", jnp.bfloat16, torch.bfloat16)):
         ja, jb = jnp.asarray(a, jd), jnp.asarray(b, jd)
         ta, tb = torch.from_numpy(a).to(td), torch.from_numpy(b).to(td)
         fns[f"jax {name}"] = lambda ja=ja, jb=jb: f(ja, jb).block_until_ready()
         fns[f"torch {name}"] = lambda ta=ta, tb=tb: torch.matmul(ta, tb)
+    ja, jb = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+    fns["jax bf16 f32-acc"] = lambda: f_acc(ja, jb).block_until_ready()
     times = interleaved(fns, repeats, warmup=2)
     return {k: 2.0 * PEAK_N**3 / med(v) / 1e9 for k, v in times.items()}
+
+
+def hlo_dot_summary() -> str:
+    """What XLA:CPU compiles a bf16 x bf16 -> bf16 matmul into: the entry computation's ops, in order."""
+    x = jax.ShapeDtypeStruct((PEAK_N, PEAK_N), jnp.bfloat16)
+    txt = jax.jit(lambda a, b: a @ b).lower(x, x).compile().as_text()
+    ops = []
+    for line in txt[txt.index("ENTRY"):].splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+)\[[^\]]*\]\S* (\w+)\(", line)
+        if m and m.group(3) != "parameter":
+            kind = re.search(r'kind=(\w+)', line)
+            lib = re.search(r'"kind":"(\w+)"', line)
+            ops.append(f"{m.group(1)} -> {m.group(2)}" + (f" ({kind.group(1)}" + (f" {lib.group(1)}" if lib else "")
+                                                          + ")" if kind else ""))
+    return "; ".join(ops)
+
+
+def _f32_acc_dot(lhs, rhs, dims, precision=None, preferred_element_type=None, *, out_dtype, **kw):
+    del preferred_element_type
+    return jax.lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=jnp.float32,
+                               **kw).astype(out_dtype)
+
+
+def f32_accumulating_dots(model: nnx.Module) -> nnx.Module:
+    """Benchmark-only: every nnx.Linear of `model` computes its dot with a float32 result, cast back to its
+    compute dtype (bias added after, in that dtype, as before). Attention's own dots are unchanged."""
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, nnx.Linear):
+            m.dot_general = functools.partial(_f32_acc_dot, out_dtype=m.dtype)
+    return model
 
 
 # ----------------------------------------------------------------------------- models and inputs
@@ -196,7 +237,8 @@ def perturb_constants(model: torch.nn.Module, seed: int) -> None:
 
 
 def build_pair(name: str, arch: dict, tmp: str, seed: int) -> dict:
-    """The torch reference (fp32, and bf16 via from_pretrained) and ours (fp32, bf16) from one folder."""
+    """The torch reference (fp32, and bf16 via from_pretrained) and ours (fp32, bf16, bf16 with f32-acc dots)
+    from one folder."""
     folder = os.path.join(tmp, name)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -217,10 +259,11 @@ def build_pair(name: str, arch: dict, tmp: str, seed: int) -> dict:
     ours32 = load(folder, dtype="float32", progress=False)
     ours16 = load(folder, dtype="bfloat16", progress=False)
     t_load = time.perf_counter() - t0
+    ours16acc = f32_accumulating_dots(load(folder, dtype="bfloat16", progress=False))
     ref16 = cls.from_pretrained(folder, dtype=torch.bfloat16).eval()
     n_params = sum(p.numel() for p in ref.parameters())
-    return dict(ref32=ref, ref16=ref16, ours32=ours32, ours16=ours16, n_params=n_params, build_s=t_build,
-                load_s=t_load, attn=getattr(ref.config, "_attn_implementation", "?"),
+    return dict(ref32=ref, ref16=ref16, ours32=ours32, ours16=ours16, ours16acc=ours16acc, n_params=n_params,
+                build_s=t_build, load_s=t_load, attn=getattr(ref.config, "_attn_implementation", "?"),
                 ref16_dtypes=sorted({str(p.dtype) for p in ref16.parameters()}))
 
 
@@ -305,6 +348,13 @@ def machine() -> str:
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
+# implementation name -> (which model of build_pair, dtype label)
+IMPLS = {"ours fp32": "ours32", "torch fp32": "ref32", "ours bf16": "ours16", "ours bf16 f32-acc": "ours16acc",
+         "torch bf16": "ref16"}
+ROWS = (("fp32", "ours fp32", "torch fp32"), ("bf16", "ours bf16", "torch bf16"),
+        ("bf16, ours f32-acc dots (diagnostic)", "ours bf16 f32-acc", "torch bf16"))
+
+
 def main():
     args = ARGS
     torch.set_num_threads(args.threads)
@@ -318,9 +368,14 @@ def main():
     out = []
 
     rates = matmul_rates(3 if args.quick else 7)
-    out.append(f"{PEAK_N}^3 matmul, median GFLOP/s (standalone, before the models run):\n" + table(
-        ["", "JAX fp32", "torch fp32", "JAX bf16", "torch bf16"],
-        [["GFLOP/s", *(f"{rates[k]:.0f}" for k in ("jax fp32", "torch fp32", "jax bf16", "torch bf16"))]]))
+    keys = ("jax fp32", "torch fp32", "jax bf16", "torch bf16", "jax bf16 f32-acc")
+    out.append(
+        f"{PEAK_N}^3 matmul, median GFLOP/s (standalone, before the models run); 'JAX bf16 f32-acc' = bf16 inputs, "
+        "preferred_element_type=float32:\n"
+        + table(["", "JAX fp32", "torch fp32", "JAX bf16", "torch bf16", "JAX bf16 f32-acc"],
+                [["GFLOP/s", *(f"{rates[k]:.0f}" for k in keys)]])
+        + f"\nXLA:CPU's optimised HLO of a bf16 x bf16 -> bf16 matmul: {hlo_dot_summary()}"
+    )
     log(out[-1])
 
     rng = np.random.default_rng(0)
@@ -329,95 +384,111 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(arch):
             p = pairs[name] = build_pair(name, arch[name], tmp, seed=i)
-            run32, c32, flops = ours_runner(p["ours32"], ids[name])
-            run16, c16, _ = ours_runner(p["ours16"], ids[name])
-            runners[name] = {"ours fp32": run32, "torch fp32": torch_runner(name, p["ref32"], ids[name]),
-                             "ours bf16": run16, "torch bf16": torch_runner(name, p["ref16"], ids[name])}
-            info[name] = dict(flops=flops, compile32=c32, compile16=c16)
+            runners[name], info[name] = {}, {"compile": {}}
+            for impl, key in IMPLS.items():
+                if impl.startswith("ours"):
+                    runners[name][impl], info[name]["compile"][impl], flops = ours_runner(p[key], ids[name])
+                    info[name].setdefault("flops", flops)  # fp32 first: the model's FLOPs
+                else:
+                    runners[name][impl] = torch_runner(name, p[key], ids[name])
             log(f"\n== {LABELS[name]}: {p['n_params']:,} params; torch attention {p['attn']!r}, torch bf16 params "
-                f"{p['ref16_dtypes']}; build+save {p['build_s']:.0f}s, our two loads {p['load_s']:.1f}s; XLA compile "
-                f"fp32 {c32:.1f}s, bf16 {c16:.1f}s; {flops / 1e9:.1f} GFLOP per batch (XLA cost analysis)")
+                f"{p['ref16_dtypes']}; build+save {p['build_s']:.0f}s, our fp32 + bf16 loads {p['load_s']:.1f}s; "
+                "XLA compile " + ", ".join(f"{k} {v:.1f}s" for k, v in info[name]["compile"].items())
+                + f"; {info[name]['flops'] / 1e9:.1f} GFLOP per batch (XLA cost analysis)")
 
     # --- parity, before timing: everything against torch fp32
     parity_rows = []
+    others = [k for k in IMPLS if k != "torch fp32"]
     for name in arch:
         r = runners[name]
         want = torch_outputs(name, r["torch fp32"])
-        got = {"ours fp32": ours_outputs(name, r["ours fp32"]), "ours bf16": ours_outputs(name, r["ours bf16"]),
-               "torch bf16": torch_outputs(name, r["torch bf16"])}
+        got = {k: (ours_outputs if k.startswith("ours") else torch_outputs)(name, r[k]) for k in others}
         for key in want:
-            errs = [rel_err(got[k][key], want[key]) for k in ("ours fp32", "ours bf16", "torch bf16")]
-            row = [LABELS[name], key, *(f"{e:.1e}" for e in errs),
+            row = [LABELS[name], key, *(f"{rel_err(got[k][key], want[key]):.1e}" for k in others),
                    f"{rel_err(got['ours bf16'][key], got['torch bf16'][key]):.1e}",
-                   str(bool(np.isfinite(got["ours bf16"][key]).all()))]
+                   str(all(bool(np.isfinite(got[k][key]).all()) for k in others))]
             parity_rows.append(row)
             log(f"   parity {row}")
 
     # --- per-encoder timing sets
-    results = {}
+    results, loads = {}, {}
     for name in arch:
         log(f"\n== timing {LABELS[name]}")
-        times = interleaved(runners[name], repeats)
-        results[name] = times
-        log("   " + ", ".join(f"{k} {fmt_ms(med(v))} ms" for k, v in times.items()))
+        loads[name] = [os.getloadavg()[0]]
+        results[name] = interleaved(runners[name], repeats)
+        loads[name].append(os.getloadavg()[0])
+        log("   " + ", ".join(f"{k} {fmt_ms(med(v))} ms" for k, v in results[name].items())
+            + f"; 1-min load average {loads[name][0]:.1f} -> {loads[name][1]:.1f}")
 
     # --- the whole SD3 encode_prompt
     total_note = ""
     if not args.no_total:
         mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
         fns, compile_s, outs = {}, {}, {}
-        for dt in ("fp32", "bf16"):
-            models = {k: pairs[k]["ours32" if dt == "fp32" else "ours16"] for k in arch}
-            fns[f"ours {dt}"], compile_s[dt] = ours_encode_prompt(models, ids, mesh)
-            fns[f"torch {dt}"] = torch_encode_prompt({k: pairs[k]["ref32" if dt == "fp32" else "ref16"] for k in arch},
-                                                     ids)
+        for impl, key in IMPLS.items():
+            models = {k: pairs[k][key] for k in arch}
+            if impl.startswith("ours"):
+                fns[impl], compile_s[impl] = ours_encode_prompt(models, ids, mesh)
+            else:
+                fns[impl] = torch_encode_prompt(models, ids)
         for k, fn in fns.items():
             o = fn()
             outs[k] = (np.asarray(o.context), np.asarray(o.pooled)) if k.startswith("ours") else \
                 (o[0].numpy(), o[1].numpy())
         ref_c, ref_p = outs["torch fp32"]
         errs = {k: (rel_err(c, ref_c), rel_err(p, ref_p)) for k, (c, p) in outs.items() if k != "torch fp32"}
-        total_note = (f"total = SD3TextEncoder.encode_tokens (ours: one jitted program, XLA compile fp32 "
-                      f"{compile_s['fp32']:.1f}s, bf16 {compile_s['bf16']:.1f}s) vs torch encode_prompt's calls + "
-                      f"assembly; context [{b}, {CLIP_LEN + T5_LEN}, 4096], pooled [{b}, 2048]; rel err vs torch fp32 "
-                      "(context / pooled): " + ", ".join(f"{k} {c:.1e} / {p:.1e}" for k, (c, p) in errs.items()))
+        total_note = (
+            "total = `SD3TextEncoder.encode_tokens` (ours: one jitted program; XLA compile "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in compile_s.items())
+            + f") vs torch: encode_prompt's three calls + assembly; context [{b}, {CLIP_LEN + T5_LEN}, 4096], pooled "
+            f"[{b}, 2048]; rel err vs torch fp32 (context / pooled): "
+            + ", ".join(f"{k} {c:.1e} / {p:.1e}" for k, (c, p) in errs.items()))
         log("\n== timing total\n   " + total_note)
-        order = ["ours fp32", "torch fp32", "ours bf16", "torch bf16"]
-        results["total"] = interleaved({k: fns[k] for k in order}, repeats)
-        log("   " + ", ".join(f"{k} {fmt_ms(med(v))} ms" for k, v in results["total"].items()))
+        loads["total"] = [os.getloadavg()[0]]
+        results["total"] = interleaved(fns, repeats)
+        loads["total"].append(os.getloadavg()[0])
+        log("   " + ", ".join(f"{k} {fmt_ms(med(v))} ms" for k, v in results["total"].items())
+            + f"; 1-min load average {loads['total'][0]:.1f} -> {loads['total'][1]:.1f}")
+
+    for name, times in results.items():
+        log(f"rounds {name}: " + "; ".join(f"{k} " + " ".join(fmt_ms(t) for t in v) for k, v in times.items()))
 
     # --- tables
+    def row(label, flops, o, t, dt):
+        return [label, dt, f"{flops / 1e9:.1f}", fmt_ms(med(o)), fmt_ms(med(t)), f"{paired_ratio(t, o):.2f}",
+                f"{flops / med(o) / 1e9:.0f}", f"{flops / med(t) / 1e9:.0f}"]
+
     rows = []
+    all_flops = sum(i["flops"] for i in info.values())
     for name, times in results.items():
-        flops = info[name]["flops"] if name in info else sum(i["flops"] for i in info.values())
-        label = "total (SD3 encode_prompt)" if name == "total" else f"{LABELS[name]} ({n[name]}/{FULL_LAYERS[name]} layers)"
-        for dt in ("fp32", "bf16"):
-            o, t = times[f"ours {dt}"], times[f"torch {dt}"]
-            rows.append([label, dt, f"{flops / 1e9:.1f}", fmt_ms(med(o)), fmt_ms(med(t)),
-                         f"{paired_ratio(t, o):.2f}", f"{flops / med(o) / 1e9:.0f}", f"{flops / med(t) / 1e9:.0f}"])
-    if "total" not in results:  # sum of the parts, per round
-        for dt in ("fp32", "bf16"):
-            o = [sum(x) for x in zip(*(results[k][f"ours {dt}"] for k in arch))]
-            t = [sum(x) for x in zip(*(results[k][f"torch {dt}"] for k in arch))]
-            fl = sum(i["flops"] for i in info.values())
-            rows.append(["sum of the three", dt, f"{fl / 1e9:.1f}", fmt_ms(med(o)), fmt_ms(med(t)),
-                         f"{paired_ratio(t, o):.2f}", f"{fl / med(o) / 1e9:.0f}", f"{fl / med(t) / 1e9:.0f}"])
+        flops = info[name]["flops"] if name in info else all_flops
+        label = ("total (SD3 encode_prompt)" if name == "total"
+                 else f"{LABELS[name]} ({n[name]}/{FULL_LAYERS[name]} layers)")
+        rows += [row(label, flops, times[o], times[t], dt) for dt, o, t in ROWS]
+    for dt, o_name, t_name in ROWS:  # sum of the three encoders' sets, per round
+        o = [sum(x) for x in zip(*(results[k][o_name] for k in arch))]
+        t = [sum(x) for x in zip(*(results[k][t_name] for k in arch))]
+        rows.append(row("sum of the three sets", all_flops, o, t, dt))
     out.append(
         f"Batch {b}, {CLIP_LEN} CLIP / {T5_LEN} T5 tokens; medians over {repeats} interleaved rounds; torch / ours is "
-        "the median of per-round ratios (>1: ours faster); GFLOP = XLA cost analysis of our program (the same "
-        "maths for torch); GFLOP/s = GFLOP / median time.\n"
+        "the median of per-round ratios (>1: ours faster); GFLOP = XLA cost analysis of our fp32 program (the "
+        "same maths for torch); GFLOP/s = GFLOP / median time.\n"
         + table(["encoder", "dtype", "GFLOP", "ours ms", "torch ms", "torch / ours", "ours GFLOP/s", "torch GFLOP/s"],
                 rows)
         + "\n" + "\n".join(
-            f"- {LABELS[k]}: {pairs[k]['n_params']:,} params; our XLA compile fp32 {info[k]['compile32']:.1f}s, "
-            f"bf16 {info[k]['compile16']:.1f}s; torch attention {pairs[k]['attn']!r}" for k in arch)
+            f"- {LABELS[k]}: {pairs[k]['n_params']:,} params; our XLA compile "
+            + ", ".join(f"{i} {v:.1f}s" for i, v in info[k]["compile"].items())
+            + f"; torch attention {pairs[k]['attn']!r}" for k in arch)
         + (f"\n- {total_note}" if total_note else "")
+        + "\n- 1-min load average at the start -> end of each timing set (this job alone keeps it near "
+        f"{args.threads}): " + ", ".join(f"{k} {a:.1f} -> {z:.1f}" for k, (a, z) in loads.items())
+        + "; per-round times of every set: see the log lines 'rounds'."
     )
     log("\n" + out[-1])
     out.append(
-        "Parity (relative error ||a - b|| / ||b||, same weights and ids; the CLIP rows are what SD3 reads):\n"
-        + table(["encoder", "output", "ours fp32 vs torch fp32", "ours bf16 vs torch fp32",
-                 "torch bf16 vs torch fp32", "ours bf16 vs torch bf16", "ours bf16 finite"], parity_rows)
+        "Parity (relative error ||a - b|| / ||b||, same weights and ids; the CLIP outputs are what SD3 reads):\n"
+        + table(["encoder", "output", *(f"{k} vs torch fp32" for k in others), "ours bf16 vs torch bf16",
+                 "all finite"], parity_rows)
     )
     log("\n" + out[-1])
     print("\n\n# ===== summary =====\n" + machine() + "\n\n" + "\n\n".join(out))
