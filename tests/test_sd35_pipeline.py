@@ -151,25 +151,34 @@ def diffusiondb_run(tiny, tmp_path_factory):
     rows = PROMPTS[:5] + PROMPTS[:3] + [None, "  "]  # repeats, a null and a blank, as in metadata.parquet
     pq.write_table(pa.table({"prompt": rows, "seed": list(range(len(rows)))}), manual / "metadata.parquet")
     c = tiny_config(root, **{"data.kind": "diffusiondb", "data.tfds_dir": str(base / "tfds"),
-                             "data.manual_dir": str(manual), "num_rounds": 2, "evals": {}})
+                             "data.manual_dir": str(manual), "num_rounds": 2})
     workdir = base / "run"
     trainer.train(c, str(workdir))
-    return c, _metrics(workdir)
+    return c, _metrics(workdir), workdir
+
+
+def _check_run_and_resume(c, workdir):
+    """Two rounds trained: a checkpoint and a VAE-decoded grid; then a resume to round 3."""
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    assert "student_samples" in _image_tags(workdir)
+    trainer.train(override(c.copy_and_resolve_references(), {"num_rounds": 3}), str(workdir))
+    assert [m["step"] for m in _metrics(workdir)] == [1, 2, 3]
 
 
 def test_diffusiondb_builder_keeps_distinct_prompts_and_trains(diffusiondb_run):
     from dpdmd_jax.data import diffusiondb
 
-    c, logged = diffusiondb_run
+    c, logged, workdir = diffusiondb_run
     assert sorted(diffusiondb.Prompts(c.data.tfds_dir)) == sorted(p.strip() for p in PROMPTS[:5])
     assert [m["step"] for m in logged] == [1, 2] and all(np.isfinite(m["loss"]) for m in logged)
+    _check_run_and_resume(c, workdir)
 
 
 def test_embedding_cache_trains_like_the_encoders_without_loading_them(diffusiondb_run, tmp_path, monkeypatch):
     from dpdmd_jax.backbones.sd3 import SD3Backbone
     from dpdmd_jax.data import embedding_cache
 
-    c, logged = diffusiondb_run
+    c, logged, _ = diffusiondb_run
     cache = str(tmp_path / "cache")
     embedding_cache.build_cache(c, cache, batch=8)  # the config's prompts, through its text encoders
     assert embedding_cache.read_meta(cache)["num_prompts"] == 5
@@ -186,6 +195,7 @@ def test_embedding_cache_trains_like_the_encoders_without_loading_them(diffusion
     for a, b in zip(_metrics(workdir), logged, strict=True):  # same prompts, same order, same numbers
         for k in ("loss", "loss_dmd", "loss_div", "loss_fake"):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=k)
+    _check_run_and_resume(cached, workdir)
 
 
 # ---------------------------------------------------------------------------- bad input
