@@ -19,6 +19,7 @@ from dpdmd_jax.models.clip import PRESETS, CLIPTextConfig, CLIPTextModel
 from dpdmd_jax.parallel.mesh import make_mesh, sharding_report, state_shardings
 from dpdmd_jax.weights.clip import load_clip_text, save_clip_text
 from dpdmd_jax.weights.safetensors_io import CheckpointError
+from dpdmd_jax.weights.loader import abstract_model
 from tests.helpers import copy_checkpoint, rel_err
 
 WITH_PROJECTION, NO_PROJECTION = "CLIPTextModelWithProjection", "CLIPTextModel"
@@ -191,7 +192,7 @@ def test_sequence_longer_than_the_position_table_is_refused(reference):
 @functools.cache
 def _abstract(preset: str) -> CLIPTextModel:
     """A full-size model with shape-only parameters (nothing allocated); built once per preset."""
-    return nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig(**PRESETS[preset]), rngs=nnx.Rngs(0)))
+    return abstract_model(lambda rngs: CLIPTextModel(CLIPTextConfig(**PRESETS[preset]), rngs=rngs))
 
 
 def test_sharded_load_matches_single_device(tmp_path):

@@ -102,7 +102,7 @@ class TextSource:
 
     def eval_cond(self, n: int):
         """Conditionings of the first n prompts (fixed sample grids), on device."""
-        return self.text.encode(list(self.prompts[:n]))
+        return self.text.encode([self.prompts[i] for i in range(min(n, len(self.prompts)))])
 
 
 def text_file_prompts(c: ml_collections.ConfigDict) -> list[str]:
