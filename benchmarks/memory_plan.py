@@ -33,21 +33,6 @@ from benchmarks.common import host, table  # noqa: E402
 GiB = 2**30
 
 
-def per_device_bytes(abstract_state, mesh) -> tuple[int, int, int]:
-    """(bytes on one device, bytes replicated on every device, total bytes) of a placed abstract state."""
-    from dpdmd_jax.parallel.mesh import state_shardings
-
-    shardings = state_shardings(abstract_state, mesh)
-    dev = rep = total = 0
-    for x, s in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings), strict=True):
-        nbytes = int(np.prod(x.shape)) * x.dtype.itemsize
-        shard = int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
-        dev += shard
-        total += nbytes
-        rep += nbytes if shard == nbytes else 0
-    return dev, rep, total
-
-
 def components(family: str):
     """(name, builder, copies, needed when training from an embedding cache, params only)."""
     from dpdmd_jax.models.clip import PRESETS as CLIP, CLIPTextConfig, CLIPTextModel
@@ -82,7 +67,7 @@ def components(family: str):
 
 
 def main():
-    from dpdmd_jax.parallel.mesh import make_mesh
+    from dpdmd_jax.parallel.mesh import make_mesh, sharding_plan
     from dpdmd_jax.weights.loader import abstract_model
 
     p = argparse.ArgumentParser()
@@ -96,7 +81,8 @@ def main():
     rows, totals = [], {"encoders": 0, "cache": 0, "unsharded": 0}
     for name, build, copies, with_cache, params_only in components(args.family):
         state = nnx.state(abstract_model(build), nnx.Param if params_only else ...)
-        dev, rep, total = per_device_bytes(state, mesh)
+        plan = sharding_plan(state, mesh)
+        dev, rep, total = plan["per_device_bytes"], plan["replicated_bytes"], plan["total_bytes"]
         rows.append([name, f"{copies}", f"{dev * copies / GiB:.2f}", f"{rep * copies / 2**20:.1f}",
                      f"{total * copies / GiB:.2f}"])
         totals["encoders"] += dev * copies

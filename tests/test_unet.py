@@ -16,7 +16,7 @@ import torch
 from flax import nnx
 
 from dpdmd_jax.models.unet import PRESETS, UNet2DConditionModel, UNetConfig, upsample_nearest
-from dpdmd_jax.parallel.mesh import batch_sharding, make_mesh, sharding_report, spec_for
+from dpdmd_jax.parallel.mesh import batch_sharding, make_mesh, sharding_plan, sharding_report
 from dpdmd_jax.weights.safetensors_io import CheckpointError
 from dpdmd_jax.weights.unet import abstract_unet, load_unet, save_unet
 from tests.helpers import copy_checkpoint, nchw, nhwc, rel_err
@@ -208,14 +208,8 @@ def test_full_size_param_count_and_sharding_plan():
     assert all(isinstance(v, jax.ShapeDtypeStruct) for v in leaves)
     assert sum(int(np.prod(v.shape)) for v in leaves) == 2_567_463_684
     mesh = make_mesh(fsdp=8)
-    total = replicated = per_device = 0
-    for _, var in nnx.to_flat_state(nnx.state(abstract)):
-        value = var.get_value()
-        spec = spec_for(value.shape, var.get_metadata().get("out_sharding"), mesh)
-        nbytes = int(np.prod(value.shape)) * 4
-        shards = int(np.prod([mesh.shape[a] for a in spec if a is not None]))
-        total, per_device = total + nbytes, per_device + nbytes // shards
-        replicated += nbytes if shards == 1 else 0
+    plan = sharding_plan(nnx.state(abstract), mesh)
+    total, per_device, replicated = plan["total_bytes"], plan["per_device_bytes"], plan["replicated_bytes"]
     print(f"SDXL UNet fp32 on fsdp=8: total {total / 2**30:.2f} GiB, per device {per_device / 2**30:.3f} GiB, "
           f"replicated {replicated / 2**20:.2f} MiB ({100 * replicated / total:.3f}%)")
     assert replicated < 1e-3 * total

@@ -14,7 +14,7 @@ import torch
 from flax import nnx
 
 from dpdmd_jax.models.vae import PRESETS, AutoencoderKL, VAEConfig, from_model_latent, sample_latent, to_model_latent
-from dpdmd_jax.parallel.mesh import batch_sharding, make_mesh, sharding_report, spec_for
+from dpdmd_jax.parallel.mesh import batch_sharding, make_mesh, sharding_plan, sharding_report
 from dpdmd_jax.weights.safetensors_io import CheckpointError
 from dpdmd_jax.weights.vae import abstract_vae, load_vae, save_vae
 from tests.helpers import copy_checkpoint, nchw, nhwc, rel_err
@@ -196,14 +196,8 @@ def test_full_size_param_counts_and_sharding_plan(preset, count):
     assert all(isinstance(v, jax.ShapeDtypeStruct) for v in leaves)
     assert sum(int(np.prod(v.shape)) for v in leaves) == count
     mesh = make_mesh(fsdp=8)
-    total = replicated = per_device = 0
-    for _, var in nnx.to_flat_state(nnx.state(abstract)):
-        value = var.get_value()
-        spec = spec_for(value.shape, var.get_metadata().get("out_sharding"), mesh)
-        nbytes = int(np.prod(value.shape)) * 4
-        shards = int(np.prod([mesh.shape[a] for a in spec if a is not None]))
-        total, per_device = total + nbytes, per_device + nbytes // shards
-        replicated += nbytes if shards == 1 else 0
+    plan = sharding_plan(nnx.state(abstract), mesh)
+    total, per_device, replicated = plan["total_bytes"], plan["per_device_bytes"], plan["replicated_bytes"]
     print(f"{preset} VAE fp32 on fsdp=8: total {total / 2**20:.1f} MiB, per device {per_device / 2**20:.2f} MiB, "
           f"replicated {replicated / 2**10:.1f} KiB ({100 * replicated / total:.3f}%)")
     assert replicated < 1e-3 * total

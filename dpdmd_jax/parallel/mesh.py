@@ -173,3 +173,16 @@ def sharding_report(state: Any) -> dict[str, int]:
         if shard_bytes == nbytes and len(x.sharding.device_set) > 1:
             replicated_bytes += nbytes
     return {"total_bytes": total, "replicated_bytes": replicated_bytes, "per_device_bytes": per_device}
+
+
+def sharding_plan(abstract_state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, int]:
+    """`sharding_report` of a shape-only state (`weights.loader.abstract_model`) as `state_shardings`
+    would place it on `mesh`: plan the bytes per device without allocating anything."""
+    shardings = state_shardings(abstract_state, mesh, rules)
+    total = replicated_bytes = per_device = 0
+    for x, s in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings), strict=True):
+        nbytes = math.prod(x.shape) * x.dtype.itemsize
+        shard_bytes = math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+        total, per_device = total + nbytes, per_device + shard_bytes
+        replicated_bytes += nbytes if shard_bytes == nbytes and mesh.size > 1 else 0
+    return {"total_bytes": total, "replicated_bytes": replicated_bytes, "per_device_bytes": per_device}
