@@ -82,10 +82,7 @@ def read_raw_config(folder: str) -> dict[str, Any]:
 
 
 def config_from_raw(raw: dict[str, Any], folder: str, **overrides: Any) -> CLIPTextConfig:
-    try:
-        return CLIPTextConfig.from_transformers(raw, **overrides)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder}/config.json: {e}") from e
+    return loader.build_config(CLIPTextConfig.from_transformers, raw, folder, **overrides)
 
 
 def read_config(folder: str, **overrides: Any) -> CLIPTextConfig:

@@ -184,6 +184,15 @@ def read_folder_config(folder: str, class_names: Iterable[str], what: str) -> di
     return raw
 
 
+def build_config(from_raw: Callable[..., Any], raw: dict, folder: str, **overrides: Any) -> Any:
+    """`from_raw(raw, **overrides)` (a model config's `from_diffusers` / `from_transformers`), its
+    ValueError / TypeError turned into a CheckpointError naming the folder's config.json."""
+    try:
+        return from_raw(raw, **overrides)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}/config.json: {e}") from e
+
+
 def load_module(
     abstract_model: nnx.Module,
     key_map: Callable[[nnx.State], dict[Path, Source]],

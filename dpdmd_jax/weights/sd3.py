@@ -95,10 +95,7 @@ def resolve_folder(path: str | os.PathLike) -> str:
 
 def read_config(folder: str, **overrides: Any) -> MMDiTConfig:
     raw = loader.read_folder_config(folder, ("SD3Transformer2DModel",), "diffusers SD3Transformer2DModel")
-    try:
-        return MMDiTConfig.from_diffusers(raw, **overrides)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder}/config.json: {e}") from e
+    return loader.build_config(MMDiTConfig.from_diffusers, raw, folder, **overrides)
 
 
 def abstract_mmdit(cfg: MMDiTConfig) -> tuple[nnx.GraphDef, nnx.State]:

@@ -86,10 +86,7 @@ def read_config(folder: str, **overrides: Any) -> T5Config:
     raw = loader.read_folder_config(folder, ("T5EncoderModel",), "transformers T5EncoderModel")
     if raw.get("model_type", "t5") != "t5":
         raise CheckpointError(f"{folder}/config.json has model_type {raw['model_type']!r}, not a T5 ('t5') model")
-    try:
-        return T5Config.from_transformers(raw, **overrides)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder}/config.json: {e}") from e
+    return loader.build_config(T5Config.from_transformers, raw, folder, **overrides)
 
 
 def load_t5_encoder(

@@ -20,7 +20,6 @@ from dpdmd_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dpdmd_jax.parallel.mesh import DEFAULT_RULES
 from dpdmd_jax.weights import loader
 from dpdmd_jax.weights.pipeline import component_folder, resolve_pipeline
-from dpdmd_jax.weights.safetensors_io import CheckpointError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _CLASS_NAMES = ("UNet2DConditionModel",)
@@ -83,10 +82,7 @@ def resolve_folder(path: str | os.PathLike) -> str:
 
 def read_config(folder: str, **overrides: Any) -> UNetConfig:
     raw = loader.read_folder_config(folder, _CLASS_NAMES, "diffusers UNet2DConditionModel")
-    try:
-        return UNetConfig.from_diffusers(raw, **overrides)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder}/config.json: {e}") from e
+    return loader.build_config(UNetConfig.from_diffusers, raw, folder, **overrides)
 
 
 def abstract_unet(cfg: UNetConfig) -> UNet2DConditionModel:

@@ -20,7 +20,7 @@ from dpdmd_jax.models.vae import AutoencoderKL, VAEConfig
 from dpdmd_jax.parallel.mesh import DEFAULT_RULES
 from dpdmd_jax.weights import loader
 from dpdmd_jax.weights.pipeline import component_folder
-from dpdmd_jax.weights.safetensors_io import CheckpointError, index_checkpoint
+from dpdmd_jax.weights.safetensors_io import index_checkpoint
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _CLASS_NAMES = ("AutoencoderKL",)
@@ -71,10 +71,7 @@ def key_map(cfg: VAEConfig, abstract_state: nnx.State, *, legacy_attention: bool
 
 def read_config(folder: str, **overrides: Any) -> VAEConfig:
     raw = loader.read_folder_config(folder, _CLASS_NAMES, "diffusers AutoencoderKL")
-    try:
-        return VAEConfig.from_diffusers(raw, **overrides)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder}/config.json: {e}") from e
+    return loader.build_config(VAEConfig.from_diffusers, raw, folder, **overrides)
 
 
 def abstract_vae(cfg: VAEConfig) -> AutoencoderKL:
