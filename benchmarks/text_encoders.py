@@ -41,11 +41,11 @@ import argparse
 import functools
 import os
 import re
-import statistics
 import tempfile
 import time
 
 from benchmarks.common import flops_of, host, table  # standard library only
+from benchmarks.mmdit_forward import interleaved, med, paired_ratio  # the same timing protocol
 
 
 def _args():
@@ -119,31 +119,6 @@ FULL_LAYERS = {"clip_l": 12, "clip_g": 32, "t5": 24}
 
 
 # ----------------------------------------------------------------------------- timing helpers (as mmdit_forward)
-
-
-def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Runs every fn `warmup` times, then `repeats` rounds of all fns (order reversed every other
-    round); returns the wall times per fn. Each fn must block until its result is ready."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for k in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
-def med(xs):
-    return statistics.median(xs)
-
-
-def paired_ratio(num: list[float], den: list[float]) -> float:
-    """Median over rounds of num_i / den_i (robust to load that changes between rounds)."""
-    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def fmt_ms(s: float) -> str:
