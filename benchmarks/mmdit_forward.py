@@ -229,12 +229,13 @@ def torch_fns(module, ref_params, x: dict):
     return fwd, fb
 
 
-def grad_check(cfg: MMDiTConfig, grads: nnx.State, ref) -> tuple[float, float]:
-    """(global rel err, worst per-tensor rel err) of our parameter grads vs torch's .grad."""
+def grad_check(cfg: MMDiTConfig, grads: nnx.State, ref, keys=key_map) -> tuple[float, float]:
+    """(global rel err, worst per-tensor rel err) of our parameter grads vs torch's .grad;
+    `keys(cfg, state)` is the model family's key map."""
     named = dict(ref.named_parameters())
     num = den = 0.0
     worst = 0.0
-    for key, g in loader.export_tensors(grads, key_map(cfg, grads)):
+    for key, g in loader.export_tensors(grads, keys(cfg, grads)):
         t = named[key].grad.double().numpy()
         g = g.astype(np.float64)
         num += float(np.sum((g - t) ** 2))

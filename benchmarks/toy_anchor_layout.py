@@ -1,6 +1,7 @@
 """How much of the teacher's final layout does DP-DMD's diversity target carry, per anchor step K?
 
-    python -m benchmarks.toy_anchor_layout
+    python -m benchmarks.toy_anchor_layout                  # the flow teacher, straight-line target
+    python -m benchmarks.toy_anchor_layout --family unet    # the epsilon teacher, x0 ("denoise") target
 
 DP-DMD regresses the student's first step onto the straight line through the noise eps and the
 teacher's anchor z_tK, i.e. onto the clean image x0_line(K) = eps - (eps - z_tK) / (1 - t_K). If
@@ -13,6 +14,11 @@ seeds), this runs the teacher to every K, forms x0_line(K), reads (cx, cy, size)
 toy's analytic detector, and reports per K: the fraction of x0_line images the detector accepts
 as one clean object, the correlation of their layout with the final sample's layout (same noise),
 and their within-prompt spread relative to the final samples' spread.
+
+`--target denoise` reads the other diversity target instead: the teacher's own x0 prediction at
+z_tK (one more guided teacher step, from t_K straight to clean: Euler to sigma 0 for the flow,
+DDIM to abar 1 for VP, both exactly x0(z_tK)). It is the only target for the epsilon teacher
+(`--family unet`: 30-step leading DDIM grid, no shift).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import numpy as np
 from benchmarks.common import table
 from dpdmd_jax.diffusion import flow
 from dpdmd_jax.toy import metrics
-from dpdmd_jax.toy.teacher import eval_class_ids, load_toy_teacher, sample_flow
+from dpdmd_jax.toy.teacher import eval_class_ids, load_toy_teacher, sample_toy, schedule_of, teacher_grid
+
 
 def layout(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(cx, cy, size) [N, 3] and the detector's valid flag of each image."""
@@ -36,7 +43,11 @@ def layout(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--shift", type=float, default=3.0, help="flow grid shift")
+    p.add_argument("--family", default="mmdit", choices=["mmdit", "unet"],
+                   help="the flow (MMDiT) or epsilon (UNet) toy teacher")
+    p.add_argument("--target", default=None, choices=["line", "denoise"],
+                   help="diversity target to read (default: line for the flow teacher, denoise for the UNet)")
     p.add_argument("--cfg", type=float, default=3.5)
     p.add_argument("--seeds", type=int, default=9)
     p.add_argument("--repeats", type=int, default=4)
@@ -44,32 +55,43 @@ def main() -> None:
     p.add_argument("--teacher", default=None, help="teacher folder (default: the shipped toy teacher)")
     args = p.parse_args()
 
-    teacher = load_toy_teacher(args.teacher)
-    sigmas = flow.flow_match_sigmas(args.steps, args.shift)
+    target = args.target or ("denoise" if args.family == "unet" else "line")
+    if target not in schedule_of(args.family).targets:
+        p.error(f"--target {target} is not a target of the {args.family} teacher's schedule")
+    teacher = load_toy_teacher(args.teacher, family=args.family)
+    if args.family == "unet":
+        sigmas = teacher_grid("unet", args.steps)
+    else:
+        sigmas = flow.flow_match_sigmas(args.steps, args.shift)
     ids = eval_class_ids(args.seeds, args.repeats)
     eps = np.asarray(jax.random.normal(jax.random.key(0), (ids.size, 16, 16, 3)))
-    final, final_ok = layout(sample_flow(teacher, eps, ids, sigmas, args.cfg))
+    final, final_ok = layout(sample_toy(teacher, eps, ids, sigmas, args.cfg))
     final_spread = metrics.layout_spread(final, args.seeds)
 
     rows = []
     for k in (int(x) for x in args.ks.split(",")):
-        z_k = np.asarray(sample_flow(teacher, eps, ids, sigmas[: k + 1], args.cfg))
+        z_k = np.asarray(sample_toy(teacher, eps, ids, sigmas[: k + 1], args.cfg))
         t_k = float(sigmas[k])
-        x0_line = eps - (eps - z_k) / (1.0 - t_k)  # the clean end of the line DP-DMD's first step learns
-        lay, ok = layout(x0_line)
+        if target == "line":
+            x0 = eps - (eps - z_k) / (1.0 - t_k)  # the clean end of the line DP-DMD's first step learns
+        else:  # one guided teacher step from t_K to clean lands on the teacher's x0(z_tK)
+            x0 = np.asarray(sample_toy(teacher, z_k, ids, [t_k, sigmas[-1]], args.cfg))
+        lay, ok = layout(x0)
         both = ok & final_ok
         corr = [np.corrcoef(lay[both, i], final[both, i])[0, 1] if both.sum() > 2 else float("nan") for i in range(3)]
         ratio = metrics.layout_spread(lay, args.seeds) / final_spread
         rows.append([k, t_k, ok.mean(), *corr, *ratio])
-        print(f"K={k}: sigma {t_k:.3f}, valid {ok.mean():.2f}", flush=True)
+        print(f"K={k}: level {t_k:g}, valid {ok.mean():.2f}", flush=True)
 
-    head = ["K", "t_K", "valid x0_line", "corr cx", "corr cy", "corr size",
+    head = ["K", "t_K", f"valid x0_{target}", "corr cx", "corr cy", "corr size",
             "spread ratio cx", "spread ratio cy", "spread ratio size"]
-    cells = [[str(r[0]), f"{r[1]:.3f}", *(f"{v:.2f}" for v in r[2:])] for r in rows]
-    print(f"\nTeacher T={args.steps} (shift {args.shift:g}, CFG {args.cfg:g}); {ids.size} noises "
+    level = "{:.3f}" if args.family == "mmdit" else "{:.0f}"  # flow sigma / DDPM timestep (-1: clean)
+    cells = [[str(r[0]), level.format(r[1]), *(f"{v:.2f}" for v in r[2:])] for r in rows]
+    grid = f"shift {args.shift:g}" if args.family == "mmdit" else "leading DDIM"
+    print(f"\n{args.family} teacher T={args.steps} ({grid}, CFG {args.cfg:g}), target {target}; {ids.size} noises "
           f"({ids.size // args.seeds} prompts x {args.seeds} seeds); final samples valid {final_ok.mean():.2f}; "
           "corr = Pearson correlation with the final sample's layout (same noise, both valid); spread ratio = "
-          "within-prompt std of x0_line's layout / the final samples'.\n")
+          f"within-prompt std of x0_{target}'s layout / the final samples'.\n")
     print(table(head, cells))
 
 

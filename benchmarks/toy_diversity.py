@@ -8,6 +8,7 @@ writes a table (mean +- std over seeds), a plot and sample grids.
   python -m benchmarks.toy_diversity --arms study          # lambda sweep, wider first step
   python -m benchmarks.toy_diversity --arms study --only "DMD wide grid;DP-DMD K=30 wide grid"
   python -m benchmarks.toy_diversity --rounds 400 --seeds 0,1,2 --out benchmarks/results/toy_diversity
+  python -m benchmarks.toy_diversity --variant unet --arms eps   # the epsilon toy: DMD, DP-DMD K in {1,5,10,T}
   # both cores, one run per core, then the table:
   taskset -c 0 python -m benchmarks.toy_diversity --shard 0/2 & taskset -c 1 python -m benchmarks.toy_diversity \
       --shard 1/2; wait; python -m benchmarks.toy_diversity
@@ -26,6 +27,7 @@ import numpy as np
 
 from benchmarks import common
 
+ARGS = None  # the parsed command line (main)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: default --out is under it
 # The compile cache must be configured before jax is imported (configs.toy imports dpdmd_jax).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/dpdmd_jax_bench_cache")
@@ -39,6 +41,11 @@ ARMS = {
     "main": {
         "DMD": {"distill.lambda_div": 0.0},
         **{f"DP-DMD K={k}": {"distill.anchor_k": k} for k in (1, 3, 5, 10, T)},
+    },
+    # The epsilon toy (configs/toy.py:unet, x0 target): the issue's arms.
+    "eps": {
+        "DMD": {"distill.lambda_div": 0.0},
+        **{f"DP-DMD K={k}": {"distill.anchor_k": k} for k in (1, 5, 10, T)},
     },
     "study": {
         "DP-DMD K=5 lambda=0.5": {"distill.lambda_div": 0.5},
@@ -56,7 +63,7 @@ def make_config(overrides: dict, seed: int, rounds: int, teacher: str | None):
     from configs import toy
     from dpdmd_jax.config import override
 
-    c = toy.get_config()
+    c = toy.get_config(ARGS.variant if ARGS else None)
     c.seed = seed
     c.num_rounds = rounds  # logging / checkpoint / sample cadence stay the toy default's
     if teacher:
@@ -116,6 +123,20 @@ def table(agg: dict[str, dict]) -> str:
     return common.table(["arm", *cols], rows)
 
 
+PAIRED = ("diversity_layout", "diversity_pixel", "spread_size", "adherence", "frechet_layout")
+
+
+def paired_table(per_arm: dict[str, list[dict]], seeds: list[int], base: str = "DMD") -> str:
+    """Each arm minus `base` on the same training seed (same data order and noise), per seed."""
+    rows = []
+    for name, results in per_arm.items():
+        if name == base or base not in per_arm:
+            continue
+        diffs = [[r["student"][k] - b["student"][k] for r, b in zip(results, per_arm[base])] for k in PAIRED]
+        rows.append([name, *(" / ".join(f"{d:+.3f}" for d in ds) for ds in diffs)])
+    return common.table([f"arm minus {base} (seeds {'/'.join(map(str, seeds))})", *PAIRED], rows)
+
+
 def plot(agg: dict[str, dict], path: str) -> None:
     import matplotlib
 
@@ -160,18 +181,22 @@ def save_grids(out: str, arms: dict) -> None:
 def main() -> None:
     global ARGS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arms", default="main", choices=["main", "study", "all"])
+    p.add_argument("--arms", default="main", choices=["main", "study", "eps", "all"])
     p.add_argument("--only", default=None, metavar="ARM[;ARM]",
                    help="only these arms of --arms, by name, e.g. 'DMD wide grid;DP-DMD K=30 wide grid'")
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "toy_diversity"))
+    p.add_argument("--variant", default=None, help="configs/toy.py variant every arm starts from, e.g. unet")
+    p.add_argument("--out", default=None, help="default benchmarks/results/toy_diversity[_VARIANT]")
     p.add_argument("--teacher", default=None, help="teacher folder (default: the shipped toy teacher)")
     p.add_argument("--grids", action="store_true", help="also write seed-0 sample grids")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="train only the I-th of N blocks of (arm, seed) jobs, then exit; run N at once, then once "
                         "without --shard for the table")
     ARGS = p.parse_args()
+    if ARGS.out is None:
+        suffix = f"_{ARGS.variant.replace(',', '_')}" if ARGS.variant else ""
+        ARGS.out = os.path.join(ROOT, "benchmarks", "results", f"toy_diversity{suffix}")
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
@@ -192,15 +217,16 @@ def main() -> None:
             run_one(name, arms[name], seed, ARGS.rounds, ARGS.out, ARGS.teacher)
             print(f"done: {name} seed {seed}", flush=True)
         return
-    agg = {}
+    agg, per_arm = {}, {}
     for name, overrides in arms.items():
         results = [run_one(name, overrides, seed, ARGS.rounds, ARGS.out, ARGS.teacher) for seed in seeds]
+        per_arm[name] = results
         if "teacher" not in agg:
             agg["teacher"] = aggregate(results, "teacher")
             agg["teacher"]["wall_s"] = float("nan")
         agg[name] = aggregate(results, "student")
         print(f"done: {name}", flush=True)
-    text = table(agg)
+    text = table(agg) + "\n\nPaired by training seed:\n\n" + paired_table(per_arm, seeds)
     print(f"\nToy diversity, {ARGS.rounds} rounds, seeds {seeds} (mean ± std over training seeds):\n")
     print(text)
     with open(os.path.join(ARGS.out, f"table_{ARGS.arms}.md"), "w") as f:

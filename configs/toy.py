@@ -10,6 +10,9 @@ Variants (`--config=configs/toy.py:VARIANT[,VARIANT...]`):
   denoise  x0 ("denoise") diversity target instead of the straight line
   kN       anchor step K = N (e.g. k10)
   wide     student grid [1, 0.75, 0.5, 0.25]: a larger first step than the shift-3 grid's 1 -> 0.86
+  unet     the epsilon toy: the shipped SDXL-style UNet teacher (VP epsilon, 30-step DDIM anchor
+           grid), DMD2's 4-step student at timesteps (999, 749, 499, 249), DMD noise in [20, 980],
+           the x0 ("denoise") diversity target; the whole SDXL path of the method on a CPU
   smoke    a few rounds of a tiny random model (tests)
 Any field can be overridden, e.g. --config.distill.lambda_div=0.5 --config.num_rounds=400.
 
@@ -48,6 +51,9 @@ def get_config(arg: str | None = None):
             continue
         if variant == "wide":
             c.student.sigmas = WIDE_STUDENT_SIGMAS
+        elif variant == "unet":
+            c.backbone = "unet"
+            c.distill.target = "denoise"  # VP has no straight path to draw the line target on
         elif variant == "smoke":
             c.model.source = "random"
             c.data.latent_size = (8, 8)

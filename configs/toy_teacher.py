@@ -8,7 +8,11 @@ continued twice from its EMA export with a fresh optimizer (`--config.init_from`
 (`--config.num_steps=6000 --config.eval_every=2000 --config.seed=2`), 8800 steps in all. Square
 vs circle is only learned in the last few thousand steps; 2800 steps give round blobs for both.
 
-Variants (`--config=configs/toy_teacher.py:VARIANT`):
+Variants (`--config=configs/toy_teacher.py:VARIANT[,VARIANT]`):
+    unet    the epsilon toy teacher: the SDXL-style `TOY_UNET_ARCH` UNet, VP epsilon prediction
+            on SDXL's scaled-linear schedule, timesteps uniform in [0, 1000), evaluated with
+            30-step leading DDIM (dpdmd_jax/toy/assets/teacher_unet/RESULTS.md: how the shipped
+            one was trained).
     smoke   a 2-layer model, a handful of steps and a tiny evaluation (tests, CI).
 
 Overrides as usual, e.g. `--config.num_steps=3000 --config.model.num_layers=6`,
@@ -18,13 +22,14 @@ Overrides as usual, e.g. `--config.num_steps=3000 --config.model.num_layers=6`,
 
 import ml_collections
 
-from dpdmd_jax.toy.teacher import TOY_ARCH
+from dpdmd_jax.toy.teacher import TOY_ARCH, TOY_UNET_ARCH
 
 
 def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.seed = 0
-    # MMDiTConfig fields; TOY_ARCH is the shipped teacher's architecture.
+    config.family = "mmdit"  # "mmdit" (rectified flow) or "unet" (VP epsilon)
+    # MMDiTConfig (UNetConfig) fields; TOY_ARCH (TOY_UNET_ARCH) is the shipped teacher's architecture.
     config.model = ml_collections.ConfigDict(dict(TOY_ARCH))
 
     # Per-sample cost is ~linear in the batch on a CPU, so 64 buys twice the updates of 128.
@@ -35,7 +40,7 @@ def get_config(arg=None):
     ))
     config.ema_decay = 0.995
 
-    # Noise levels: SD3's logit-normal(0, 1) or "uniform" on [0, 1].
+    # Noise levels: flow sigmas from SD3's logit-normal(0, 1) or "uniform" on [0, 1]; VP: "timesteps".
     config.sigma_sampling = "logit_normal"
     config.logit_mean = 0.0
     config.logit_std = 1.0
@@ -56,8 +61,21 @@ def get_config(arg=None):
     config.export_dir = ""  # "" = WORKDIR/teacher
     config.overwrite = False
 
-    if arg == "smoke":
-        config.model.num_layers = 2
+    variants = [v for v in (arg or "").split(",") if v]
+    unknown = set(variants) - {"unet", "smoke"}
+    if unknown:
+        raise ValueError(f"unknown variant(s) {sorted(unknown)} (known: unet, smoke)")
+    if "unet" in variants:
+        config.family = "unet"
+        config.model = ml_collections.ConfigDict(dict(TOY_UNET_ARCH))
+        config.sigma_sampling = "timesteps"
+        config.num_steps = 4000
+        config.eval_every = 1000
+    if "smoke" in variants:
+        if config.family == "unet":
+            config.model.transformer_layers_per_block = (1, 1)
+        else:
+            config.model.num_layers = 2
         config.batch_size = 8
         config.num_steps = 3
         config.optimizer.warmup_steps = 1
@@ -67,6 +85,4 @@ def get_config(arg=None):
         config.eval = ml_collections.ConfigDict(dict(
             num_steps=2, shift=3.0, cfg_scales=(3.5,), seeds=2, repeats=1, seed=0,
         ))
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} (known: smoke)")
     return config

@@ -20,6 +20,36 @@ def save_random_sd3(folder, seed: int = 0, dtype=torch.float32, **config) -> "to
     return model.to(dtype)
 
 
+def save_random_unet(folder, arch: dict, seed: int = 0, max_shard_size=None) -> "torch.nn.Module":
+    """A small random diffusers UNet2DConditionModel with every parameter perturbed (so the norms'
+    scales and shifts are not just ones and zeros), saved; returned in eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    ref = UNet2DConditionModel(**arch).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kw = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
+    ref.save_pretrained(folder, safe_serialization=True, **kw)
+    return ref
+
+
+def unet_torch_kwargs(x: dict) -> dict:
+    """Our NHWC numpy inputs {sample, timesteps, context[, text_embeds, time_ids]} as
+    `UNet2DConditionModel` kwargs (int timesteps as int64, as the pipelines pass them)."""
+    added = {k: torch.from_numpy(x[k]) for k in ("text_embeds", "time_ids") if k in x}
+    t = x["timesteps"]
+    t = torch.from_numpy(t.astype(np.int64) if t.dtype.kind == "i" else t)
+    return dict(sample=nchw(x["sample"]), timestep=t, encoder_hidden_states=torch.from_numpy(x["context"]),
+                added_cond_kwargs=added or None, return_dict=False)
+
+
+def unet_torch_forward(ref, x: dict) -> np.ndarray:
+    with torch.no_grad():
+        return nhwc(ref(**unet_torch_kwargs(x))[0])
+
+
 def rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))

@@ -118,25 +118,75 @@ def test_pipeline_loader_places_every_component_on_the_mesh(tiny):
 # ---------------------------------------------------------------------------- training end to end
 
 
-def test_sd35_config_trains_from_a_prompt_file_and_resumes(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def prompt_run(tiny, tmp_path_factory):
+    """`configs/sd35.py:tiny` trained through the CLI for 2 rounds from a prompt file, then resumed
+    to round 3 in this process."""
     root, _ = tiny
-    prompts = _prompt_file(tmp_path, [p.encode() for p in PROMPTS[:4]] + [b"caf\xe9 on the sea", LONG.encode()])
-    workdir = tmp_path / "run"
+    base = tmp_path_factory.mktemp("prompt_run")
+    prompts = _prompt_file(base, [p.encode() for p in PROMPTS[:4]] + [b"caf\xe9 on the sea", LONG.encode()])
+    workdir = base / "run"
     cmd = [sys.executable, "-m", "dpdmd_jax.main", "--config=configs/sd35.py:tiny", f"--workdir={workdir}",
            f"--config.model.source={root}", f"--config.data.prompt_file={prompts}", "--config.num_rounds=2"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "skipped 1 lines that are not valid UTF-8; 5 prompts remain" in out.stdout
-    assert "were truncated" in out.stderr  # the over-long prompt, counted in the log
-    assert [m["step"] for m in _metrics(workdir)] == [1, 2]
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
-    assert "student_samples" in _image_tags(workdir)  # the VAE-decoded grid of round 2
-
-    # Resume to round 3 in this process: continues from the checkpoint, writes only round 3.
+    metrics_after_cli = _metrics(workdir)
+    checkpoints_after_cli = sorted(os.listdir(workdir / "checkpoints"))
+    tags_after_cli = _image_tags(workdir)
     c = tiny_config(root, **{"data.prompt_file": prompts, "num_rounds": 3})
     trainer.train(c, str(workdir))
-    logged = _metrics(workdir)
+    return dict(root=root, workdir=workdir, prompts=prompts, config=c, cli=out, metrics_after_cli=metrics_after_cli,
+                checkpoints_after_cli=checkpoints_after_cli, tags_after_cli=tags_after_cli)
+
+
+def test_sd35_config_trains_from_a_prompt_file_and_resumes(prompt_run):
+    out = prompt_run["cli"]
+    assert "skipped 1 lines that are not valid UTF-8; 5 prompts remain" in out.stdout
+    assert "were truncated" in out.stderr  # the over-long prompt, counted in the log
+    assert [m["step"] for m in prompt_run["metrics_after_cli"]] == [1, 2]
+    assert prompt_run["checkpoints_after_cli"] == ["2"]
+    assert "student_samples" in prompt_run["tags_after_cli"]  # the VAE-decoded grid of round 2
+    # The resume to round 3 continued from the checkpoint and wrote only round 3.
+    logged = _metrics(prompt_run["workdir"])
     assert [m["step"] for m in logged] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in logged)
+
+
+def test_export_loads_in_diffusers_and_its_4_step_call_is_our_sampler(prompt_run, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from dpdmd_jax import export, sample
+    from dpdmd_jax.diffusion import sampler as sampler_lib
+
+    c, workdir = prompt_run["config"], str(prompt_run["workdir"])
+    out = export.export_student(c, workdir, str(tmp_path / "export"))
+    with open(os.path.join(out, "dpdmd_student.json")) as f:
+        meta = json.load(f)
+    assert meta["call"] == {"num_inference_steps": 4, "guidance_scale": 1.0} and meta["source"].endswith("/3")
+    with pytest.raises(export.ExportError, match="never overwrite"):
+        export.export_student(c, workdir, out)
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    setup = trainer.build(c)
+    pipe.scheduler.set_timesteps(4)
+    np.testing.assert_allclose(pipe.scheduler.sigmas.numpy(), setup.distiller.student_grid, atol=1e-6)
+
+    # Our student sampler and the exported pipeline's own 4-step call, same latents and embeddings.
+    params, _ = sample.load_student(setup, workdir, None)
+    d = setup.distiller
+    cond = jax.device_get(setup.data.eval_cond(2))
+    eps = np.asarray(jax.random.normal(jax.random.key(5), (2, *d.latent_shape)))
+    ours = np.asarray(jax.jit(lambda p, e, cd: sampler_lib.sample(d._predictor(p, setup.frozen.buffers), d.schedule,
+                                                                  e, d.student_grid, cd, student=True))(params, eps,
+                                                                                                         cond))
+    with torch.no_grad():
+        theirs = pipe(prompt_embeds=torch.from_numpy(np.array(cond.context)),
+                      pooled_prompt_embeds=torch.from_numpy(np.array(cond.pooled)),
+                      latents=torch.from_numpy(eps.transpose(0, 3, 1, 2).copy()), num_inference_steps=4,
+                      guidance_scale=1.0, output_type="latent").images
+    assert rel_err(ours, theirs.numpy().transpose(0, 2, 3, 1)) <= 1e-4
+
+    # The sampler writes the same student's images from the workdir, prompts from the file.
+    s = sample.sample(c, str(tmp_path / "samples"), workdir=workdir, seeds=2, num_prompts=2, per_device_batch=1)
+    assert s["rows"] == 4 and len(os.listdir(os.path.join(s["out"], "images"))) == 4
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from dpdmd_jax.models.unet import PRESETS, UNet2DConditionModel, UNetConfig, ups
 from dpdmd_jax.parallel.mesh import batch_sharding, make_mesh, sharding_plan, sharding_report
 from dpdmd_jax.weights.safetensors_io import CheckpointError
 from dpdmd_jax.weights.unet import abstract_unet, load_unet, save_unet
-from tests.helpers import copy_checkpoint, nchw, nhwc, rel_err
+from tests.helpers import copy_checkpoint, nchw, nhwc, rel_err, save_random_unet, unet_torch_forward
 
 _CA_DOWN, _CA_UP = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
 
@@ -63,21 +63,6 @@ CONFIGS = {
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def _save_random_unet(folder, arch: dict, seed: int = 0, max_shard_size=None):
-    """A small random diffusers UNet2DConditionModel with every parameter perturbed (so the norms'
-    scales and shifts are not just ones and zeros), saved; returned in eval mode."""
-    from diffusers import UNet2DConditionModel as Reference
-
-    torch.manual_seed(seed)
-    ref = Reference(**arch).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    kw = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
-    ref.save_pretrained(folder, safe_serialization=True, **kw)
-    return ref
-
-
 def _inputs(case, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     arch, b = case["arch"], case["batch"]
@@ -93,16 +78,6 @@ def _inputs(case, seed: int = 0) -> dict[str, np.ndarray]:
         x["time_ids"] = np.stack([rng.choice([512.0, 768.0, 1024.0], 6) * [1, 1, 0.05, 0.05, 1, 1]
                                   for _ in range(b)]).astype(np.float32)
     return x
-
-
-def _torch_forward(ref, x) -> np.ndarray:
-    added = {k: torch.from_numpy(x[k]) for k in ("text_embeds", "time_ids") if k in x}
-    t = x["timesteps"]
-    t = torch.from_numpy(t.astype(np.int64) if t.dtype.kind == "i" else t)  # int64 steps, as the pipelines pass
-    with torch.no_grad():
-        out = ref(nchw(x["sample"]), t, torch.from_numpy(x["context"]), added_cond_kwargs=added or None,
-                  return_dict=False)[0]
-    return nhwc(out)
 
 
 # One traced function for every model: jit caches on the model's graph, shapes and shardings.
@@ -123,10 +98,10 @@ def references(tmp_path_factory):
         if name not in cache:
             case = CONFIGS[name]
             folder = tmp_path_factory.mktemp(name)
-            ref = _save_random_unet(folder, case["arch"], max_shard_size=case.get("max_shard_size"))
+            ref = save_random_unet(folder, case["arch"], max_shard_size=case.get("max_shard_size"))
             x = _inputs(case)
             model = load_unet(folder, progress=False)
-            cache[name] = dict(name=name, case=case, folder=folder, x=x, expected=_torch_forward(ref, x),
+            cache[name] = dict(name=name, case=case, folder=folder, x=x, expected=unet_torch_forward(ref, x),
                                model=model, ours=_ours(model, x))
         return cache[name]
 
@@ -157,7 +132,7 @@ def test_scan_equals_loop_and_exports_to_diffusers(references, tmp_path):
     np.testing.assert_allclose(ours, r["ours"], rtol=1e-6, atol=1e-6 * np.abs(ours).max())
     out = save_unet(model, tmp_path / "export")
     reloaded = Reference.from_pretrained(out).eval()
-    np.testing.assert_array_equal(_torch_forward(reloaded, r["x"]), r["expected"])
+    np.testing.assert_array_equal(unet_torch_forward(reloaded, r["x"]), r["expected"])
     with open(os.path.join(out, "config.json")) as f:
         assert UNetConfig.from_diffusers(json.load(f)) == dataclasses.replace(model.cfg, scan_layers=False)
     with pytest.raises(FileExistsError):
@@ -270,7 +245,7 @@ def test_abstract_model_has_the_random_init_structure():
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad")
-    _save_random_unet(folder, CONFIGS["sdxl_like"]["arch"])
+    save_random_unet(folder, CONFIGS["sdxl_like"]["arch"])
     return folder
 
 

@@ -1,6 +1,7 @@
 """The SDXL UNet as a backbone: VP epsilon prediction (scaled-linear betas), `SDXLCond`.
 
-`model.source` is a diffusers StableDiffusionXLPipeline folder (or its `unet/` folder). The text
+`model.source` is a diffusers StableDiffusionXLPipeline folder (or its `unet/` folder), or "toy"
+(the shipped epsilon toy teacher, `toy.teacher.TOY_UNET_ARCH`, with the toy's class prompts). The text
 side is CLIP-L + OpenCLIP-bigG (`text.sdxl`), with time ids for the run's image size
 (`data.latent_size` x the VAE factor 8); the unconditional branch is zeros, as the pipeline builds
 it when `force_zeros_for_empty_prompt` is set.
@@ -31,8 +32,15 @@ class SDXLBackbone(PipelineBackbone):
     components = tuple(SDXL_COMPONENTS)
     family = "SDXL"
 
+    def builtin_source(self) -> bool:
+        return self.source == "toy"
+
     @functools.cached_property
     def arch(self):
+        if self.source == "toy":
+            from dpdmd_jax.toy.teacher import toy_unet_config
+
+            return toy_unet_config()
         from dpdmd_jax.weights.unet import read_config, resolve_folder
 
         return read_config(resolve_folder(self.source))
@@ -56,6 +64,11 @@ class SDXLBackbone(PipelineBackbone):
         from dpdmd_jax.weights.unet import load_unet
 
         m = self.c.model
+        if self.source == "toy":
+            from dpdmd_jax.toy.teacher import TEACHER_DIRS
+
+            return load_unet(TEACHER_DIRS["unet"], dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, rules=rules,
+                             scan_layers=m.scan_layers, remat_policy=m.remat_policy, progress=False)
         return load_unet(self.source, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, rules=rules,
                          scan_layers=m.scan_layers, remat_policy=m.remat_policy)
 
@@ -69,6 +82,9 @@ class SDXLBackbone(PipelineBackbone):
         a = self.arch
         pooled = a.projection_class_embeddings_input_dim - 6 * a.addition_time_embed_dim
         f32 = jnp.float32
-        return backbones.SDXLCond(context=jax.ShapeDtypeStruct((batch, CLIP_LEN, a.cross_attention_dim), f32),
+        length = CLIP_LEN
+        if self.source == "toy":
+            from dpdmd_jax.toy.teacher import CONTEXT_LEN as length  # the toy "text encoder"'s tokens
+        return backbones.SDXLCond(context=jax.ShapeDtypeStruct((batch, length, a.cross_attention_dim), f32),
                                   text_embeds=jax.ShapeDtypeStruct((batch, pooled), f32),
                                   time_ids=jax.ShapeDtypeStruct((batch, 6), f32))

@@ -8,29 +8,33 @@ import numpy as np
 from dpdmd_jax import backbones
 from dpdmd_jax.distill.step import RoundBatch
 from dpdmd_jax.toy import data as toy_data
+from dpdmd_jax.toy import teacher as toy_teacher
 
 
 class ToySource:
     """Class-conditioned toy prompts embedded by the toy's fixed "text encoder"
-    (`toy.data.class_embedding`); the unconditional branch is its NULL class (zeros)."""
+    (`toy.data.class_embedding`) into the backbone's conditioning (SD3Cond, or SDXLCond with the
+    toy's time ids); the unconditional branch is its NULL class (zeros; SDXL keeps its time ids)."""
 
     def __init__(self, c: ml_collections.ConfigDict, backbone: backbones.Backbone, mesh=None, rules=None):
-        if backbone.cond_type is not backbones.SD3Cond:
-            raise ValueError(f"the toy data source makes SD3-shaped conditioning; backbone {c.backbone!r} "
+        if backbone.cond_type not in (backbones.SD3Cond, backbones.SDXLCond):
+            raise ValueError(f"the toy data source makes SD3- or SDXL-shaped conditioning; backbone {c.backbone!r} "
                              f"takes {backbone.cond_type.__name__}")
+        self.cond_type = backbone.cond_type
         spec = backbone.cond_spec(1)
-        self.context_len, self.context_dim = spec.context.shape[1:]
-        self.pooled_dim = spec.pooled.shape[1]
+        self.context_dim = spec.context.shape[2]
+        self.pooled_dim = (spec.pooled if self.cond_type is backbones.SD3Cond else spec.text_embeds).shape[1]
+        if spec.context.shape[1] != toy_teacher.CONTEXT_LEN:
+            raise ValueError(f"backbone {c.backbone!r} with model.source={c.model.source!r} takes "
+                             f"{spec.context.shape[1]} context tokens; the toy's text encoder makes "
+                             f"{toy_teacher.CONTEXT_LEN} (use model.source='toy' or 'random')")
         self.seed, self.batch = c.seed, c.batch_size
         self.rows = c.distill.fake_updates_per_student + 1
 
-    def embed(self, class_ids: np.ndarray) -> backbones.SD3Cond:
-        """Class ids of any shape (NULL_CLASS = -1: unconditional) -> SD3Cond with that leading shape."""
-        ids = np.asarray(class_ids)
-        context, pooled = toy_data.class_embedding(ids.reshape(-1), self.context_dim, self.pooled_dim,
-                                                   self.context_len)
-        return backbones.SD3Cond(context.reshape(*ids.shape, *context.shape[1:]),
-                                 pooled.reshape(*ids.shape, -1))
+    def embed(self, class_ids: np.ndarray):
+        """Class ids of any shape (NULL_CLASS = -1: unconditional) -> the backbone's cond with that
+        leading shape."""
+        return toy_teacher.toy_cond(class_ids, self.cond_type, self.context_dim, self.pooled_dim)
 
     def class_ids(self, r: int) -> np.ndarray:
         """Round r's class ids [M + 1, batch] (all of the global batch: ints, cheap)."""
@@ -39,4 +43,5 @@ class ToySource:
 
     def round(self, r: int, rows: slice) -> RoundBatch:
         ids = self.class_ids(r)[:, rows]
+        # NULL_CLASS: zero embeddings (SDXLCond keeps the toy's time ids in both branches).
         return RoundBatch(cond=self.embed(ids), uncond=self.embed(np.full(ids.shape[1], toy_data.NULL_CLASS)))

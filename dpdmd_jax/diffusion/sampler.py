@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpdmd_jax.diffusion.schedules import Schedule
+from dpdmd_jax.diffusion.schedules import Schedule, fold_in
 
 Predict = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
@@ -58,7 +58,8 @@ def sample(
 
     student=False: the schedule's deterministic teacher (ODE) step; student=True: the student's
     step, which for VP re-noises with fresh noise from `key` folded with the step index (counted
-    from `first_index`, for a grid that continues a longer one).
+    from `first_index`, for a grid that continues a longer one); `key` is one key, or one per
+    sample ([B]) so that each sample's noise is independent of the batch it runs in.
     """
     grid = jnp.asarray(grid, jnp.float32)
     steps = grid.shape[0] - 1
@@ -69,7 +70,7 @@ def sample(
         i, level, next_level = inp
         p = guided_prediction(predict, z, level, cond, uncond, cfg_scale)
         if student:
-            return schedule.student_step(z, p, level, next_level, jax.random.fold_in(key, i)), None
+            return schedule.student_step(z, p, level, next_level, fold_in(key, i)), None
         return schedule.teacher_step(z, p, level, next_level), None
 
     return jax.lax.scan(body, z, (first_index + jnp.arange(steps), grid[:-1], grid[1:]))[0]

@@ -27,6 +27,27 @@ from dpdmd_jax.diffusion import flow, vp
 ArrayLike = jax.typing.ArrayLike
 
 
+def _per_sample(key: jax.Array) -> bool:
+    """A batch of keys: typed keys of shape [B], or raw uint32 keys of shape [B, 2]."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return key.ndim > (0 if typed else 1)
+
+
+def fold_in(key: jax.Array, i: ArrayLike) -> jax.Array:
+    """`jax.random.fold_in` for one key or for one key per sample ([B] keys)."""
+    return jax.vmap(jax.random.fold_in, (0, None))(key, i) if _per_sample(key) else jax.random.fold_in(key, i)
+
+
+def normal_like(key: jax.Array, x: ArrayLike) -> jax.Array:
+    """N(0, 1) noise of x's shape and dtype: from one key for the whole batch, or from one key per
+    sample ([B] keys), so that each sample's noise depends on its own key alone, whatever batch it
+    is drawn in (the sampling script's guarantee: same (prompt, seed), same image)."""
+    x = jnp.asarray(x)
+    if not _per_sample(key):
+        return jax.random.normal(key, x.shape, x.dtype)
+    return jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(key)
+
+
 class Schedule(Protocol):
     """What `distill/` needs of a noise schedule (levels as in the module docstring)."""
 
@@ -154,7 +175,7 @@ class VPEpsilon:
     def student_step(self, z, prediction, level, next_level, key):
         # DMD2's 4-step SDXL student: predict x0, re-noise it to the next timestep with fresh noise.
         x0 = self.to_x0(z, prediction, level)
-        noise = jax.random.normal(key, jnp.shape(x0), jnp.asarray(x0).dtype)
+        noise = normal_like(key, x0)  # one key, or one per sample
         return vp.add_noise(x0, noise, self.abar(next_level))  # abar(clean) = 1: exactly x0
 
     def critic_target(self, x, noise):

@@ -202,9 +202,10 @@ _RESUMABLE_CHANGES = {"num_rounds", "log_every", "checkpoint_every", "keep_check
                       "max_nonfinite", "evals", "mesh", "model.scan_layers", "model.remat_policy"}
 
 
-def check_workdir_config(workdir: str, c: ml_collections.ConfigDict) -> None:
+def check_workdir_config(workdir: str, c: ml_collections.ConfigDict, write: bool = True) -> None:
     """First run writes config.json; later runs must match it (except loop/layout knobs), so a
-    workdir never silently mixes two experiments."""
+    workdir never silently mixes two experiments. `write=False` (readers such as the sampler) only
+    compares."""
     path = os.path.join(workdir, "config.json")
     current = json.loads(c.to_json_best_effort())
     if os.path.exists(path):
@@ -226,7 +227,7 @@ def check_workdir_config(workdir: str, c: ml_collections.ConfigDict) -> None:
                 f"{workdir} holds a run with a different config ({changes}). "
                 "Resume with the same settings, or start this experiment in a new --workdir."
             )
-    if jax.process_index() == 0:
+    if write and jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump(current, f, indent=2)

@@ -69,7 +69,7 @@ class ToyMetrics:
             with open(cache, "w") as f:
                 json.dump(teacher, f, indent=2)
         student_model = nnx.merge(d.graphdef, state.student, self.setup.frozen.buffers)
-        student = evaluate_sampler(student_model, (1.0,), sigmas=d.student_grid, **self.kw)[1.0]
+        student = evaluate_sampler(student_model, (1.0,), sigmas=d.student_grid, student=True, **self.kw)[1.0]
         summary = {
             "rounds": int(state.step),
             "teacher": {"nfe": 2 * c.teacher.steps, "cfg_scale": c.teacher.cfg_scale, **teacher},

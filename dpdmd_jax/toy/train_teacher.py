@@ -1,15 +1,19 @@
-r"""Trains the toy teacher by flow matching with CFG dropout and exports its EMA weights.
+r"""Trains a toy teacher with CFG dropout and exports its EMA weights: the MMDiT by flow matching,
+or (`configs/toy_teacher.py:unet`) the UNet by epsilon prediction on SDXL's VP schedule.
 
     python -m dpdmd_jax.toy.train_teacher --config=configs/toy_teacher.py --workdir=runs/toy_teacher
+    python -m dpdmd_jax.toy.train_teacher --config=configs/toy_teacher.py:unet --workdir=runs/toy_teacher_unet
 
 The export (`--config.export_dir`, default WORKDIR/teacher) is a diffusers
-SD3Transformer2DModel folder that `load_toy_teacher(path)` / `load_mmdit` read; copy it to
-`dpdmd_jax/toy/assets/teacher/` to ship it. An existing export is never overwritten unless
+SD3Transformer2DModel / UNet2DConditionModel folder that `load_toy_teacher(path, family)` reads;
+copy it to `dpdmd_jax/toy/assets/teacher/` (`teacher_unet/`) to ship it. An existing export is never overwritten unless
 `--config.overwrite=True`, and exports are written to a temporary folder and renamed into
 place, so an interrupted run cannot leave a half-written teacher behind.
 
 The step is pure: `graphdef, params, rest = nnx.split(model, nnx.Param, ...)` once; the
-jitted step takes and returns plain pytrees (params, optimizer state, EMA params).
+jitted step takes and returns plain pytrees (params, optimizer state, EMA params). The loss is the
+schedule's own: noise at a level, regress `schedule.critic_target` (flow: v = eps - x; VP: eps),
+the same target the fake score is trained on during distillation.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from dpdmd_jax.diffusion import flow
-from dpdmd_jax.models.mmdit import MMDiT
 from dpdmd_jax.toy import data, teacher
 
 EVAL_KEYS = ("diversity_layout", "diversity_pixel", "spread_cx", "spread_cy", "spread_size",
@@ -54,27 +57,43 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     ), schedule
 
 
-def sample_sigmas(key: jax.Array, n: int, config: ml_collections.ConfigDict) -> jax.Array:
-    """Training noise levels: SD3's logit-normal (sigmoid of N(mean, std)) or uniform."""
+LEVEL_SAMPLING = {"mmdit": ("logit_normal", "uniform"), "unet": ("timesteps",)}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails before any compile on a family / noise-level sampling that do not go together."""
+    if config.family not in LEVEL_SAMPLING:
+        raise ValueError(f"family={config.family!r}; choose one of {tuple(LEVEL_SAMPLING)}")
+    if config.sigma_sampling not in LEVEL_SAMPLING[config.family]:
+        raise ValueError(f"sigma_sampling={config.sigma_sampling!r} does not fit family={config.family!r}; "
+                         f"use one of {LEVEL_SAMPLING[config.family]}")
+
+
+def sample_levels(key: jax.Array, n: int, config: ml_collections.ConfigDict) -> jax.Array:
+    """Training noise levels: flow sigmas, SD3's logit-normal (sigmoid of N(mean, std)) or uniform;
+    VP: integer DDPM timesteps uniform in [0, 1000), as SD / SDXL are trained."""
     if config.sigma_sampling == "logit_normal":
         return jax.nn.sigmoid(config.logit_mean + config.logit_std * jax.random.normal(key, (n,)))
     if config.sigma_sampling == "uniform":
         return jax.random.uniform(key, (n,))
-    raise ValueError(f"sigma_sampling={config.sigma_sampling!r}; use 'logit_normal' or 'uniform'")
+    if config.sigma_sampling == "timesteps":
+        return jax.random.randint(key, (n,), 0, teacher.VP.num_train_timesteps).astype(jnp.float32)
+    raise ValueError(f"sigma_sampling={config.sigma_sampling!r}; use 'logit_normal', 'uniform' or 'timesteps'")
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
     """(params, opt_state, ema, rest, batch, key, step) -> (params, opt_state, ema, metrics), jitted."""
 
+    schedule = teacher.schedule_of(config.family)
+
     def loss_fn(params, rest, batch, key):
         model = nnx.merge(graphdef, params, rest)
-        k_noise, k_sigma = jax.random.split(key)
+        k_noise, k_level = jax.random.split(key)
         x = batch["images"]
         noise = jax.random.normal(k_noise, x.shape, x.dtype)
-        sigma = sample_sigmas(k_sigma, x.shape[0], config)
-        z = flow.add_noise(x, noise, sigma)
-        v = model(z, flow.timestep_from_sigma(sigma), batch["context"], batch["pooled"])
-        return jnp.mean(jnp.square(v - (noise - x)))
+        level = sample_levels(k_level, x.shape[0], config)
+        prediction = teacher.apply(model, schedule.add_noise(x, noise, level), level, batch["cond"])
+        return jnp.mean(jnp.square(prediction - schedule.critic_target(x, noise)))
 
     def step(params, opt_state, ema, rest, batch, key, step):
         loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch, key)
@@ -88,14 +107,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
     return jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=dict(config.compiler_options) or None)
 
 
-def host_batch(rng: np.random.Generator, config: ml_collections.ConfigDict, model_cfg) -> dict[str, np.ndarray]:
+def host_batch(rng: np.random.Generator, config: ml_collections.ConfigDict, model_cfg) -> dict:
     """A data batch with CFG dropout: a `cfg_dropout` fraction of labels become NULL_CLASS."""
     b = data.sample_batch(rng, config.batch_size)
     ids = np.where(rng.uniform(size=config.batch_size) < config.cfg_dropout, data.NULL_CLASS, b["class_ids"])
-    context, pooled = data.class_embedding(
-        ids, model_cfg.joint_attention_dim, model_cfg.pooled_projection_dim, teacher.CONTEXT_LEN
-    )
-    return dict(images=b["images"], context=context, pooled=pooled)
+    return dict(images=b["images"], cond=teacher.model_cond(model_cfg, ids))
 
 
 def resolve_export_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -113,11 +129,9 @@ def check_export_dir(export_dir: str, overwrite: bool) -> None:
         raise FileExistsError(f"{export_dir} exists and is not a folder")
 
 
-def export_atomically(model: MMDiT, export_dir: str) -> None:
-    """save_mmdit into a temporary sibling folder, then rename it into place: readers (and an
-    interrupted run) only ever see a complete old export or a complete new one."""
-    from dpdmd_jax.weights.sd3 import save_mmdit
-
+def export_atomically(model: teacher.ToyModel, export_dir: str) -> None:
+    """The diffusers export into a temporary sibling folder, then renamed into place: readers (and
+    an interrupted run) only ever see a complete old export or a complete new one."""
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(export_dir) + ".tmp-", dir=parent)
@@ -125,7 +139,7 @@ def export_atomically(model: MMDiT, export_dir: str) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
     try:
-        save_mmdit(model, tmp, dtype="float32", overwrite=True)
+        teacher.save_toy_model(model, tmp, overwrite=True)
         if os.path.exists(export_dir):
             old = tempfile.mkdtemp(prefix=os.path.basename(export_dir) + ".old-", dir=parent)
             os.rename(export_dir, os.path.join(old, "export"))
@@ -138,9 +152,12 @@ def export_atomically(model: MMDiT, export_dir: str) -> None:
             shutil.rmtree(tmp)
 
 
-def evaluate(model: MMDiT, config: ml_collections.ConfigDict) -> dict[float, dict[str, float]]:
+def evaluate(model: teacher.ToyModel, config: ml_collections.ConfigDict) -> dict[float, dict[str, float]]:
     e = config.eval
-    sigmas = flow.flow_match_sigmas(e.num_steps, e.shift)
+    if config.family == "unet":
+        sigmas = teacher.teacher_grid("unet", e.num_steps)  # leading DDIM timesteps
+    else:
+        sigmas = flow.flow_match_sigmas(e.num_steps, e.shift)
     return teacher.evaluate_sampler(model, tuple(e.cfg_scales), sigmas=sigmas, seeds=e.seeds,
                                     repeats=e.repeats, seed=e.seed)
 
@@ -153,6 +170,7 @@ def _format_eval(results: dict[float, dict[str, float]]) -> str:
 
 def train_and_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains, evaluates and exports; returns a summary (also written to WORKDIR/summary.json)."""
+    check_config(config)
     workdir = os.path.abspath(workdir)
     export_dir = resolve_export_dir(config, workdir)
     check_export_dir(export_dir, config.overwrite)
@@ -160,18 +178,19 @@ def train_and_export(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
 
-    model_cfg = teacher.toy_config(**config.model)
+    model_cfg = teacher.model_config(config.family, **config.model)
     if config.init_from:
         # Warm start (continue training an exported teacher); the optimizer starts afresh.
-        from dpdmd_jax.weights.sd3 import load_mmdit
-
-        model = load_mmdit(config.init_from, expected=model_cfg, progress=False)
+        model = teacher.load_toy_teacher(config.init_from, family=config.family)
+        if model.cfg.to_diffusers() != model_cfg.to_diffusers():
+            raise ValueError(f"init_from={config.init_from!r} holds a different architecture than config.model: "
+                             f"{model.cfg.to_diffusers()} vs {model_cfg.to_diffusers()}")
         logging.info("initialised from %s", config.init_from)
     else:
-        model = MMDiT(model_cfg, rngs=nnx.Rngs(config.seed))
+        model = teacher.build_model(model_cfg, config.seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    logging.info("toy teacher: %d parameters (%.2f MB fp32), arch %s", n_params, 4e-6 * n_params,
+    logging.info("toy %s teacher: %d parameters (%.2f MB fp32), arch %s", config.family, n_params, 4e-6 * n_params,
                  model_cfg.to_diffusers())
 
     tx, schedule = make_optimizer(config)

@@ -1,0 +1,184 @@
+r"""Export a distilled student as a complete diffusers pipeline folder.
+
+    python -m dpdmd_jax.export --config=configs/sd35.py --workdir=runs/sd35 --out=exports/sd35_student \
+        [--step=N] [--dtype=bfloat16] [--link=copy|symlink|hardlink]
+
+The folder is the teacher's pipeline (`model.source`, or `text.source` for the text side) with our
+student as its `transformer/` (SD3) or `unet/` (SDXL) and a scheduler whose 4-step grid is the
+student's: SD3 keeps `FlowMatchEulerDiscreteScheduler` (its `set_timesteps(4)` gives the student's
+sigmas at the teacher's shift); SDXL gets `LCMScheduler` with `original_inference_steps` = the
+number of student steps, whose `set_timesteps(4)` gives (999, 749, 499, 249) and whose step is the
+student's (predict x0, re-noise to the next timestep; its boundary-condition weights at these
+timesteps are 1 - 2e-8 and 4e-8). `StableDiffusion3Pipeline` / `StableDiffusionXLPipeline
+.from_pretrained(out)` load it as is. Their `__call__` signatures fix the default steps (28 / 50)
+and CFG (7 / 5), which no config file can change, so sample the student with
+
+    pipe(prompt, num_inference_steps=4, guidance_scale=1.0)
+
+(`dpdmd_student.json` in the folder records these call arguments, the grid, the source run and
+step). A student grid the stock scheduler cannot express (e.g. `configs/toy.py:wide`-style sigmas)
+is recorded there as `sigmas` / `timesteps` call arguments instead. The folder is written under a
+temporary name and renamed, and an existing `--out` is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a program, so importing the module defines no flags)."""
+    config_flags.DEFINE_config_file("config", None, "The training run's config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "The training run's workdir (its checkpoints).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("out", None, "The pipeline folder to write (must not exist).")
+    flags.DEFINE_string("dtype", "float32", "dtype of the exported student weights (float32, bfloat16, float16).")
+    flags.DEFINE_enum("link", "copy", ["copy", "symlink", "hardlink"],
+                      "How the teacher's other components (text encoders, VAE, tokenizers) get into --out.")
+    flags.mark_flags_as_required(["config", "workdir", "out"])
+
+
+DENOISERS = {"mmdit": "transformer", "unet": "unet"}
+
+
+class ExportError(ValueError):
+    """Bad export input; the message says what to fix."""
+
+
+def student_scheduler(backbone: str, grid, teacher_scheduler: dict) -> tuple[dict, dict]:
+    """(scheduler config.json, pipeline call kwargs) that sample `grid` (the student's levels,
+    ending clean) with the stock diffusers scheduler of the backbone's pipeline."""
+    import numpy as np
+
+    steps = len(grid) - 1
+    call: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=1.0)
+    if backbone == "mmdit":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        config = {k: v for k, v in teacher_scheduler.items() if not k.startswith("_")}
+        config["use_dynamic_shifting"] = False  # the student's grid does not move with resolution
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        scheduler.set_timesteps(steps)
+        if not np.allclose(scheduler.sigmas.numpy(), grid, rtol=0, atol=1e-6):
+            call["sigmas"] = [float(x) for x in grid[:-1]]  # the pipeline's `sigmas=` argument
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", **dict(scheduler.config)}, call
+    from diffusers import LCMScheduler
+
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+            "steps_offset", "clip_sample", "clip_sample_range", "thresholding", "rescale_betas_zero_snr")
+    config = {k: teacher_scheduler[k] for k in keep if k in teacher_scheduler}
+    scheduler = LCMScheduler.from_config(dict(config, original_inference_steps=steps, timestep_spacing="leading",
+                                              set_alpha_to_one=True))
+    scheduler.set_timesteps(steps)
+    if [int(t) for t in scheduler.timesteps] != [int(t) for t in grid[:-1]]:
+        call["timesteps"] = [int(t) for t in grid[:-1]]
+    return {"_class_name": "LCMScheduler", **dict(scheduler.config)}, call
+
+
+def _copy_component(src: str, dst: str, link: str) -> None:
+    if link == "symlink":
+        os.symlink(os.path.abspath(src), dst)
+    elif os.path.isdir(src):
+        shutil.copytree(src, dst, copy_function=os.link if link == "hardlink" else shutil.copy2)
+    else:
+        (os.link if link == "hardlink" else shutil.copy2)(src, dst)
+
+
+def export_student(c: Any, workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",
+                   link: str = "copy") -> str:
+    """Writes the student of `workdir` (checkpoint `step`, default latest) as a diffusers pipeline
+    folder at `out`; returns `out`."""
+    from flax import nnx
+
+    from dpdmd_jax.distill import trainer
+    from dpdmd_jax.sample import SampleError, load_student
+
+    if c.backbone not in DENOISERS:
+        raise ExportError(f"backbone {c.backbone!r}: export writes diffusers pipelines of {tuple(DENOISERS)}")
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(out):
+        raise ExportError(f"--out={out} exists; exports never overwrite: choose a new folder or remove it.")
+    if c.model.source in ("toy", "") or c.model.source.startswith("random"):
+        raise ExportError(f"model.source={c.model.source!r} is not a diffusers pipeline folder to export into")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    trainer.check_workdir_config(workdir, c, write=False)
+    setup = trainer.build(c)
+    try:
+        params, source = load_student(setup, workdir, step)
+    except SampleError as e:
+        raise ExportError(str(e)) from e
+    root = setup.backbone.pipeline_root
+    denoiser = DENOISERS[c.backbone]
+    with open(os.path.join(root, "model_index.json")) as f:
+        index = json.load(f)
+    with open(os.path.join(root, "scheduler", "scheduler_config.json")) as f:
+        teacher_scheduler = json.load(f)
+    grid = setup.distiller.student_grid
+    scheduler, call = student_scheduler(c.backbone, grid, teacher_scheduler)
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+    try:
+        for name in sorted(os.listdir(root)):
+            if name in (denoiser, "scheduler", "model_index.json") or name.startswith("."):
+                continue
+            _copy_component(os.path.join(root, name), os.path.join(tmp, name), link)
+        model = nnx.merge(setup.distiller.graphdef, params, setup.frozen.buffers)
+        if c.backbone == "mmdit":
+            from dpdmd_jax.weights.sd3 import save_mmdit as save
+        else:
+            from dpdmd_jax.weights.unet import save_unet as save
+        save(model, os.path.join(tmp, denoiser), dtype=dtype)
+        os.makedirs(os.path.join(tmp, "scheduler"))
+        with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump(scheduler, f, indent=2)
+        index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+        with open(os.path.join(tmp, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+        with open(os.path.join(tmp, "dpdmd_student.json"), "w") as f:
+            json.dump(dict(source=source, teacher=root, student_grid=[float(x) for x in grid], call=call,
+                           dtype=dtype), f, indent=2)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return out
+
+
+def main(argv):
+    del argv
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    from dpdmd_jax.config import ConfigError
+    from dpdmd_jax.distill.trainer import TrainingError
+    from dpdmd_jax.weights.safetensors_io import CheckpointError
+
+    try:
+        out = export_student(FLAGS.config, FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
+                             link=FLAGS.link)
+    except (ExportError, ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
+        print(f"\nError: {e}", file=sys.stderr)
+        sys.exit(2)
+    with open(os.path.join(out, "dpdmd_student.json")) as f:
+        call = json.load(f)["call"]
+    args = ", ".join(f"{k}={v!r}" for k, v in call.items())
+    print(f"Exported to {out}. Sample it with diffusers:\n  pipe = DiffusionPipeline.from_pretrained({out!r})\n"
+          f"  image = pipe(prompt, {args}).images[0]")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

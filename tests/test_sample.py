@@ -1,0 +1,139 @@
+"""The batch sampler: a run's student (or the teacher) -> PNGs + grids + one JSONL row per image;
+identical images on 2 and 8 devices; a killed sampler resumes without duplicates or overwrites;
+bad input is refused before sampling. On the tiny VP backbone with the toy's prompts, so the
+stochastic (re-noising) student, the hardest case for determinism, is the one checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import toy as toy_config
+from dpdmd_jax import sample as sample_lib
+from dpdmd_jax.config import override
+from dpdmd_jax.distill import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = {"backbone": "tiny_vp", "distill.target": "denoise", "evals": {}, "num_rounds": 2,
+             "checkpoint_every": 1, "data.latent_size": (8, 8)}
+CLI_OVERRIDES = ["--config.backbone=tiny_vp", "--config.distill.target=denoise", "--config.num_rounds=2",
+                 "--config.checkpoint_every=1", "--config.data.latent_size=(8, 8)"]
+
+
+def config():
+    c = override(toy_config.get_config("smoke"), OVERRIDES)
+    return c
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    trainer.train(config(), workdir)
+    return workdir
+
+
+def pngs(folder: str) -> dict[str, np.ndarray]:
+    d = os.path.join(folder, "images")
+    return {n: np.asarray(Image.open(os.path.join(d, n))) for n in sorted(os.listdir(d))}
+
+
+def rows(folder: str) -> list[dict]:
+    with open(os.path.join(folder, "samples.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_same_images_on_2_and_8_devices_and_any_batch(run_dir, tmp_path):
+    a = sample_lib.sample(config(), str(tmp_path / "d8"), workdir=run_dir, seeds=3, per_device_batch=1)
+    b = sample_lib.sample(config(), str(tmp_path / "d2"), workdir=run_dir, seeds=3, per_device_batch=1,
+                          devices=jax.devices()[:2])
+    c = sample_lib.sample(config(), str(tmp_path / "d2b3"), workdir=run_dir, seeds=3, per_device_batch=3,
+                          devices=jax.devices()[:2])
+    assert a["images"] == b["images"] == c["images"] == 18 and a["rows"] == 18
+    ia, ib, ic = pngs(a["out"]), pngs(b["out"]), pngs(c["out"])
+    assert list(ia) == [f"p{p:05d}_s{s:03d}.png" for p in range(6) for s in range(3)]
+    for name in ia:
+        np.testing.assert_array_equal(ia[name], ib[name], err_msg=name)
+        np.testing.assert_array_equal(ia[name], ic[name], err_msg=name)
+    # Seeds differ, and so do the images of one prompt (the student's noise really is per image).
+    assert not np.array_equal(ia["p00000_s000.png"], ia["p00000_s001.png"])
+    r = rows(a["out"])
+    assert [(x["prompt_index"], x["seed"]) for x in r] == [(p, s) for p in range(6) for s in range(3)]
+    assert r[0]["prompt"] == "red square" and r[0]["sampler"] == "student" and r[0]["nfe"] == 4
+    assert r[0]["grid"] == [999.0, 749.0, 499.0, 249.0, -1.0] and r[0]["cfg_scale"] == 1.0
+    assert r[0]["source"].endswith("checkpoints/2") and r[0]["seconds"] > 0
+    grid = np.asarray(Image.open(os.path.join(a["out"], "grids", "p00005.png")))
+    np.testing.assert_array_equal(grid, np.concatenate([ia[f"p00005_s{s:03d}.png"] for s in range(3)], axis=1))
+
+
+def test_killed_sampler_resumes_without_duplicates_or_overwrites(run_dir, tmp_path):
+    out = str(tmp_path / "samples")
+    cmd = [sys.executable, "-m", "dpdmd_jax.sample", "--config=configs/toy.py:smoke", *CLI_OVERRIDES,
+           f"--workdir={run_dir}", f"--out={out}", "--seeds=4", "--per_device_batch=1", "--num_prompts=6"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    path = os.path.join(out, "samples.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and len(open(path).read().splitlines()) >= 8:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {n: os.stat(os.path.join(out, "images", n)).st_mtime_ns for n in os.listdir(os.path.join(out, "images"))
+              if n.endswith(".png")}
+    assert 8 <= len(before) < 24
+    summary = sample_lib.sample(config(), out, workdir=run_dir, seeds=4, per_device_batch=1, num_prompts=6)
+    assert summary["made"] <= 24 - 8 and summary["rows"] == 24
+    r = rows(out)
+    assert sorted((x["prompt_index"], x["seed"]) for x in r) == [(p, s) for p in range(6) for s in range(4)]
+    for n, mtime in before.items():  # nothing written before the kill was rewritten
+        assert os.stat(os.path.join(out, "images", n)).st_mtime_ns == mtime
+    assert not [n for n in os.listdir(os.path.join(out, "images")) if not n.endswith(".png")]
+    # The same images as a run that was never interrupted.
+    ref = sample_lib.sample(config(), str(tmp_path / "ref"), workdir=run_dir, seeds=4, per_device_batch=1,
+                            num_prompts=6)
+    got, want = pngs(out), pngs(ref["out"])
+    assert list(got) == list(want)
+    for n in want:
+        np.testing.assert_array_equal(got[n], want[n], err_msg=n)
+    again = sample_lib.sample(config(), out, workdir=run_dir, seeds=4, per_device_batch=1, num_prompts=6)
+    assert again["made"] == 0 and len(rows(out)) == 24
+
+
+def test_teacher_sampler_and_bad_input(run_dir, tmp_path):
+    t = sample_lib.sample(config(), str(tmp_path / "teacher"), sampler="teacher", seeds=2, num_prompts=2)
+    r = rows(t["out"])
+    assert len(r) == 4 and r[0]["sampler"] == "teacher" and r[0]["steps"] == 4 and r[0]["nfe"] == 8
+    assert r[0]["cfg_scale"] == 3.5 and r[0]["source"] == "model.source=random"
+    # A folder made with other settings is refused, and left as it was.
+    with pytest.raises(sample_lib.SampleError, match="other settings"):
+        sample_lib.sample(config(), t["out"], workdir=run_dir, seeds=2, num_prompts=2)
+    with pytest.raises(sample_lib.SampleError, match=r"checkpoints at steps \[1, 2\], not 7"):
+        sample_lib.sample(config(), str(tmp_path / "x"), workdir=run_dir, step=7)
+    with pytest.raises(sample_lib.SampleError, match="no checkpoints/ folder"):
+        sample_lib.sample(config(), str(tmp_path / "x"), workdir=str(tmp_path))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(sample_lib.SampleError, match="prompt_file"):
+        sample_lib.sample(config(), str(tmp_path / "x"), prompt_file=str(empty))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("red square\na purple cat\n")
+    with pytest.raises(sample_lib.SampleError, match="purple cat"):
+        sample_lib.sample(config(), str(tmp_path / "x"), prompt_file=str(bad))
+    with pytest.raises(sample_lib.SampleError, match="drop --workdir"):
+        sample_lib.sample(config(), str(tmp_path / "x"), workdir=run_dir, sampler="teacher")
+    # A different training config than the run's is refused before anything is sampled.
+    other = override(config(), {"distill.anchor_k": 3})
+    with pytest.raises(Exception, match="different config"):
+        sample_lib.sample(other, str(tmp_path / "x"), workdir=run_dir)
+    assert not os.path.exists(tmp_path / "x")
