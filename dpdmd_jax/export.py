@@ -17,7 +17,9 @@ and CFG (7 / 5), which no config file can change, so sample the student with
 
 (`dpdmd_student.json` in the folder records these call arguments, the grid, the source run and
 step). A student grid the stock scheduler cannot express (e.g. `configs/toy.py:wide`-style sigmas)
-is recorded there as `sigmas` / `timesteps` call arguments instead. The folder is written under a
+is recorded there as `sigmas` / `timesteps` call arguments instead. The toy (`model.source=toy`, or
+random test weights) has no pipeline: its export is the student's `transformer/` or `unet/` folder (diffusers
+`SD3Transformer2DModel` / `UNet2DConditionModel`) and the scheduler. The folder is written under a
 temporary name and renamed, and an existing `--out` is never overwritten.
 """
 
@@ -28,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags
@@ -94,6 +97,58 @@ def _copy_component(src: str, dst: str, link: str) -> None:
         (os.link if link == "hardlink" else shutil.copy2)(src, dst)
 
 
+# The toy's schedules as diffusers scheduler configs (it has no pipeline folder to take them from).
+TOY_SCHEDULERS = {"mmdit": dict(num_train_timesteps=1000, shift=3.0),
+                  "unet": dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                               beta_schedule="scaled_linear", prediction_type="epsilon")}
+
+
+def write_student_pipeline(backbone: str, root: str | None, out: str, write_denoiser: Callable[[str], None], grid,
+                           meta: dict, link: str = "copy") -> str:
+    """`root`'s pipeline with the student's denoiser (`write_denoiser(folder)` writes it) and the
+    student's scheduler, written to a temporary sibling of `out` and renamed into place. Without a
+    `root` (the toy) the folder holds the denoiser and the scheduler only."""
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(out):
+        raise ExportError(f"--out={out} exists; exports never overwrite: choose a new folder or remove it.")
+    denoiser = DENOISERS[backbone]
+    index = None
+    if root is None:
+        teacher_scheduler = TOY_SCHEDULERS[backbone]
+    else:
+        with open(os.path.join(root, "model_index.json")) as f:
+            index = json.load(f)
+        with open(os.path.join(root, "scheduler", "scheduler_config.json")) as f:
+            teacher_scheduler = json.load(f)
+    scheduler, call = student_scheduler(backbone, grid, teacher_scheduler)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+    try:
+        for name in sorted(os.listdir(root)) if root else []:
+            if name in (denoiser, "scheduler", "model_index.json") or name.startswith("."):
+                continue
+            _copy_component(os.path.join(root, name), os.path.join(tmp, name), link)
+        write_denoiser(os.path.join(tmp, denoiser))
+        os.makedirs(os.path.join(tmp, "scheduler"))
+        with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump(scheduler, f, indent=2)
+        if index is not None:
+            index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+            with open(os.path.join(tmp, "model_index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(tmp, "dpdmd_student.json"), "w") as f:
+            json.dump(dict(meta, teacher=root, student_grid=[float(x) for x in grid], call=call), f, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+        os.rename(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return out
+
+
 def export_student(c: Any, workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",
                    link: str = "copy") -> str:
     """Writes the student of `workdir` (checkpoint `step`, default latest) as a diffusers pipeline
@@ -105,11 +160,10 @@ def export_student(c: Any, workdir: str, out: str, *, step: int | None = None, d
 
     if c.backbone not in DENOISERS:
         raise ExportError(f"backbone {c.backbone!r}: export writes diffusers pipelines of {tuple(DENOISERS)}")
-    out = os.path.abspath(os.path.expanduser(out))
-    if os.path.exists(out):
+    if os.path.exists(os.path.abspath(os.path.expanduser(out))):
         raise ExportError(f"--out={out} exists; exports never overwrite: choose a new folder or remove it.")
-    if c.model.source in ("toy", "") or c.model.source.startswith("random"):
-        raise ExportError(f"model.source={c.model.source!r} is not a diffusers pipeline folder to export into")
+    if not c.model.source:
+        raise ExportError("model.source is empty: set it to the teacher the run distilled")
     workdir = os.path.abspath(os.path.expanduser(workdir))
     trainer.check_workdir_config(workdir, c, write=False)
     setup = trainer.build(c)
@@ -117,44 +171,16 @@ def export_student(c: Any, workdir: str, out: str, *, step: int | None = None, d
         params, source = load_student(setup, workdir, step)
     except SampleError as e:
         raise ExportError(str(e)) from e
-    root = setup.backbone.pipeline_root
-    denoiser = DENOISERS[c.backbone]
-    with open(os.path.join(root, "model_index.json")) as f:
-        index = json.load(f)
-    with open(os.path.join(root, "scheduler", "scheduler_config.json")) as f:
-        teacher_scheduler = json.load(f)
-    grid = setup.distiller.student_grid
-    scheduler, call = student_scheduler(c.backbone, grid, teacher_scheduler)
-
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-    try:
-        for name in sorted(os.listdir(root)):
-            if name in (denoiser, "scheduler", "model_index.json") or name.startswith("."):
-                continue
-            _copy_component(os.path.join(root, name), os.path.join(tmp, name), link)
-        model = nnx.merge(setup.distiller.graphdef, params, setup.frozen.buffers)
-        if c.backbone == "mmdit":
-            from dpdmd_jax.weights.sd3 import save_mmdit as save
-        else:
-            from dpdmd_jax.weights.unet import save_unet as save
-        save(model, os.path.join(tmp, denoiser), dtype=dtype)
-        os.makedirs(os.path.join(tmp, "scheduler"))
-        with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
-            json.dump(scheduler, f, indent=2)
-        index["scheduler"] = ["diffusers", scheduler["_class_name"]]
-        with open(os.path.join(tmp, "model_index.json"), "w") as f:
-            json.dump(index, f, indent=2)
-        with open(os.path.join(tmp, "dpdmd_student.json"), "w") as f:
-            json.dump(dict(source=source, teacher=root, student_grid=[float(x) for x in grid], call=call,
-                           dtype=dtype), f, indent=2)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-    return out
+    model = nnx.merge(setup.distiller.graphdef, params, setup.frozen.buffers)
+    if c.backbone == "mmdit":
+        from dpdmd_jax.weights.sd3 import save_mmdit as save
+    else:
+        from dpdmd_jax.weights.unet import save_unet as save
+    builtin = c.model.source == "toy" or c.model.source.startswith("random")
+    root = None if builtin else setup.backbone.pipeline_root  # the toy / random models have no pipeline
+    return write_student_pipeline(c.backbone, root, out,
+                                  lambda folder: save(model, folder, dtype=dtype), setup.distiller.student_grid,
+                                  dict(source=source, dtype=dtype), link)
 
 
 def main(argv):

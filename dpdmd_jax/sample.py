@@ -305,7 +305,7 @@ def sample(c: Any, out: str, *, workdir: str | None = None, step: int | None = N
     params, source = load_student(setup, workdir, step) if sampler == "student" else (
         setup.frozen.teacher, f"model.source={c.model.source}")
     info = sampler_info(setup, sampler)
-    run = dict(source=source, seed=seed, backbone=c.backbone, **info)
+    run = dict(source=source, seed=seed, backbone=c.backbone, data_kind=c.data.kind, **info)
     is_main = jax.process_index() == 0
     if is_main:
         check_run(out, run)

@@ -286,3 +286,42 @@ def test_bad_pipeline_and_prompt_inputs_are_reported_before_loading(tiny, tmp_pa
     with pytest.raises(ConfigError, match="needs --config.data.prompt_file"):
         trainer.build(tiny_config(root))
     assert not loaded  # every error came before any tensor was read
+
+
+class _NotATensor:  # a pickled object in a .pt: torch.load(weights_only=True) must refuse it
+    pass
+
+
+def test_import_of_a_pt_student_state_dict_and_its_bad_inputs(tiny, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from dpdmd_jax.weights.safetensors_io import CheckpointError
+    from dpdmd_jax.weights.sd3 import load_mmdit
+    from dpdmd_jax.weights.torch_import import import_pt
+
+    root, pipe = tiny
+    torch.manual_seed(3)
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in pipe.transformer.state_dict().items()}
+    pt = tmp_path / "student.pt"
+    torch.save({f"module.{k}": v for k, v in state.items()}, pt)  # as saved from a DDP-wrapped model
+    out = import_pt(str(pt), root, str(tmp_path / "student"))
+    loaded = StableDiffusion3Pipeline.from_pretrained(out)
+    got = loaded.transformer.state_dict()
+    assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
+    loaded.scheduler.set_timesteps(4)
+    np.testing.assert_allclose(loaded.scheduler.sigmas.numpy(), [1.0, 0.8577, 0.6022, 0.0089, 0.0], atol=1e-4)
+    model = load_mmdit(out, progress=False)  # our loader reads the imported student
+    np.testing.assert_array_equal(np.asarray(model.context_embedder.kernel[...]),
+                                  state["context_embedder.weight"].numpy().T)
+
+    bad = dict(state, extra_head=torch.zeros(3))
+    bad.pop("proj_out.bias")
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"missing keys: proj_out\.bias.*unexpected keys: extra_head"):
+        import_pt(str(tmp_path / "bad.pt"), root, str(tmp_path / "x"))
+    torch.save({"proj_out.bias": torch.zeros(1), "config": _NotATensor()}, tmp_path / "pickled.pt")
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        import_pt(str(tmp_path / "pickled.pt"), root, str(tmp_path / "x"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        import_pt(str(tmp_path / "nothing.pt"), root, str(tmp_path / "x"))
+    assert not os.path.exists(tmp_path / "x")

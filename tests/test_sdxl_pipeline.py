@@ -76,3 +76,36 @@ def test_sdxl_config_trains_checkpoints_resumes_and_writes_grids(tmp_path):
     logged = _metrics(workdir)
     assert [m["step"] for m in logged] == [1, 2, 3]
     assert all(np.isfinite(m[k]) for m in logged for k in ("loss", "loss_dmd", "loss_div", "loss_fake"))
+
+    # Export: StableDiffusionXLPipeline loads it; its LCM scheduler's 4 steps are the student's
+    # (x0, then re-noise), reproduced with the same initial latents and the same re-noising noise.
+    from diffusers import StableDiffusionXLPipeline
+
+    from dpdmd_jax import export, sample
+    from dpdmd_jax.diffusion import vp
+
+    out = export.export_student(c, str(workdir), str(tmp_path / "export"), link="symlink")
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler" and os.path.islink(os.path.join(out, "vae"))
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    setup = trainer.build(c)
+    d = setup.distiller
+    params, _ = sample.load_student(setup, str(workdir), None)
+    cond = jax.device_get(setup.data.eval_cond(2))
+    eps = np.asarray(jax.random.normal(jax.random.key(5), (2, *d.latent_shape)))
+    gen = torch.Generator().manual_seed(0)
+    noises = [torch.randn((2, d.latent_shape[2], *d.latent_shape[:2]), generator=gen) for _ in range(3)]
+    predict = jax.jit(lambda p, z, t, cd: d.predict(p, setup.frozen.buffers, z, t, cd))
+    z = eps
+    for i, (t, t_next) in enumerate(zip(d.student_grid[:-1], d.student_grid[1:])):
+        x0 = np.asarray(d.schedule.to_x0(z, predict(params, z, t, cond), t))
+        z = x0 if t_next < 0 else np.asarray(vp.add_noise(x0, noises[i].numpy().transpose(0, 2, 3, 1),
+                                                          d.schedule.abar(t_next)))
+    h, w = (8 * s for s in c.data.latent_size)
+    with torch.no_grad():
+        theirs = pipe(prompt_embeds=torch.from_numpy(np.array(cond.context)),
+                      pooled_prompt_embeds=torch.from_numpy(np.array(cond.text_embeds)), height=h, width=w,
+                      latents=torch.from_numpy(eps.transpose(0, 3, 1, 2).copy()), num_inference_steps=4,
+                      guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert rel_err(z, theirs.numpy().transpose(0, 2, 3, 1)) <= 1e-4

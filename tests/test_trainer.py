@@ -79,6 +79,21 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     kernel = restored.fake["context_embedder"]["kernel"].get_value()
     assert dict(kernel.sharding.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
 
+    # Export (no pipeline behind a random / toy teacher): the student's transformer folder, loaded by
+    # diffusers with the student's weights, and a scheduler whose 4 steps are the student's grid.
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from dpdmd_jax import export
+
+    out = export.export_student(c, str(tmp_path), str(tmp_path / "export"))
+    assert sorted(os.listdir(out)) == ["dpdmd_student.json", "scheduler", "transformer"]
+    ref = SD3Transformer2DModel.from_pretrained(os.path.join(out, "transformer"))
+    np.testing.assert_array_equal(ref.context_embedder.weight.detach().numpy().T,
+                                  np.asarray(saved.student["context_embedder"]["kernel"].get_value()))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    scheduler.set_timesteps(4)
+    np.testing.assert_allclose(scheduler.sigmas.numpy(), saved_setup.distiller.student_grid, atol=1e-6)
+
 
 def _main(workdir, *flags, wait=True):
     cmd = [sys.executable, "-m", "dpdmd_jax.main", "--config=configs/toy.py:smoke", f"--workdir={workdir}", *flags]

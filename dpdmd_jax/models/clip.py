@@ -7,7 +7,12 @@ pooled vector, so the model returns all of them in one pass.
 
 Attribute names follow transformers so the key map in `dpdmd_jax.weights.clip` is a one-to-one
 table. `CLIPEncoder` (the stack of pre-LN layers) takes the causal flag per call, so the CLIP
-vision tower can reuse it unmasked.
+vision tower reuses it unmasked.
+
+The vision tower (transformers `CLIPVisionModel` / `CLIPVisionModelWithProjection`, or the vision
+half of a `CLIPModel`) serves the evaluator: CLIP features are `last_hidden_state[:, 0]` (the CLS
+token before `post_layernorm`) and the CLIP score uses `image_embeds` (post_layernorm(CLS) ->
+visual_projection). Images are NHWC, already resized and normalised (`dpdmd_jax.eval.preprocess`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpdmd_jax.models.layers import dense, layer_norm, partitioned
+from dpdmd_jax.models.layers import default_kernel_init, dense, layer_norm, partitioned
 
 # Fields of transformers' config.json for CLIPTextConfig that change the computation.
 _TRANSFORMERS_FIELDS = (
@@ -306,3 +311,218 @@ class CLIPTextModel(nnx.Module):
         pooled = jnp.take_along_axis(last, self.eos_positions(input_ids)[:, None, None], axis=1)[:, 0]
         text_embeds = self.text_projection(pooled) if self.text_projection is not None else None
         return CLIPTextOutput(last_hidden_state=last, penultimate=states[-2], pooled=pooled, text_embeds=text_embeds)
+
+
+# ---------------------------------------------------------------------------- vision tower
+
+# Fields of transformers' config.json for CLIPVisionConfig that change the computation.
+_VISION_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "projection_dim",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+)
+VISION_CLASS_NAME = "CLIPVisionModel"
+VISION_CLASS_NAME_WITH_PROJECTION = "CLIPVisionModelWithProjection"
+VISION_MODEL_TYPE = "clip_vision_model"
+
+
+def square_size(value: Any, name: str) -> int:
+    """An image / patch size that transformers allows as an int or an [h, w] pair, as one int
+    (the position tables of CLIP and DINOv2 are square grids)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name}={list(value)}: only square sizes are supported")
+        value = value[0]
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    """The CLIP vision tower's architecture (transformers names and defaults) plus whether the
+    projection head exists (CLIPVisionModelWithProjection, or CLIPModel's visual_projection) and
+    how we run it (dtypes)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int | None = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    with_projection: bool = False  # visual_projection (no bias) on the pooled state
+    # Execution knobs (not part of the checkpoint).
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        problems = []
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(
+                f"hidden_size ({self.hidden_size}) is not a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            problems.append(f"hidden_act={self.hidden_act!r} is not supported (use one of {sorted(ACTIVATIONS)})")
+        if self.image_size < self.patch_size:
+            problems.append(f"image_size ({self.image_size}) is smaller than patch_size ({self.patch_size})")
+        if self.with_projection and not self.projection_dim:
+            problems.append("with_projection needs a projection_dim")
+        if problems:
+            raise ValueError("Invalid CLIP vision config: " + "; ".join(problems) + ".")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side at image_size (the conv drops a remainder, as torch's does)."""
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_transformers(cls, raw: dict[str, Any], **overrides: Any) -> "CLIPVisionConfig":
+        """Builds the config from a transformers `config.json` (as a dict) of a CLIPVisionModel /
+        CLIPVisionModelWithProjection, or from a CLIPModel's nested `vision_config`.
+        `with_projection` is true when `architectures` names CLIPVisionModelWithProjection."""
+        kwargs: dict[str, Any] = {k: raw[k] for k in _VISION_FIELDS if k in raw}
+        if kwargs.get("layer_norm_eps") is None:  # transformers allows null and then uses its default
+            kwargs.pop("layer_norm_eps", None)
+        for name in ("image_size", "patch_size"):
+            if kwargs.get(name) is None:
+                kwargs.pop(name, None)
+            else:
+                kwargs[name] = square_size(kwargs[name], name)
+        kwargs["with_projection"] = VISION_CLASS_NAME_WITH_PROJECTION in (raw.get("architectures") or [])
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_transformers(self) -> dict[str, Any]:
+        """A config.json that `CLIPVisionModel` / `CLIPVisionModelWithProjection` (as
+        `architectures` says) loads with this architecture."""
+        arch = VISION_CLASS_NAME_WITH_PROJECTION if self.with_projection else VISION_CLASS_NAME
+        fields = {k: getattr(self, k) for k in _VISION_FIELDS}
+        if fields["projection_dim"] is None:  # transformers' CLIPVisionConfig wants an int
+            fields.pop("projection_dim")
+        return {"architectures": [arch], "model_type": VISION_MODEL_TYPE, **fields}
+
+
+# openai/clip-vit-large-patch14's vision_config (CLIPModel's visual_projection maps 1024 -> 768).
+CLIP_VIT_L_14 = dict(
+    hidden_size=1024, intermediate_size=4096, projection_dim=768, num_hidden_layers=24, num_attention_heads=16,
+    num_channels=3, image_size=224, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    with_projection=True,
+)
+VISION_PRESETS = {"clip-vit-l-14": CLIP_VIT_L_14}
+
+
+class PatchEmbedding(nnx.Module):
+    """torch `nn.Conv2d(C, D, kernel_size=p, stride=p)` on NHWC images, as a matmul over flattened
+    non-overlapping patches (the kernel is stored in flax's (kh, kw, in, out) layout). A remainder
+    of fewer than p rows / columns is dropped, as the strided conv does. Returns [B, h*w, D] tokens
+    in row-major (h, w) order (torch's `flatten(2).transpose(1, 2)`) and the grid (h, w)."""
+
+    def __init__(
+        self, in_channels: int, dim: int, patch_size: int, *, use_bias: bool, rngs: nnx.Rngs,
+        dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ):
+        self.patch_size, self.in_channels, self.dtype = patch_size, in_channels, jnp.dtype(dtype)
+        init = partitioned(default_kernel_init, (None, None, None, "embed"))
+        self.kernel = nnx.Param(init(rngs.params(), (patch_size, patch_size, in_channels, dim), param_dtype))
+        self.bias = (
+            nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
+            if use_bias else None
+        )
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"pixel values must be NHWC [batch, height, width, {self.in_channels}], got {list(x.shape)}"
+            )
+        b, hh, ww, c = x.shape
+        p = self.patch_size
+        h, w = hh // p, ww // p
+        if h == 0 or w == 0:
+            raise ValueError(f"image {hh}x{ww} is smaller than one {p}x{p} patch")
+        patches = x[:, : h * p, : w * p].reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
+        kernel = self.kernel[...].reshape(p * p * c, -1).astype(self.dtype)
+        tokens = patches.reshape(b, h * w, p * p * c).astype(self.dtype) @ kernel
+        if self.bias is not None:
+            tokens = tokens + self.bias[...].astype(self.dtype)
+        return tokens, (h, w)
+
+
+class CLIPVisionEmbeddings(nnx.Module):
+    """Patch conv (no bias) tokens after a learned class embedding, plus the learned position
+    table (one row per position of the image_size grid, CLS first)."""
+
+    def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.grid_size = cfg.grid_size
+        param_dtype = jnp.dtype(cfg.param_dtype)
+        d = cfg.hidden_size
+        self.class_embedding = nnx.Param(
+            partitioned(nnx.initializers.normal(d**-0.5), ("embed",))(rngs.params(), (d,), param_dtype)
+        )
+        self.patch_embedding = PatchEmbedding(
+            cfg.num_channels, d, cfg.patch_size, use_bias=False, rngs=rngs, dtype=self.dtype, param_dtype=param_dtype
+        )
+        self.position_embedding = nnx.Embed(
+            self.grid_size**2 + 1, d, dtype=self.dtype, param_dtype=param_dtype,
+            embedding_init=partitioned(nnx.initializers.normal(0.02), (None, "embed")), rngs=rngs,
+        )
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        tokens, grid = self.patch_embedding(pixel_values)
+        if grid != (self.grid_size, self.grid_size):
+            raise ValueError(
+                f"image {pixel_values.shape[1]}x{pixel_values.shape[2]} gives a {grid[0]}x{grid[1]} patch grid; "
+                f"the model's position table is {self.grid_size}x{self.grid_size} (resize to image_size first)"
+            )
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (tokens.shape[0], 1, tokens.shape[-1]))
+        positions = self.position_embedding.embedding[...].astype(self.dtype)
+        return jnp.concatenate([cls, tokens], axis=1) + positions[None]
+
+
+class CLIPVisionOutput(NamedTuple):
+    """What the evaluator reads from the vision tower (a pytree; `image_embeds` is None without
+    the projection)."""
+
+    last_hidden_state: jax.Array  # [B, 1 + h*w, D] encoder output (no post_layernorm); [:, 0] = CLS
+    pooler_output: jax.Array  # [B, D] post_layernorm(CLS)
+    image_embeds: jax.Array | None  # [B, projection_dim] pooler_output @ visual_projection
+
+
+class CLIPVisionModel(nnx.Module):
+    """CLIP vision transformer (transformers `CLIPVisionModel` / `CLIPVisionModelWithProjection`):
+    `pixel_values [B, H, W, C]` (NHWC, already normalised, H = W = image_size) -> CLIPVisionOutput.
+    Unmasked pre-LN encoder between `pre_layrnorm` (transformers' spelling) and `post_layernorm`,
+    which only the pooled CLS token goes through."""
+
+    def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        kw = _module_kwargs(cfg, rngs)
+        self.embeddings = CLIPVisionEmbeddings(cfg, rngs=rngs)
+        self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=kw["param_dtype"])
+        self.encoder = CLIPEncoder(cfg, rngs=rngs)
+        self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=kw["param_dtype"])
+        self.visual_projection = (
+            dense(cfg.hidden_size, cfg.projection_dim, ("embed", None), use_bias=False, **kw)
+            if cfg.with_projection else None
+        )
+
+    def __call__(self, pixel_values: jax.Array) -> CLIPVisionOutput:
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        last = self.encoder(x, causal=False)[-1]
+        pooled = self.post_layernorm(last[:, 0])
+        image_embeds = self.visual_projection(pooled) if self.visual_projection is not None else None
+        return CLIPVisionOutput(last_hidden_state=last, pooler_output=pooled, image_embeds=image_embeds)

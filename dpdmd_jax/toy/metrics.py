@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dpdmd_jax.eval.diversity import diversity
 from dpdmd_jax.toy import data
 
 SQUARE_FILL_THRESHOLD = 0.9  # a square fills 1.0 of its bounding box, a circle pi/4 (~0.79-0.83)
@@ -91,16 +92,9 @@ def detect(images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def pairwise_cosine_diversity(features: np.ndarray) -> float:
-    """Paper's diversity: 1 - mean pairwise cosine similarity among the R samples of each
-    prompt (pairs i != j), averaged over prompts. features: [P, R, F], R >= 2."""
-    f = np.asarray(features, np.float64)
-    p, r = f.shape[:2]
-    if r < 2:
-        raise ValueError("diversity needs R >= 2 samples per prompt")
-    f = f / np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
-    gram = np.einsum("prf,psf->prs", f, f)
-    off_diag = (gram.sum((1, 2)) - np.trace(gram, axis1=1, axis2=2)) / (r * (r - 1))
-    return float(1.0 - off_diag.mean())
+    """Paper's diversity (`eval.diversity.diversity`): 1 - mean pairwise cosine similarity among the
+    R samples of each prompt (pairs i != j), averaged over prompts. features: [P, R, F], R >= 2."""
+    return diversity(features)
 
 
 def layout_of(det: dict[str, np.ndarray]) -> np.ndarray:

@@ -1,0 +1,289 @@
+r"""Evaluate sample folders (made by `python -m dpdmd_jax.sample`): diversity and quality.
+
+    python -m dpdmd_jax.evaluate --samples=runs/teacher_samples,runs/dmd_samples,runs/dpdmd_samples \
+        --names=teacher,DMD,DP-DMD --clip=/ckpts/clip-vit-large-patch14 --dino=/ckpts/dinov2-large \
+        --out=runs/eval
+
+Per folder, `eval.json` and `eval.md` in it; with several folders, `comparison.md` / `.json` in
+`--out`. Metrics:
+  * `diversity_clip`: the paper's diversity (`eval.diversity`) on the CLIP ViT vision tower's CLS
+    token before its post-LayerNorm (`last_hidden_state[:, 0]`, the method's evaluation);
+  * `diversity_dino`: on the DINO tower's `pooler_output` (DINOv3 ViT-L/16 in the method's code;
+    DINOv2 folders work too: transformers 5.24 has both `Dinov2Model` and `DINOv3ViTModel`);
+  * `clip_score`: 100 * max(cos, 0) of the CLIP image and prompt embeddings (needs a full
+    `CLIPModel` folder: both towers, both projections, its tokenizer);
+  * the toy's analytic metrics (`toy.metrics.toy_metrics`) for toy sample folders, computed from
+    the PNGs (8-bit) on the prompts that have all their seeds.
+The towers load from local transformers folders (`--clip`, `--dino`), sharded over every device;
+images are batched data-parallel. Missing or unreadable PNGs are reported, skipped and counted;
+prompts left with fewer than 2 images drop out of the diversity averages (counted too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a program)."""
+    flags.DEFINE_list("samples", None, "Sample folders (comma separated).")
+    flags.DEFINE_list("names", None, "A name per folder for the tables (default: folder names).")
+    flags.DEFINE_string("clip", None, "A transformers CLIP folder (CLIPModel for the CLIP score, or CLIPVisionModel).")
+    flags.DEFINE_string("dino", None, "A transformers Dinov2Model / DINOv3ViTModel folder.")
+    flags.DEFINE_string("out", None, "Folder for the comparison table (default: the first sample folder).")
+    flags.DEFINE_integer("per_device_batch", 8, "Images per device per batch of tower features.")
+    flags.mark_flags_as_required(["samples"])
+
+
+class EvaluateError(ValueError):
+    """Bad evaluation input; the message says what to fix."""
+
+
+# ---------------------------------------------------------------------------- reading a folder
+
+
+def read_folder(folder: str) -> dict[str, Any]:
+    """run.json, the rows of samples.jsonl, and per prompt its readable images (uint8 [H, W, 3]);
+    missing and corrupt PNGs are listed, not fatal."""
+    from PIL import Image
+
+    from dpdmd_jax.sample import read_rows
+
+    run_path = os.path.join(folder, "run.json")
+    if not os.path.isfile(run_path):
+        raise EvaluateError(f"{folder} has no run.json: is it a folder written by `python -m dpdmd_jax.sample`?")
+    with open(run_path) as f:
+        run = json.load(f)
+    rows = sorted(read_rows(os.path.join(folder, "samples.jsonl")).values(),
+                  key=lambda r: (r["prompt_index"], r["seed"]))
+    if not rows:
+        raise EvaluateError(f"{folder}/samples.jsonl lists no images")
+    images: dict[int, list[np.ndarray]] = defaultdict(list)
+    prompts: dict[int, str] = {}
+    missing, corrupt, shape = [], [], None
+    for r in rows:
+        path = os.path.join(folder, "images", r["file"])
+        prompts[r["prompt_index"]] = r["prompt"]
+        if not os.path.isfile(path):
+            missing.append(r["file"])
+            continue
+        try:
+            with Image.open(path) as im:
+                x = np.asarray(im.convert("RGB"))
+        except Exception:  # truncated, not a PNG, ...: PIL raises several types
+            corrupt.append(r["file"])
+            continue
+        if shape is None:
+            shape = x.shape
+        if x.shape != shape:
+            corrupt.append(r["file"])
+            continue
+        images[r["prompt_index"]].append(x)
+    for kind, names in (("missing", missing), ("unreadable", corrupt)):
+        if names:
+            print(f"{folder}: {len(names)} {kind} images skipped (e.g. {names[:3]})")
+    return dict(folder=folder, run=run, prompts=prompts, images=dict(images), missing=len(missing),
+                corrupt=len(corrupt), rows=len(rows))
+
+
+# ---------------------------------------------------------------------------- towers
+
+
+class Towers:
+    """The feature extractors, loaded once, sharded over `mesh`; each call is one jitted program."""
+
+    def __init__(self, clip: str | None, dino: str | None, mesh, per_device_batch: int = 8):
+        import jax
+
+        from dpdmd_jax.parallel import mesh as mesh_lib
+
+        self.mesh, self.batch = mesh, per_device_batch * mesh_lib.batch_divisor(mesh)
+        self.fns: dict[str, Any] = {}
+        self.text = None
+        if clip:
+            self._add_clip(clip)
+        if dino:
+            self._add_dino(dino)
+        self._rep = mesh_lib.replicated(mesh)
+        self._jax = jax
+
+    def _add_clip(self, folder: str) -> None:
+        from dpdmd_jax.eval import preprocess
+        from dpdmd_jax.weights.clip import load_clip_text, load_clip_vision, read_raw_config
+
+        vision = load_clip_vision(folder, mesh=self.mesh, progress=False)
+
+        def clip_features(model, images):
+            out = model(preprocess.clip_preprocess(images))
+            feats = {"clip": out.last_hidden_state[:, 0]}  # CLS before post_layernorm (the method's feature)
+            if out.image_embeds is not None:
+                feats["clip_image_embeds"] = out.image_embeds
+            return feats
+
+        self.fns["clip"] = (vision, clip_features)
+        try:
+            read_raw_config(folder)  # a folder with a text tower too: the CLIP score is possible
+        except Exception:
+            return
+        if vision.cfg.with_projection:
+            from dpdmd_jax.text.tokenizers import load_tokenizer
+
+            self.text = (load_clip_text(folder, mesh=self.mesh, progress=False), load_tokenizer(folder, "clip"))
+
+    def _add_dino(self, folder: str) -> None:
+        from dpdmd_jax.eval import preprocess
+        from dpdmd_jax.models.dino import DINOv3ViTModel
+        from dpdmd_jax.weights.dino import load_dino
+
+        model = load_dino(folder, mesh=self.mesh, progress=False)
+        prep = preprocess.dinov3_preprocess if isinstance(model, DINOv3ViTModel) else preprocess.dinov2_preprocess
+        self.fns["dino"] = (model, lambda m, images: {"dino": m(prep(images)).pooler_output})
+
+    def image_features(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 [N, H, W, 3] -> {feature name: [N, F]} (float64)."""
+        from flax import nnx
+
+        from dpdmd_jax.parallel import mesh as mesh_lib
+
+        jax = self._jax
+        out: dict[str, list[np.ndarray]] = defaultdict(list)
+        for model, fn in self.fns.values():
+            graph, state = nnx.split(model)
+            run = jax.jit(lambda st, x, fn=fn, graph=graph: fn(nnx.merge(graph, st), x), out_shardings=self._rep)
+            for start in range(0, len(images), self.batch):
+                chunk = images[start:start + self.batch]
+                padded = np.concatenate([chunk, np.repeat(chunk[:1], self.batch - len(chunk), 0)])
+                feats = run(state, mesh_lib.global_batch(self.mesh, padded))
+                for k, v in feats.items():
+                    out[k].append(np.asarray(v.addressable_data(0), np.float64)[: len(chunk)])
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    def text_embeds(self, prompts: Sequence[str]) -> np.ndarray:
+        from dpdmd_jax.text.tokenizers import tokenize
+
+        model, tokenizer = self.text
+        ids = tokenize(tokenizer, prompts, model.cfg.max_position_embeddings).ids
+        return np.asarray(self._jax.jit(lambda m, i: m(i).text_embeds)(model, ids), np.float64)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def evaluate_folder(folder: str, towers: Towers | None = None) -> dict[str, Any]:
+    """The metrics of one sample folder (also written to its eval.json / eval.md)."""
+    from dpdmd_jax.eval.diversity import clip_score, diversity
+
+    d = read_folder(folder)
+    run, images = d["run"], d["images"]
+    keep = sorted(p for p, ims in images.items() if len(ims) >= 2)
+    result: dict[str, Any] = dict(
+        folder=folder, source=run.get("source"), sampler=run.get("sampler"), nfe=run.get("nfe"),
+        prompts=len(d["prompts"]), images=sum(len(v) for v in images.values()), missing=d["missing"],
+        corrupt=d["corrupt"], prompts_with_2plus=len(keep),
+    )
+    if run.get("data_kind") == "toy":
+        result.update(toy_metrics(d))
+    if towers is not None and towers.fns and keep:
+        flat = np.concatenate([np.stack(images[p]) for p in keep])
+        feats = towers.image_features(flat)
+        bounds = np.cumsum([0] + [len(images[p]) for p in keep])
+        for name in ("clip", "dino"):
+            if name in feats:
+                result[f"diversity_{name}"] = diversity([feats[name][a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        if towers.text is not None and "clip_image_embeds" in feats:
+            text = towers.text_embeds([d["prompts"][p] for p in keep])
+            per_image = np.repeat(text, np.diff(bounds), axis=0)
+            result["clip_score"] = clip_score(feats["clip_image_embeds"], per_image)
+    with open(os.path.join(folder, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(folder, "eval.md"), "w") as f:
+        f.write(table({os.path.basename(folder.rstrip("/")): result}) + "\n")
+    return result
+
+
+def toy_metrics(d: dict[str, Any]) -> dict[str, float]:
+    """The toy's metrics from the PNGs, on the prompts that have all R seeds."""
+    from dpdmd_jax.toy import data as toy_data
+    from dpdmd_jax.toy.metrics import toy_metrics as metrics
+
+    r = max(len(v) for v in d["images"].values())
+    full = sorted(p for p, ims in d["images"].items() if len(ims) == r)
+    if r < 2 or not full:
+        return {}
+    images = np.concatenate([np.stack(d["images"][p]) for p in full]).astype(np.float32) / 127.5 - 1.0
+    ids = np.repeat([toy_data.class_id(d["prompts"][p]) for p in full], r)
+    return {"toy_prompts": len(full), **metrics(images, ids, r)}
+
+
+COLUMNS = ("nfe", "images", "prompts_with_2plus", "diversity_clip", "diversity_dino", "clip_score",
+           "diversity_layout", "diversity_pixel", "spread_cx", "spread_cy", "spread_size", "adherence", "valid",
+           "frechet_layout", "missing", "corrupt")
+
+
+def table(results: dict[str, dict]) -> str:
+    from dpdmd_jax.tables import markdown_table
+
+    cols = [c for c in COLUMNS if any(c in r for r in results.values())]
+    fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+    return markdown_table(["run", *cols], [[name, *(fmt(r.get(c)) for c in cols)] for name, r in results.items()])
+
+
+def evaluate(folders: Sequence[str], names: Sequence[str] | None = None, *, clip: str | None = None,
+             dino: str | None = None, out: str | None = None, per_device_batch: int = 8) -> dict[str, dict]:
+    """Evaluates every folder; with several, writes comparison.md / .json to `out`."""
+    folders = [os.path.abspath(os.path.expanduser(f)) for f in folders]
+    names = list(names) if names else [os.path.basename(f.rstrip("/")) for f in folders]
+    if len(names) != len(folders):
+        raise EvaluateError(f"{len(names)} --names for {len(folders)} --samples folders")
+    for f in folders:
+        if not os.path.isdir(f):
+            raise EvaluateError(f"--samples: {f} is not a folder")
+    for what, path in (("--clip", clip), ("--dino", dino)):
+        if path and not os.path.isfile(os.path.join(path, "config.json")):
+            raise EvaluateError(f"{what}={path} is not a transformers model folder (no config.json)")
+    towers = None
+    if clip or dino:
+        from dpdmd_jax.parallel.mesh import make_mesh
+
+        towers = Towers(clip, dino, make_mesh(fsdp=-1), per_device_batch)
+    results = {n: evaluate_folder(f, towers) for n, f in zip(names, folders)}
+    text = table(results)
+    print(text)
+    if len(folders) > 1:
+        out = os.path.abspath(os.path.expanduser(out or folders[0]))
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "comparison.md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(out, "comparison.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def main(argv):
+    del argv
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    from dpdmd_jax.weights.safetensors_io import CheckpointError
+
+    try:
+        evaluate(FLAGS.samples, FLAGS.names, clip=FLAGS.clip, dino=FLAGS.dino, out=FLAGS.out,
+                 per_device_batch=FLAGS.per_device_batch)
+    except (EvaluateError, CheckpointError, FileNotFoundError) as e:
+        print(f"\nError: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,120 @@
+r"""Import a PyTorch `.pt` state dict of a student transformer (the method's released SD3.5-M
+students are these: `torch.save(transformer.state_dict())`, loaded in its README with
+`pipe.transformer.load_state_dict(..., strict=True)`) as a diffusers pipeline folder that our
+sampler, evaluator and diffusers all read.
+
+    python -m dpdmd_jax.weights.torch_import --pt=DPDMD-SD35M-4NFE-natural.pt \
+        --pipeline=/ckpts/stable-diffusion-3.5-medium --out=exports/dpdmd_sd35m
+    python -m dpdmd_jax.sample --config=configs/sd35.py --config.model.source=exports/dpdmd_sd35m \
+        --prompt_file=prompts.txt --out=samples/dpdmd_sd35m
+
+The file is read with `torch.load(..., weights_only=True)` only: a `.pt` that holds pickled Python
+objects besides tensors is refused (unpickling arbitrary objects can run code). Its keys must be
+exactly the diffusers `SD3Transformer2DModel` keys of the pipeline's transformer config (a common
+`module.` / `_orig_mod.` wrapper prefix, from DDP or torch.compile, is removed); missing,
+unexpected and mis-shaped keys are named before anything is written. The student's scheduler is
+the default 4-step student grid (FlowMatchEuler, shift 3), as the method samples it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from typing import Any
+
+from absl import app, flags
+
+from dpdmd_jax.weights.safetensors_io import CheckpointError
+
+FLAGS = flags.FLAGS
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a program)."""
+    flags.DEFINE_string("pt", None, "The .pt state dict of the student transformer.")
+    flags.DEFINE_string("pipeline", None, "The teacher's diffusers StableDiffusion3Pipeline folder.")
+    flags.DEFINE_string("out", None, "The student pipeline folder to write (must not exist).")
+    flags.mark_flags_as_required(["pt", "pipeline", "out"])
+
+
+def read_pt_state_dict(path: str) -> dict[str, Any]:
+    """{key: torch.Tensor} of a `.pt` state dict, read with weights_only=True."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds pickled Python objects besides tensors, which torch.load(weights_only=True) refuses "
+            f"(loading them could run arbitrary code): {str(e).splitlines()[0]}. Re-save it as a plain "
+            "state dict: torch.save({k: v for k, v in model.state_dict().items()}, path)."
+        ) from e
+    except Exception as e:  # truncated, not a torch file, ...
+        raise CheckpointError(f"{path}: not a readable torch .pt file ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path} is not a state dict (a dict of name -> tensor); got {type(state).__name__}")
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def check_against_config(state: dict[str, Any], transformer_folder: str, what: str) -> None:
+    """Names every missing, unexpected and mis-shaped key of `state` for the transformer that
+    `transformer_folder`'s config.json describes (shape-only model, nothing allocated)."""
+    from types import SimpleNamespace
+
+    from dpdmd_jax.weights import loader, sd3
+
+    cfg = sd3.read_config(transformer_folder)
+    _, abstract_state = sd3.abstract_mmdit(cfg)
+    sources = sd3.key_map(cfg, abstract_state)
+    loader.validate(sources, {k: SimpleNamespace(shape=tuple(v.shape)) for k, v in state.items()}, what)
+
+
+def import_pt(pt: str, pipeline: str, out: str, link: str = "copy") -> str:
+    """Writes `pipeline` with the transformer of `pt` and the 4-step student scheduler to `out`."""
+    from safetensors.torch import save_file
+
+    from dpdmd_jax.config import base_config
+    from dpdmd_jax.export import write_student_pipeline
+    from dpdmd_jax.weights.pipeline import resolve_pipeline
+    from dpdmd_jax.weights.sd3 import WEIGHTS_NAME, resolve_folder
+
+    root = resolve_pipeline(pipeline)
+    transformer = resolve_folder(root)
+    state = read_pt_state_dict(pt)
+    check_against_config(state, transformer, pt)
+
+    def write(folder: str) -> None:
+        import shutil
+
+        os.makedirs(folder)
+        shutil.copyfile(os.path.join(transformer, "config.json"), os.path.join(folder, "config.json"))
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, WEIGHTS_NAME))
+
+    grid = [*base_config().student.sigmas, 0.0]  # FlowMatchEuler, 4 steps, shift 3
+    return write_student_pipeline("mmdit", root, out, write, grid, dict(source=os.path.abspath(pt)), link)
+
+
+def main(argv):
+    del argv
+    from dpdmd_jax.export import ExportError
+
+    try:
+        out = import_pt(FLAGS.pt, FLAGS.pipeline, FLAGS.out)
+    except (CheckpointError, ExportError) as e:
+        print(f"\nError: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"Wrote {out}; sample it with python -m dpdmd_jax.sample --config=configs/sd35.py "
+          f"--config.model.source={out} --prompt_file=PROMPTS --out=DIR")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
