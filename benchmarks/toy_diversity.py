@@ -8,7 +8,7 @@ writes a table (mean +- std over seeds), a plot and sample grids.
   python -m benchmarks.toy_diversity --arms study          # lambda sweep, wider first step
   python -m benchmarks.toy_diversity --arms study --only "DMD wide grid;DP-DMD K=30 wide grid"
   python -m benchmarks.toy_diversity --rounds 400 --seeds 0,1,2 --out benchmarks/results/toy_diversity
-  python -m benchmarks.toy_diversity --variant unet --arms eps   # the epsilon toy: DMD, DP-DMD K in {1,5,10,T}
+  python -m benchmarks.toy_diversity --variant unet --arms eps   # epsilon toy: DMD, DP-DMD K=1,5,10,T; 100 rounds
   # both cores, one run per core, then the table:
   taskset -c 0 python -m benchmarks.toy_diversity --shard 0/2 & taskset -c 1 python -m benchmarks.toy_diversity \
       --shard 1/2; wait; python -m benchmarks.toy_diversity
@@ -184,7 +184,7 @@ def main() -> None:
     p.add_argument("--arms", default="main", choices=["main", "study", "eps", "all"])
     p.add_argument("--only", default=None, metavar="ARM[;ARM]",
                    help="only these arms of --arms, by name, e.g. 'DMD wide grid;DP-DMD K=30 wide grid'")
-    p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=None, help="default: the config's (200; 100 for :unet)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variant", default=None, help="configs/toy.py variant every arm starts from, e.g. unet")
     p.add_argument("--out", default=None, help="default benchmarks/results/toy_diversity[_VARIANT]")
@@ -194,6 +194,10 @@ def main() -> None:
                    help="train only the I-th of N blocks of (arm, seed) jobs, then exit; run N at once, then once "
                         "without --shard for the table")
     ARGS = p.parse_args()
+    if ARGS.rounds is None:
+        from configs import toy
+
+        ARGS.rounds = toy.get_config(ARGS.variant).num_rounds
     if ARGS.out is None:
         suffix = f"_{ARGS.variant.replace(',', '_')}" if ARGS.variant else ""
         ARGS.out = os.path.join(ROOT, "benchmarks", "results", f"toy_diversity{suffix}")

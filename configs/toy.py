@@ -12,7 +12,7 @@ Variants (`--config=configs/toy.py:VARIANT[,VARIANT...]`):
   wide     student grid [1, 0.75, 0.5, 0.25]: a larger first step than the shift-3 grid's 1 -> 0.86
   unet     the epsilon toy: the shipped SDXL-style UNet teacher (VP epsilon, 30-step DDIM anchor
            grid), DMD2's 4-step student at timesteps (999, 749, 499, 249), DMD noise in [20, 980],
-           the x0 ("denoise") diversity target; the whole SDXL path of the method on a CPU
+           the x0 ("denoise") diversity target, 100 rounds; the whole SDXL path of the method on a CPU
   smoke    a few rounds of a tiny random model (tests)
 Any field can be overridden, e.g. --config.distill.lambda_div=0.5 --config.num_rounds=400.
 
@@ -54,6 +54,9 @@ def get_config(arg: str | None = None):
         elif variant == "unet":
             c.backbone = "unet"
             c.distill.target = "denoise"  # VP has no straight path to draw the line target on
+            # A UNet round costs ~3x an MMDiT round here (many small convolutions at batch 8): 100
+            # rounds keep the run within the toy's few minutes (BENCHMARKS.md, the epsilon toy).
+            c.num_rounds = 100
         elif variant == "smoke":
             c.model.source = "random"
             c.data.latent_size = (8, 8)

@@ -150,9 +150,9 @@ def write_student_pipeline(backbone: str, root: str | None, out: str, write_deno
 
 
 def export_student(c: Any, workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",
-                   link: str = "copy") -> str:
+                   link: str = "copy", setup: Any = None) -> str:
     """Writes the student of `workdir` (checkpoint `step`, default latest) as a diffusers pipeline
-    folder at `out`; returns `out`."""
+    folder at `out`; returns `out`. `setup`: the run's trainer `Setup` if already built."""
     from flax import nnx
 
     from dpdmd_jax.distill import trainer
@@ -166,7 +166,7 @@ def export_student(c: Any, workdir: str, out: str, *, step: int | None = None, d
         raise ExportError("model.source is empty: set it to the teacher the run distilled")
     workdir = os.path.abspath(os.path.expanduser(workdir))
     trainer.check_workdir_config(workdir, c, write=False)
-    setup = trainer.build(c)
+    setup = setup or trainer.build(c)
     try:
         params, source = load_student(setup, workdir, step)
     except SampleError as e:

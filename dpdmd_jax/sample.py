@@ -281,12 +281,7 @@ def sample(c: Any, out: str, *, workdir: str | None = None, step: int | None = N
            per_device_batch: int = 4, vae_dtype: str = "float32", devices: Sequence[Any] | None = None) -> dict:
     """Samples prompts x `seeds` images into `out` (resumably) on `devices` (default: all); returns a
     summary dict."""
-    import jax
-    import numpy as np
-    from tqdm import tqdm
-
     from dpdmd_jax.distill import trainer
-    from dpdmd_jax.parallel import mesh as mesh_lib
 
     if seeds < 1 or per_device_batch < 1:
         raise SampleError(f"--seeds={seeds} and --per_device_batch={per_device_batch} must be >= 1")
@@ -304,6 +299,24 @@ def sample(c: Any, out: str, *, workdir: str | None = None, step: int | None = N
         raise SampleError("no prompts to sample")
     params, source = load_student(setup, workdir, step) if sampler == "student" else (
         setup.frozen.teacher, f"model.source={c.model.source}")
+    return sample_with(setup, params, source, out, prompts, sampler=sampler, seeds=seeds, seed=seed,
+                       per_device_batch=per_device_batch, vae_dtype=vae_dtype)
+
+
+def sample_with(setup: Any, params: Any, source: str, out: str, prompts: Sequence[str], *, sampler: str = "student",
+                seeds: int = 9, seed: int = 0, per_device_batch: int = 4, vae_dtype: str = "float32",
+                progress: bool = True) -> dict:
+    """`sample` for a built trainer `Setup` and params in hand (the toy_metrics evaluator samples
+    its student this way, mid-run): `prompts` x `seeds` images into `out`, resumably."""
+    import jax
+    import numpy as np
+    from tqdm import tqdm
+
+    from dpdmd_jax.distill import trainer
+    from dpdmd_jax.parallel import mesh as mesh_lib
+
+    c = setup.config
+    out = os.path.abspath(os.path.expanduser(out))
     info = sampler_info(setup, sampler)
     run = dict(source=source, seed=seed, backbone=c.backbone, data_kind=c.data.kind, **info)
     is_main = jax.process_index() == 0
@@ -315,7 +328,8 @@ def sample(c: Any, out: str, *, workdir: str | None = None, step: int | None = N
     rows = read_rows(rows_path)
     jobs = [Job(p, s) for p in range(len(prompts)) for s in range(seeds)]
     todo = [j for j in jobs if not (j.name + ".png" in rows and os.path.exists(_png(out, j)))]
-    print(f"{len(prompts)} prompts x {seeds} seeds = {len(jobs)} images; {len(jobs) - len(todo)} already in {out}")
+    if progress:
+        print(f"{len(prompts)} prompts x {seeds} seeds = {len(jobs)} images; {len(jobs) - len(todo)} already in {out}")
 
     conditioner = Conditioner(setup, prompts)
     vae = None
@@ -323,7 +337,8 @@ def sample(c: Any, out: str, *, workdir: str | None = None, step: int | None = N
         vae = setup.backbone.load_vae(setup.mesh, trainer.mesh_rules(c), vae_dtype)
     fn = make_sample_fn(setup, sampler, seed, vae)
     batch = per_device_batch * mesh_lib.batch_divisor(setup.mesh)
-    bar = tqdm(total=len(todo), desc=f"sampling ({sampler})", disable=not is_main, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc=f"sampling ({sampler})", disable=not (is_main and progress),
+               dynamic_ncols=True)
     with open(rows_path, "a") if is_main else open(os.devnull, "w") as log:
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]

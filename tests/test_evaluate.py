@@ -151,3 +151,20 @@ def toy_config_prompt(p: int) -> str:
     from dpdmd_jax.toy import data as toy_data
 
     return toy_data.CLASS_NAMES[p]
+
+
+def test_the_trainers_toy_metrics_are_evaluates_numbers(tmp_path):
+    """The toy_metrics evaluator samples through `dpdmd_jax.sample` and reads its numbers back with
+    `dpdmd_jax.evaluate`: evaluating its folders again gives the summary exactly."""
+    from dpdmd_jax.distill import trainer
+
+    toy = dict(type="toy_metrics", every=0, seeds_per_prompt=3, repeats=1)
+    summary = trainer.train(_config(num_rounds=1, evals={"toy": toy}), str(tmp_path))
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f) == json.loads(json.dumps(summary))
+    folders = [str(tmp_path / "eval" / "teacher"), str(tmp_path / "eval" / "student_1")]
+    again = evaluate_lib.evaluate(folders, ["teacher", "student"])
+    for who in ("teacher", "student"):
+        for k in ("diversity_layout", "diversity_pixel", "spread_size", "adherence", "valid", "frechet_layout"):
+            assert summary[who][k] == again[who][k], (who, k)
+    assert summary["student"]["nfe"] == 4 and summary["teacher"]["nfe"] == 8 and summary["student"]["images"] == 18

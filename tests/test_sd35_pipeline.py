@@ -158,14 +158,14 @@ def test_export_loads_in_diffusers_and_its_4_step_call_is_our_sampler(prompt_run
     from dpdmd_jax.diffusion import sampler as sampler_lib
 
     c, workdir = prompt_run["config"], str(prompt_run["workdir"])
-    out = export.export_student(c, workdir, str(tmp_path / "export"))
+    setup = trainer.build(c)  # one build serves the export, our sampler and the sample folder
+    out = export.export_student(c, workdir, str(tmp_path / "export"), setup=setup)
     with open(os.path.join(out, "dpdmd_student.json")) as f:
         meta = json.load(f)
     assert meta["call"] == {"num_inference_steps": 4, "guidance_scale": 1.0} and meta["source"].endswith("/3")
     with pytest.raises(export.ExportError, match="never overwrite"):
-        export.export_student(c, workdir, out)
+        export.export_student(c, workdir, out, setup=setup)
     pipe = StableDiffusion3Pipeline.from_pretrained(out)
-    setup = trainer.build(c)
     pipe.scheduler.set_timesteps(4)
     np.testing.assert_allclose(pipe.scheduler.sigmas.numpy(), setup.distiller.student_grid, atol=1e-6)
 
@@ -185,7 +185,8 @@ def test_export_loads_in_diffusers_and_its_4_step_call_is_our_sampler(prompt_run
     assert rel_err(ours, theirs.numpy().transpose(0, 2, 3, 1)) <= 1e-4
 
     # The sampler writes the same student's images from the workdir, prompts from the file.
-    s = sample.sample(c, str(tmp_path / "samples"), workdir=workdir, seeds=2, num_prompts=2, per_device_batch=1)
+    s = sample.sample_with(setup, params, "round 3", str(tmp_path / "samples"), PROMPTS[:2], seeds=2,
+                           per_device_batch=1, progress=False)
     assert s["rows"] == 4 and len(os.listdir(os.path.join(s["out"], "images"))) == 4
 
 

@@ -84,12 +84,12 @@ def test_sdxl_config_trains_checkpoints_resumes_and_writes_grids(tmp_path):
     from dpdmd_jax import export, sample
     from dpdmd_jax.diffusion import vp
 
-    out = export.export_student(c, str(workdir), str(tmp_path / "export"), link="symlink")
+    setup = trainer.build(c)
+    out = export.export_student(c, str(workdir), str(tmp_path / "export"), link="symlink", setup=setup)
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     assert type(pipe.scheduler).__name__ == "LCMScheduler" and os.path.islink(os.path.join(out, "vae"))
     pipe.scheduler.set_timesteps(4)
     assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
-    setup = trainer.build(c)
     d = setup.distiller
     params, _ = sample.load_student(setup, str(workdir), None)
     cond = jax.device_get(setup.data.eval_cond(2))

@@ -19,7 +19,6 @@ from dpdmd_jax.toy import data, metrics, teacher
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The epsilon teacher's evaluation CFG and shape-accuracy floor (its RESULTS.md).
 UNET_CFG = 3.5
-UNET_SHAPE_MIN = 0.75
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +95,18 @@ def test_shipped_unet_teacher_samples_the_toy_distribution(unet_teacher):
     noise = jax.random.normal(jax.random.key(123), (ids.size, 16, 16, 3))
     images = np.asarray(teacher.sample_toy(unet_teacher, noise, ids, teacher.teacher_grid("unet"), UNET_CFG))
     m = metrics.toy_metrics(images, ids, R=9)
-    # Thresholds from the measured teacher with margin (RESULTS.md: UNET_MEASURED); a random or
-    # broken model scores valid 0 and Frechet ~20 (the 3-step smoke export: valid 0, Frechet 24.5).
+    # Thresholds from the measured teacher with margin (teacher_unet/RESULTS.md, CFG 3.5, over this
+    # 54-sample draw, three other 54-sample draws and the 216-sample table: colour 1.00, shape
+    # 0.96-0.98, valid 1.00, spreads 1.66-1.96 / 0.42-0.49 px, Frechet 0.66-0.89 px^2,
+    # saturation 0.008-0.009); a random or broken model scores valid 0 and Frechet ~20 (the 3-step
+    # smoke export: valid 0, Frechet 24.5).
     assert m["colour_acc"] >= 0.95, m
-    assert m["shape_acc"] >= UNET_SHAPE_MIN, m
-    assert m["valid"] >= 0.85, m
+    assert m["shape_acc"] >= 0.85, m
+    assert m["valid"] >= 0.95, m
     data_std = data.layout_stats()[1]
     for i, k in enumerate(("spread_cx", "spread_cy", "spread_size")):
         assert m[k] > 0.5 * data_std[i], (k, m)
-    assert m["frechet_layout"] < 3.0, m
+    assert m["frechet_layout"] < 2.0, m
     assert m["saturation"] < 0.05, m
 
 

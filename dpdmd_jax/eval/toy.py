@@ -9,13 +9,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from dpdmd_jax.eval import image_grid
+from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.parallel.mesh import replicated
 from dpdmd_jax.parallel.multihost import SyncedJit
 from dpdmd_jax.toy import metrics as toy_metrics
-from dpdmd_jax.toy.teacher import evaluate_sampler
 
 
 class ToyGrid:
@@ -42,8 +41,13 @@ class ToyGrid:
 
 
 class ToyMetrics:
-    """Toy metrics of the student vs the teacher (same noise, same prompts), printed and written to
-    workdir/summary.json; the teacher's row is cached in workdir/teacher_metrics.json."""
+    """Toy metrics of the student vs the teacher (same prompts, same per-image noise keys), printed
+    and written to workdir/summary.json.
+
+    They come out of the user-facing path: `dpdmd_jax.sample` writes the images (PNG) to
+    workdir/eval/{teacher, student_<round>} and `dpdmd_jax.evaluate` reads the metrics back from
+    those folders, so `python -m dpdmd_jax.evaluate --samples=workdir/eval/student_<round>` gives
+    exactly the numbers in the summary. The teacher's row is cached in workdir/teacher_metrics.json."""
 
     KEYS = ("diversity_layout", "diversity_pixel", "spread_cx", "spread_cy", "spread_size", "adherence", "valid",
             "frechet_layout")
@@ -53,27 +57,42 @@ class ToyMetrics:
             raise ValueError("the toy_metrics evaluator samples on one host: run the toy in one process")
         if seeds_per_prompt < 2:
             raise ValueError(f"seeds_per_prompt={seeds_per_prompt} must be >= 2 (diversity compares seeds)")
+        from dpdmd_jax.toy import data as toy_data
+
         self.setup, self.workdir = setup, workdir
         self.seeds = seeds_per_prompt
-        self.kw = dict(seeds=seeds_per_prompt, repeats=repeats, seed=setup.config.seed + 777)
+        self.prompts = list(toy_data.CLASS_NAMES) * repeats  # (6 classes x repeats) prompts
+        self.seed = setup.config.seed + 777
+        n = len(self.prompts) * self.seeds
+        self.per_device_batch = -(-n // mesh_lib.batch_divisor(setup.mesh))  # one batch: one compile
+
+    def _metrics(self, params: Any, source: str, sampler: str, folder: str) -> dict:
+        from dpdmd_jax.evaluate import evaluate_folder
+        from dpdmd_jax.sample import sample_with
+
+        sample_with(self.setup, params, source, folder, self.prompts, sampler=sampler, seeds=self.seeds,
+                    seed=self.seed, per_device_batch=self.per_device_batch, progress=False)
+        result = evaluate_folder(folder)
+        return {k: v for k, v in result.items() if isinstance(v, (int, float)) and v is not None}
 
     def run(self, step: int, state: Any, writer: Any) -> dict:
-        c, d = self.setup.config, self.setup.distiller
+        c = self.setup.config
         cache = os.path.join(self.workdir, "teacher_metrics.json")
         if os.path.exists(cache):
             with open(cache) as f:
                 teacher = json.load(f)
         else:
-            teacher = evaluate_sampler(self.setup.teacher_model, (c.teacher.cfg_scale,), sigmas=d.teacher_grid,
-                                       **self.kw)[float(c.teacher.cfg_scale)]
+            teacher = self._metrics(self.setup.frozen.teacher, f"model.source={c.model.source}", "teacher",
+                                    os.path.join(self.workdir, "eval", "teacher"))
             with open(cache, "w") as f:
                 json.dump(teacher, f, indent=2)
-        student_model = nnx.merge(d.graphdef, state.student, self.setup.frozen.buffers)
-        student = evaluate_sampler(student_model, (1.0,), sigmas=d.student_grid, student=True, **self.kw)[1.0]
+        rounds = int(state.step)
+        student = self._metrics(state.student, f"{self.workdir} round {rounds}", "student",
+                                os.path.join(self.workdir, "eval", f"student_{rounds}"))
         summary = {
-            "rounds": int(state.step),
-            "teacher": {"nfe": 2 * c.teacher.steps, "cfg_scale": c.teacher.cfg_scale, **teacher},
-            "student": {"nfe": len(d.student_grid) - 1, **student},
+            "rounds": rounds,
+            "teacher": {"cfg_scale": c.teacher.cfg_scale, **teacher},
+            "student": student,
             "spread_ratio": toy_metrics.spread_ratio(student, teacher),
             "skipped_updates": int(state.skipped),
         }
