@@ -200,6 +200,11 @@ def main(argv):
         sys.exit(2)
     with open(os.path.join(out, "dpdmd_student.json")) as f:
         call = json.load(f)["call"]
+    if not os.path.exists(os.path.join(out, "model_index.json")):  # the toy: a model folder, no pipeline
+        cls = "UNet2DConditionModel" if FLAGS.config.backbone == "unet" else "SD3Transformer2DModel"
+        print(f"Exported to {out}: diffusers {cls}.from_pretrained({out!r}, subfolder="
+              f"{DENOISERS[FLAGS.config.backbone]!r}) loads the student; scheduler/ holds its 4-step grid.")
+        return
     args = ", ".join(f"{k}={v!r}" for k, v in call.items())
     print(f"Exported to {out}. Sample it with diffusers:\n  pipe = DiffusionPipeline.from_pretrained({out!r})\n"
           f"  image = pipe(prompt, {args}).images[0]")
