@@ -227,11 +227,10 @@ def make_sample_fn(setup: Any, sampler: str, root_seed: int, vae: Any = None):
     import jax.numpy as jnp
     from flax import nnx
 
-    from dpdmd_jax.diffusion import sampler as sampler_lib
     from dpdmd_jax.parallel import mesh as mesh_lib
     from dpdmd_jax.parallel.multihost import SyncedJit
 
-    c, d, backbone = setup.config, setup.distiller, setup.backbone
+    d, backbone = setup.distiller, setup.backbone
     buffers = setup.frozen.buffers
     vae_graph, vae_state = nnx.split(vae) if vae is not None else (None, None)
 
@@ -242,8 +241,7 @@ def make_sample_fn(setup: Any, sampler: str, root_seed: int, vae: Any = None):
             step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
             z = d.sample(params, buffers, eps, cond, step_keys)
         else:
-            z = sampler_lib.sample(d._predictor(params, buffers), d.schedule, eps, d.teacher_grid, cond, uncond,
-                                   float(c.teacher.cfg_scale))
+            z = d.teacher_sample(params, buffers, eps, cond, uncond)
         if vae_graph is None:
             return jnp.clip(z, -1.0, 1.0)  # the toy: latents are images
         return jnp.clip(backbone.decode(nnx.merge(vae_graph, vae_state), z.astype(jnp.float32)), -1.0, 1.0)

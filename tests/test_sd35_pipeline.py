@@ -155,7 +155,6 @@ def test_export_loads_in_diffusers_and_its_4_step_call_is_our_sampler(prompt_run
     from diffusers import StableDiffusion3Pipeline
 
     from dpdmd_jax import export, sample
-    from dpdmd_jax.diffusion import sampler as sampler_lib
 
     c, workdir = prompt_run["config"], str(prompt_run["workdir"])
     setup = trainer.build(c)  # one build serves the export, our sampler and the sample folder
@@ -174,9 +173,8 @@ def test_export_loads_in_diffusers_and_its_4_step_call_is_our_sampler(prompt_run
     d = setup.distiller
     cond = jax.device_get(setup.data.eval_cond(2))
     eps = np.asarray(jax.random.normal(jax.random.key(5), (2, *d.latent_shape)))
-    ours = np.asarray(jax.jit(lambda p, e, cd: sampler_lib.sample(d._predictor(p, setup.frozen.buffers), d.schedule,
-                                                                  e, d.student_grid, cd, student=True))(params, eps,
-                                                                                                         cond))
+    ours = np.asarray(jax.jit(lambda p, e, cd: d.sample(p, setup.frozen.buffers, e, cd, jax.random.key(0)))(
+        params, eps, cond))  # the flow student is deterministic: the key is unused
     with torch.no_grad():
         theirs = pipe(prompt_embeds=torch.from_numpy(np.array(cond.context)),
                       pooled_prompt_embeds=torch.from_numpy(np.array(cond.pooled)),

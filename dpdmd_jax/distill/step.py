@@ -183,6 +183,11 @@ class Distiller:
         z_j = jax.lax.stop_gradient(jax.lax.fori_loop(start, j, body, z_start))
         return self.schedule.to_x0(z_j, self.predict(params, buffers, z_j, grid[j], cond), grid[j])
 
+    def teacher_sample(self, params, buffers, eps, cond: Cond, uncond: Cond) -> jax.Array:
+        """The teacher's T-step guided ODE sample on its grid (what the anchor runs K steps of)."""
+        return sampler.sample(self._predictor(jax.lax.stop_gradient(params), buffers), self.schedule, eps,
+                              self.teacher_grid, cond, uncond, self.c.teacher.cfg_scale)
+
     def sample(self, params, buffers, eps, cond: Cond, key) -> jax.Array:
         """The student's N-step sample (no gradient)."""
         return self._rollout(jax.lax.stop_gradient(params), buffers, eps, cond, self.student_grid, key)
