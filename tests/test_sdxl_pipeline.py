@@ -77,12 +77,16 @@ def test_sdxl_config_trains_checkpoints_resumes_and_writes_grids(tmp_path):
     assert [m["step"] for m in logged] == [1, 2, 3]
     assert all(np.isfinite(m[k]) for m in logged for k in ("loss", "loss_dmd", "loss_div", "loss_fake"))
 
-    # Export: StableDiffusionXLPipeline loads it; its LCM scheduler's 4 steps are the student's
-    # (x0, then re-noise), reproduced with the same initial latents and the same re-noising noise.
+    # Export: StableDiffusionXLPipeline loads it, with the student's weights in unet/; its LCM
+    # scheduler's 4 steps are our student steps (x0, then re-noise): our schedule's maths on the
+    # exported UNet's eps (the UNet port itself is proven in test_unet), with the same initial
+    # latents and re-noising noise, gives the pipeline's own output.
     from diffusers import StableDiffusionXLPipeline
 
     from dpdmd_jax import export, sample
     from dpdmd_jax.diffusion import vp
+    from dpdmd_jax.weights import loader
+    from dpdmd_jax.weights.unet import key_map
 
     setup = trainer.build(c)
     out = export.export_student(c, str(workdir), str(tmp_path / "export"), link="symlink", setup=setup)
@@ -92,14 +96,21 @@ def test_sdxl_config_trains_checkpoints_resumes_and_writes_grids(tmp_path):
     assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
     d = setup.distiller
     params, _ = sample.load_student(setup, str(workdir), None)
+    exported = dict(pipe.unet.state_dict())
+    for name, w in loader.export_tensors(params, key_map(setup.teacher_model.cfg, params)):
+        np.testing.assert_array_equal(exported[name].numpy(), w, err_msg=name)
     cond = jax.device_get(setup.data.eval_cond(2))
     eps = np.asarray(jax.random.normal(jax.random.key(5), (2, *d.latent_shape)))
     gen = torch.Generator().manual_seed(0)
     noises = [torch.randn((2, d.latent_shape[2], *d.latent_shape[:2]), generator=gen) for _ in range(3)]
-    predict = jax.jit(lambda p, z, t, cd: d.predict(p, setup.frozen.buffers, z, t, cd))
+    added = dict(text_embeds=torch.from_numpy(np.array(cond.text_embeds)),
+                 time_ids=torch.from_numpy(np.array(cond.time_ids)))
     z = eps
     for i, (t, t_next) in enumerate(zip(d.student_grid[:-1], d.student_grid[1:])):
-        x0 = np.asarray(d.schedule.to_x0(z, predict(params, z, t, cond), t))
+        with torch.no_grad():
+            e = pipe.unet(torch.from_numpy(z.transpose(0, 3, 1, 2).copy()), torch.tensor(int(t)),
+                          torch.from_numpy(np.array(cond.context)), added_cond_kwargs=added).sample
+        x0 = np.asarray(d.schedule.to_x0(z, e.numpy().transpose(0, 2, 3, 1), t))
         z = x0 if t_next < 0 else np.asarray(vp.add_noise(x0, noises[i].numpy().transpose(0, 2, 3, 1),
                                                           d.schedule.abar(t_next)))
     h, w = (8 * s for s in c.data.latent_size)
