@@ -64,6 +64,20 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu_exact}
 
 
+def _tower_problems(cfg: Any) -> list[str]:
+    """The checks the text and vision tower configs share, one sentence per problem."""
+    problems = []
+    if cfg.hidden_size % cfg.num_attention_heads:
+        problems.append(
+            f"hidden_size ({cfg.hidden_size}) is not a multiple of num_attention_heads ({cfg.num_attention_heads})"
+        )
+    if cfg.hidden_act not in ACTIVATIONS:
+        problems.append(f"hidden_act={cfg.hidden_act!r} is not supported (use one of {sorted(ACTIVATIONS)})")
+    if cfg.with_projection and not cfg.projection_dim:
+        problems.append("with_projection needs a projection_dim")
+    return problems
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
     """Architecture (transformers names and defaults) plus whether the projection head exists and
@@ -87,18 +101,9 @@ class CLIPTextConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        problems = []
-        if self.hidden_size % self.num_attention_heads:
-            problems.append(
-                f"hidden_size ({self.hidden_size}) is not a multiple of "
-                f"num_attention_heads ({self.num_attention_heads})"
-            )
-        if self.hidden_act not in ACTIVATIONS:
-            problems.append(f"hidden_act={self.hidden_act!r} is not supported (use one of {sorted(ACTIVATIONS)})")
+        problems = _tower_problems(self)
         if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
             problems.append(f"eos_token_id={self.eos_token_id!r}: the pooled output needs one integer EOS id")
-        if self.with_projection and not self.projection_dim:
-            problems.append("with_projection needs a projection_dim")
         if problems:
             raise ValueError("Invalid CLIP text config: " + "; ".join(problems) + ".")
 
@@ -365,18 +370,9 @@ class CLIPVisionConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        problems = []
-        if self.hidden_size % self.num_attention_heads:
-            problems.append(
-                f"hidden_size ({self.hidden_size}) is not a multiple of "
-                f"num_attention_heads ({self.num_attention_heads})"
-            )
-        if self.hidden_act not in ACTIVATIONS:
-            problems.append(f"hidden_act={self.hidden_act!r} is not supported (use one of {sorted(ACTIVATIONS)})")
+        problems = _tower_problems(self)
         if self.image_size < self.patch_size:
             problems.append(f"image_size ({self.image_size}) is smaller than patch_size ({self.patch_size})")
-        if self.with_projection and not self.projection_dim:
-            problems.append("with_projection needs a projection_dim")
         if problems:
             raise ValueError("Invalid CLIP vision config: " + "; ".join(problems) + ".")
 
