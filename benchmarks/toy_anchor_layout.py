@@ -15,6 +15,13 @@ toy's analytic detector, and reports per K: the fraction of x0_line images the d
 as one clean object, the correlation of their layout with the final sample's layout (same noise),
 and their within-prompt spread relative to the final samples' spread.
 
+Each row also has the latent criterion of `distill.anchor_k="auto"` (`dpdmd_jax.distill.anchor`):
+"carried", the share of the final samples' within-prompt variation (every pixel, no detector)
+that the target reproduces, and the plain ratio of the two within-prompt pixel spreads, which
+counts the target's amplified noise as diversity. `--auto` then runs the trainer's own choice for
+the toy config on this grid (round 0's first prompts, `distill.auto_anchor` settings) and prints
+its curve and K.
+
 `--target denoise` reads the other diversity target instead: the teacher's own x0 prediction at
 z_tK (one more guided teacher step, from t_K straight to clean: Euler to sigma 0 for the flow,
 DDIM to abar 1 for VP, both exactly x0(z_tK)). It is the only target for the epsilon teacher
@@ -30,6 +37,7 @@ import numpy as np
 
 from benchmarks.common import table
 from dpdmd_jax.diffusion import flow
+from dpdmd_jax.distill import anchor
 from dpdmd_jax.toy import metrics
 from dpdmd_jax.toy.teacher import eval_class_ids, load_toy_teacher, sample_toy, schedule_of, teacher_grid
 
@@ -53,6 +61,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--ks", default="1,2,3,5,10,15,20,25,30")
     p.add_argument("--teacher", default=None, help="teacher folder (default: the shipped toy teacher)")
+    p.add_argument("--auto", action="store_true", help="also run the trainer's anchor_k='auto' choice on this grid")
     args = p.parse_args()
 
     target = args.target or ("denoise" if args.family == "unet" else "line")
@@ -65,8 +74,11 @@ def main() -> None:
         sigmas = flow.flow_match_sigmas(args.steps, args.shift)
     ids = eval_class_ids(args.seeds, args.repeats)
     eps = np.asarray(jax.random.normal(jax.random.key(0), (ids.size, 16, 16, 3)))
-    final, final_ok = layout(sample_toy(teacher, eps, ids, sigmas, args.cfg))
+    final_images = sample_toy(teacher, eps, ids, sigmas, args.cfg)
+    final, final_ok = layout(final_images)
     final_spread = metrics.layout_spread(final, args.seeds)
+    final_dev = anchor.prompt_deviations(final_images, args.seeds)
+    final_pixel_spread = float(np.sqrt(np.mean(np.square(final_dev))))
 
     rows = []
     for k in (int(x) for x in args.ks.split(",")):
@@ -80,11 +92,13 @@ def main() -> None:
         both = ok & final_ok
         corr = [np.corrcoef(lay[both, i], final[both, i])[0, 1] if both.sum() > 2 else float("nan") for i in range(3)]
         ratio = metrics.layout_spread(lay, args.seeds) / final_spread
-        rows.append([k, t_k, ok.mean(), *corr, *ratio])
+        pixel_ratio = float(np.sqrt(np.mean(np.square(anchor.prompt_deviations(x0, args.seeds))))) / final_pixel_spread
+        rows.append([k, t_k, ok.mean(), *corr, *ratio, float(anchor.carried(x0, final_dev, args.seeds)), pixel_ratio])
         print(f"K={k}: level {t_k:g}, valid {ok.mean():.2f}", flush=True)
 
     head = ["K", "t_K", f"valid x0_{target}", "corr cx", "corr cy", "corr size",
-            "spread ratio cx", "spread ratio cy", "spread ratio size"]
+            "spread ratio cx", "spread ratio cy", "spread ratio size", "carried (auto)",
+            "pixel spread ratio"]
     level = "{:.3f}" if args.family == "mmdit" else "{:.0f}"  # flow sigma / DDPM timestep (-1: clean)
     cells = [[str(r[0]), level.format(r[1]), *(f"{v:.2f}" for v in r[2:])] for r in rows]
     grid = f"shift {args.shift:g}" if args.family == "mmdit" else "leading DDIM"
@@ -93,6 +107,28 @@ def main() -> None:
           "corr = Pearson correlation with the final sample's layout (same noise, both valid); spread ratio = "
           f"within-prompt std of x0_{target}'s layout / the final samples'.\n")
     print(table(head, cells))
+    if args.auto:
+        auto_choice(args)
+
+
+def auto_choice(args) -> int:
+    """The trainer's `distill.anchor_k="auto"` choice for configs/toy.py[:unet] on this grid (in a
+    scratch workdir); prints its curve and returns K."""
+    import tempfile
+
+    from configs import toy
+    from dpdmd_jax.distill import trainer
+
+    c = toy.get_config("unet" if args.family == "unet" else None)
+    c.distill.anchor_k = "auto"
+    c.teacher.steps, c.teacher.cfg_scale, c.teacher.shift = args.steps, args.cfg, args.shift
+    c.distill.target = "denoise" if args.family == "unet" else (args.target or "line")
+    if args.teacher:
+        c.model.source = args.teacher
+    setup = trainer.build(c)
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer.check_workdir_config(workdir, c)
+        return trainer.choose_anchor_k(setup, workdir, None)
 
 
 if __name__ == "__main__":

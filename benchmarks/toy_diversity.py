@@ -9,6 +9,8 @@ writes a table (mean +- std over seeds), a plot and sample grids.
   python -m benchmarks.toy_diversity --arms study --only "DMD wide grid;DP-DMD K=30 wide grid"
   python -m benchmarks.toy_diversity --rounds 400 --seeds 0,1,2 --out benchmarks/results/toy_diversity
   python -m benchmarks.toy_diversity --variant unet --arms eps   # epsilon toy: DMD, DP-DMD K=1,5,10,T; 100 rounds
+  python -m benchmarks.toy_diversity --variant shift0.375         # every flow grid at SD3.5's matched shift
+  python -m benchmarks.toy_diversity --variant shift0.375 --arms main,auto   # and distill.anchor_k="auto"
   # both cores, one run per core, then the table:
   taskset -c 0 python -m benchmarks.toy_diversity --shard 0/2 & taskset -c 1 python -m benchmarks.toy_diversity \
       --shard 1/2; wait; python -m benchmarks.toy_diversity
@@ -47,6 +49,8 @@ ARMS = {
         "DMD": {"distill.lambda_div": 0.0},
         **{f"DP-DMD K={k}": {"distill.anchor_k": k} for k in (1, 5, 10, T)},
     },
+    # distill.anchor_k="auto": the trainer picks K from a teacher pass (dpdmd_jax.distill.anchor).
+    "auto": {"DP-DMD K=auto": {"distill.anchor_k": "auto"}},
     "study": {
         "DP-DMD K=5 lambda=0.5": {"distill.lambda_div": 0.5},
         "DP-DMD K=5 lambda=2": {"distill.lambda_div": 2.0},
@@ -108,11 +112,23 @@ def _share_teacher_metrics(out: str, seed: int, workdir: str) -> None:
         shutil.copyfile(found[0], target)
 
 
-def aggregate(results: list[dict], who: str) -> dict:
+def aggregate(results: list[dict], who: str, seeds: list[int], previous: dict | None = None) -> dict:
+    """Mean and (population) std over seeds of each metric, plus the per-seed values ("per_seed"), so
+    a later run can add seeds without the workdirs. `previous`: the aggregate of earlier seeds from a
+    results file without per-seed values (see --extend); it must cover exactly 2 seeds, whose values
+    are then exactly mean - std and mean + std (which is which does not change a mean or a std)."""
     rows = [r[who] for r in results]
-    out = {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in COLUMNS}
+    per_seed = {str(s): {k: float(r[k]) for k in COLUMNS} for s, r in zip(seeds, rows)}
+    out = {}
+    for k in COLUMNS:
+        values = [r[k] for r in rows]
+        if previous is not None:
+            m, sd = previous[k]
+            values += [m - sd, m + sd]
+        out[k] = (float(np.mean(values)), float(np.std(values)))
     out["nfe"] = rows[0]["nfe"]
     out["wall_s"] = float(np.nanmean([r.get("wall_s", np.nan) for r in results]))
+    out["per_seed"] = per_seed
     return out
 
 
@@ -181,7 +197,8 @@ def save_grids(out: str, arms: dict) -> None:
 def main() -> None:
     global ARGS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arms", default="main", choices=["main", "study", "eps", "all"])
+    p.add_argument("--arms", default="main", help=f"arm groups, comma-separated: {', '.join(ARMS)}, or all "
+                   "(main and study)")
     p.add_argument("--only", default=None, metavar="ARM[;ARM]",
                    help="only these arms of --arms, by name, e.g. 'DMD wide grid;DP-DMD K=30 wide grid'")
     p.add_argument("--rounds", type=int, default=None, help="default: the config's (200; 100 for :unet)")
@@ -190,6 +207,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="default benchmarks/results/toy_diversity[_VARIANT]")
     p.add_argument("--teacher", default=None, help="teacher folder (default: the shipped toy teacher)")
     p.add_argument("--grids", action="store_true", help="also write seed-0 sample grids")
+    p.add_argument("--extend", default=None, metavar="RESULTS_JSON",
+                   help="add --seeds to the mean +- std over seeds 0,1 of an earlier results file whose per-seed "
+                        "values and workdirs are gone (results_eps.json); its table's paired rows are kept")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="train only the I-th of N blocks of (arm, seed) jobs, then exit; run N at once, then once "
                         "without --shard for the table")
@@ -205,7 +225,11 @@ def main() -> None:
 
     logging.set_verbosity(logging.WARNING)
     seeds = [int(s) for s in ARGS.seeds.split(",")]
-    arms = {**ARMS["main"], **ARMS["study"]} if ARGS.arms == "all" else ARMS[ARGS.arms]
+    groups = ["main", "study"] if ARGS.arms == "all" else ARGS.arms.split(",")
+    if any(g not in ARMS for g in groups):
+        p.error(f"--arms {ARGS.arms}: groups are {list(ARMS)} or all")
+    arms = {name: o for g in groups for name, o in ARMS[g].items()}
+    tag = ARGS.arms.replace(",", "_")  # the output files' suffix
     if ARGS.only:
         names = [n.strip() for n in ARGS.only.split(";")]
         unknown = [n for n in names if n not in arms]
@@ -221,23 +245,35 @@ def main() -> None:
             run_one(name, arms[name], seed, ARGS.rounds, ARGS.out, ARGS.teacher)
             print(f"done: {name} seed {seed}", flush=True)
         return
+    previous = None
+    if ARGS.extend:
+        with open(ARGS.extend) as f:
+            previous = json.load(f)
+        if any("per_seed" in row for row in previous.values()):
+            p.error("--extend is for results files without per-seed values; rerun the seeds instead")
+        # the earlier seeds' paired differences, kept from the table written next to that file
+        with open(os.path.join(os.path.dirname(ARGS.extend), f"table_{tag}.md")) as f:
+            previous_paired = f.read().split("Paired by training seed:")[1].strip()
     agg, per_arm = {}, {}
     for name, overrides in arms.items():
         results = [run_one(name, overrides, seed, ARGS.rounds, ARGS.out, ARGS.teacher) for seed in seeds]
         per_arm[name] = results
         if "teacher" not in agg:
-            agg["teacher"] = aggregate(results, "teacher")
+            agg["teacher"] = aggregate(results, "teacher", seeds, previous and previous["teacher"])
             agg["teacher"]["wall_s"] = float("nan")
-        agg[name] = aggregate(results, "student")
+        agg[name] = aggregate(results, "student", seeds, previous and previous[name])
         print(f"done: {name}", flush=True)
+    all_seeds = ([0, 1] if previous else []) + seeds
     text = table(agg) + "\n\nPaired by training seed:\n\n" + paired_table(per_arm, seeds)
-    print(f"\nToy diversity, {ARGS.rounds} rounds, seeds {seeds} (mean ± std over training seeds):\n")
+    if previous:
+        text += "\n\n" + previous_paired
+    print(f"\nToy diversity, {ARGS.rounds} rounds, seeds {all_seeds} (mean ± std over training seeds):\n")
     print(text)
-    with open(os.path.join(ARGS.out, f"table_{ARGS.arms}.md"), "w") as f:
+    with open(os.path.join(ARGS.out, f"table_{tag}.md"), "w") as f:
         f.write(text + "\n")
-    with open(os.path.join(ARGS.out, f"results_{ARGS.arms}.json"), "w") as f:
+    with open(os.path.join(ARGS.out, f"results_{tag}.json"), "w") as f:
         json.dump(agg, f, indent=2)
-    plot(agg, os.path.join(ARGS.out, f"plot_{ARGS.arms}.png"))
+    plot(agg, os.path.join(ARGS.out, f"plot_{tag}.png"))
     if ARGS.grids:
         save_grids(ARGS.out, arms)
 

@@ -13,7 +13,8 @@ teacher) and the VAE (sample grids) all come from it. Prompts: `data.kind="promp
 or `"embeddings"` (a cache made by `python -m dpdmd_jax.data.embedding_cache`, no text encoders
 loaded).
 
-Variants: `:k10` (the public code's anchor), `:dmd` (lambda_div = 0 baseline), `:backward`
+Variants: `:k10` (the public code's anchor), `:auto` (K chosen from a teacher pass before
+training, docs/DESIGN.md), `:dmd` (lambda_div = 0 baseline), `:backward`
 (DMD2-style simulation, far less memory), `:denoise` (x0 diversity target), `:tiny` (the tiny
 random pipeline of `python -m dpdmd_jax.tools.tiny_pipeline DIR`: every code path in minutes on a
 CPU). Combine them with commas (`:tiny,dmd`).

@@ -15,8 +15,9 @@ it to the next timestep (DMD2's students), DMD noise timesteps in [20, 980], rea
 x0 ("denoise") diversity target. The paper gives no K or lambda_div for SDXL; ours: K = 8 of the 50
 teacher steps (the fraction of the grid SD3.5's K = 5 of 30 covers) and lambda_div = 0.05.
 
-Variants: `:k<N>`, `:dmd` (lambda_div = 0), `:backward` (DMD2-style simulation), `:tiny` (the tiny
-random pipeline of `python -m dpdmd_jax.tools.tiny_pipeline --family=sdxl DIR`); combine with commas.
+Variants: `:k<N>`, `:auto` (K from a teacher pass), `:dmd` (lambda_div = 0), `:backward` (DMD2-style
+simulation), `:tiny` (the tiny random pipeline of `python -m dpdmd_jax.tools.tiny_pipeline
+--family=sdxl DIR`); combine with commas.
 """
 
 from dpdmd_jax.config import apply_method_variant, apply_tiny_pipeline, base_config

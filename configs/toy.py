@@ -9,6 +9,9 @@ Variants (`--config=configs/toy.py:VARIANT[,VARIANT...]`):
   backward DMD2-style backward simulation instead of the full rollout
   denoise  x0 ("denoise") diversity target instead of the straight line
   kN       anchor step K = N (e.g. k10)
+  auto     K chosen before training from a teacher pass (distill.anchor_k="auto", docs/DESIGN.md)
+  shiftS   every flow grid (teacher, student, DMD noise) at shift S instead of 3, e.g. shift1;
+           shift0.375 is SD3.5's timeline at 1024^2 moved to the toy's 16x16 (MATCHED_SHIFT)
   wide     student grid [1, 0.75, 0.5, 0.25]: a larger first step than the shift-3 grid's 1 -> 0.86
   unet     the epsilon toy: the shipped SDXL-style UNet teacher (VP epsilon, 30-step DDIM anchor
            grid), DMD2's 4-step student at timesteps (999, 749, 499, 249), DMD noise in [20, 980],
@@ -21,6 +24,11 @@ BENCHMARKS.md); the default keeps the paper's K = 5, which loses layout diversit
 """
 
 from dpdmd_jax.config import apply_method_variant, base_config
+
+# SD3 shifts its schedule in proportion to the latent side (Esser et al. 2024, section 5.3.2: shift
+# sqrt(m / n) for m / n pixels). SD3.5 uses 3 for 128 x 128 latents (1024^2 images); the toy's
+# images are 16 x 16, so the same point of generation falls on the same grid step at 3 * 16 / 128.
+MATCHED_SHIFT = 3.0 * 16 / 128  # 0.375
 
 # The toy study's "wide" student grid (benchmarks/toy_diversity.py): first step 1 -> 0.75.
 WIDE_STUDENT_SIGMAS = (1.0, 0.75, 0.5, 0.25)

@@ -12,10 +12,13 @@ import ml_collections
 from dpdmd_jax import backbones
 from dpdmd_jax import eval as eval_lib
 from dpdmd_jax.diffusion.flow import flow_match_sigmas
+from dpdmd_jax.distill import anchor
 from dpdmd_jax.parallel.mesh import DEFAULT_RULES, MESH_AXES
 
 SIMULATIONS = ("rollout", "backward")
 TARGETS = ("line", "denoise")
+# anchor_k="auto": the smallest K whose target carries this share of the final samples' variation.
+AUTO_ANCHOR_FRACTION = 0.75
 
 
 class ConfigError(ValueError):
@@ -69,7 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.student.timesteps = (999, 749, 499, 249)
 
     c.distill = ml_collections.ConfigDict()
-    c.distill.anchor_k = 5  # K: teacher steps to the diversity anchor (paper default; public code: 10)
+    # K: teacher steps to the diversity anchor (paper default; public code: 10), or "auto": chosen
+    # before training from one teacher pass (dpdmd_jax.distill.anchor, settings in auto_anchor).
+    c.distill.anchor_k = ml_collections.FieldReference(5, field_type=object)  # int | "auto"
+    c.distill.auto_anchor = ml_collections.ConfigDict(
+        dict(criterion="carried", fraction=AUTO_ANCHOR_FRACTION, prompts=4, seeds=8))
     c.distill.lambda_div = 0.05  # 0 = plain DMD
     c.distill.target = "line"  # "line": (eps - z_tk) / (1 - t_k); "denoise": teacher x0 at z_tk
     c.distill.fake_updates_per_student = 5  # M
@@ -126,9 +133,30 @@ def apply_method_variant(c: ml_collections.ConfigDict, variant: str) -> bool:
         c.distill.target = "denoise"
     elif variant.startswith("k") and variant[1:].isdigit():
         c.distill.anchor_k = int(variant[1:])
+    elif variant == "auto":
+        c.distill.anchor_k = "auto"
+    elif variant.startswith("shift") and _is_float(variant[5:]):
+        apply_flow_shift(c, float(variant[5:]))
     else:
         return False
     return True
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_flow_shift(c: ml_collections.ConfigDict, shift: float) -> None:
+    """One flow shift for every grid of the method: the teacher's anchor grid, the student's
+    4-step grid (diffusers FlowMatchEuler at that shift, as the default is at 3) and the grid DMD
+    and critic noise levels are drawn from. SD3 shifts with resolution (Esser et al. 2024, 5.3.2:
+    shift ~ sqrt(pixels), i.e. linear in the latent side); its 3 is for 128 x 128 latents."""
+    c.teacher.shift = c.dmd.shift = shift
+    c.student.sigmas = tuple(float(x) for x in flow_match_sigmas(len(c.student.sigmas), shift)[:-1])
 
 
 def apply_tiny_pipeline(c: ml_collections.ConfigDict) -> None:
@@ -162,8 +190,10 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
     T = c.teacher.steps
     if not isinstance(T, int) or T < 1:
         p.append(f"teacher.steps={T!r} must be a positive integer (the paper uses 30).")
-    elif not 1 <= c.distill.anchor_k <= T:
-        p.append(f"distill.anchor_k={c.distill.anchor_k} must lie in 1..teacher.steps={T}; "
+    elif c.distill.anchor_k == "auto":
+        p.extend(anchor.problems(c))
+    elif not isinstance(c.distill.anchor_k, int) or not 1 <= c.distill.anchor_k <= T:
+        p.append(f"distill.anchor_k={c.distill.anchor_k!r} must lie in 1..teacher.steps={T}, or be 'auto'; "
                  f"the anchor is the teacher state after K of its T steps (paper: K=5).")
     if c.distill.lambda_div < 0:
         p.append(f"distill.lambda_div={c.distill.lambda_div} is negative; use 0 for plain DMD or a positive weight "

@@ -18,6 +18,12 @@ re-noises with. So it does not depend on which other images share its batch, on 
 or on the order images are made in. Work is data-parallel over every device (and process): a batch
 is `--per_device_batch` images per device; the last batch is padded.
 
+Several processes (hosts, or several on one machine) run the same command with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (TPU pods, SLURM and MPI need no
+flags), as `dpdmd_jax.main` does; they make the same images as one process with as many devices.
+Every process reads the checkpoint (--workdir); process 0 alone reads and writes `--out`, and tells
+the others which images are left, so every process runs the same batches.
+
 Output (`--out`): `images/p{p:05d}_s{s:03d}.png`, `grids/p{p:05d}.png` (the prompt's R images in
 a row, once all are written), `samples.jsonl` (one row per image: prompt, prompt_index, seed, file,
 sampler, steps, grid, cfg_scale, nfe, source, seconds) and `run.json` (what made them). A re-run
@@ -44,6 +50,8 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The command line (defined only when run as a program, so importing the module defines no flags)."""
+    from dpdmd_jax.parallel import multihost
+
     config_flags.DEFINE_config_file("config", None, "Config file (the training run's), e.g. configs/toy.py[:variant].",
                                     lock_config=True)
     flags.DEFINE_string("out", None, "Output folder (created; resumed if it holds this run's samples).")
@@ -57,6 +65,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Root of every image's key.")
     flags.DEFINE_integer("per_device_batch", 4, "Images per device per batch.")
     flags.DEFINE_string("vae_dtype", "float32", "VAE decode dtype (pipeline backbones).")
+    multihost.define_flags()
     flags.mark_flags_as_required(["config", "out"])
 
 
@@ -212,6 +221,42 @@ def prompt_list(setup: Any, prompt_file: str | None) -> list[str]:
 # ---------------------------------------------------------------------------- sampling
 
 
+def plan(out: str, run: dict, jobs: Sequence[Job]) -> tuple[list[Job], int]:
+    """(the jobs still to make, the rows samples.jsonl will then hold), the same on every process.
+
+    Only process 0 writes `out`, so only it reads it: it checks (or, first, writes) run.json and
+    finds the jobs whose row and PNG are both there; the others get its answer, so every process
+    runs the same batches (their collectives must match) whatever file system they see. An error
+    on process 0 stops every process."""
+    import jax
+    import numpy as np
+
+    done, n_rows, error = np.zeros(len(jobs), np.int32), 0, None
+    if jax.process_index() == 0:
+        try:
+            check_run(out, run)
+            for sub in ("images", "grids"):
+                os.makedirs(os.path.join(out, sub), exist_ok=True)
+            rows = read_rows(os.path.join(out, "samples.jsonl"))
+            done[:] = [j.name + ".png" in rows and os.path.exists(_png(out, j)) for j in jobs]
+            n_rows = len(rows.keys() | {j.name + ".png" for j in jobs})
+        except Exception as e:  # re-raised below, once the other processes know to stop too
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        from dpdmd_jax.parallel.multihost import barrier
+
+        barrier("sample_plan")  # process 0 may read a slow file system: gloo's 30 s set-up would not wait
+        shared = multihost_utils.broadcast_one_to_all(np.array([error is not None, n_rows, *done], np.int32))
+        failed, n_rows, done = bool(shared[0]), int(shared[1]), shared[2:]
+        if failed and error is None:
+            raise SampleError(f"process 0 could not sample into {out}; its output says why")
+    if error is not None:
+        raise error
+    return [j for j, d in zip(jobs, done) if not d], n_rows
+
+
 def sampler_info(setup: Any, sampler: str) -> dict:
     c, d = setup.config, setup.distiller
     grid = d.student_grid if sampler == "student" else d.teacher_grid
@@ -318,15 +363,10 @@ def sample_with(setup: Any, params: Any, source: str, out: str, prompts: Sequenc
     info = sampler_info(setup, sampler)
     run = dict(source=source, seed=seed, backbone=c.backbone, data_kind=c.data.kind, **info)
     is_main = jax.process_index() == 0
-    if is_main:
-        check_run(out, run)
-        for sub in ("images", "grids"):
-            os.makedirs(os.path.join(out, sub), exist_ok=True)
     rows_path = os.path.join(out, "samples.jsonl")
-    rows = read_rows(rows_path)
     jobs = [Job(p, s) for p in range(len(prompts)) for s in range(seeds)]
-    todo = [j for j in jobs if not (j.name + ".png" in rows and os.path.exists(_png(out, j)))]
-    if progress:
+    todo, expected_rows = plan(out, run, jobs)
+    if progress and is_main:
         print(f"{len(prompts)} prompts x {seeds} seeds = {len(jobs)} images; {len(jobs) - len(todo)} already in {out}")
 
     conditioner = Conditioner(setup, prompts)
@@ -363,7 +403,8 @@ def sample_with(setup: Any, params: Any, source: str, out: str, prompts: Sequenc
     bar.close()
     if is_main:
         write_grids(out, len(prompts), seeds)
-    n_rows = len(read_rows(rows_path))
+    # Process 0 counts what it wrote; the others may not see its last rows yet (or at all).
+    n_rows = len(read_rows(rows_path)) if is_main else expected_rows
     return dict(out=out, images=len(jobs), made=len(todo), rows=n_rows, **run)
 
 
@@ -387,13 +428,16 @@ def write_grids(out: str, num_prompts: int, seeds: int) -> None:
 
 def main(argv):
     del argv
+    import jax
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
     from dpdmd_jax.config import ConfigError
     from dpdmd_jax.distill.trainer import TrainingError
+    from dpdmd_jax.parallel import multihost
     from dpdmd_jax.weights.safetensors_io import CheckpointError
 
+    multihost.initialize_from_flags(FLAGS)
     try:
         summary = sample(FLAGS.config, FLAGS.out, workdir=FLAGS.workdir, step=FLAGS.step, sampler=FLAGS.sampler,
                          prompt_file=FLAGS.prompt_file, num_prompts=FLAGS.num_prompts, seeds=FLAGS.seeds,
@@ -401,7 +445,8 @@ def main(argv):
     except (SampleError, ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
         print(f"\nError: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{summary['rows']} images in {summary['out']} ({summary['made']} made now)")
+    if jax.process_index() == 0:
+        print(f"{summary['rows']} images in {summary['out']} ({summary['made']} made now)")
 
 
 if __name__ == "__main__":

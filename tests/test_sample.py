@@ -1,13 +1,16 @@
 """The batch sampler: a run's student (or the teacher) -> PNGs + grids + one JSONL row per image;
-identical images on 2 and 8 devices; a killed sampler resumes without duplicates or overwrites;
-bad input is refused before sampling. On the tiny VP backbone with the toy's prompts, so the
+identical images on 2 and 8 devices, and from two processes; a killed sampler resumes without
+duplicates or overwrites; bad input is refused before sampling. On the tiny VP backbone with the toy's prompts, so the
 stochastic (re-noising) student, the hardest case for determinism, is the one checked."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -72,6 +75,71 @@ def test_same_images_on_2_and_8_devices_and_any_batch(run_dir, tmp_path):
     assert r[0]["source"].endswith("checkpoints/2") and r[0]["seconds"] > 0
     grid = np.asarray(Image.open(os.path.join(a["out"], "grids", "p00005.png")))
     np.testing.assert_array_equal(grid, np.concatenate([ia[f"p00005_s{s:03d}.png"] for s in range(3)], axis=1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _launch_sampler(run_dir: str, out: str, port: int, process_id: int, log: str) -> subprocess.Popen:
+    """One of two sampler processes on this machine, with 4 of the 8 virtual devices each; its
+    stdout and stderr go to `log`.out / `log`.err (files: a pipe nobody reads could fill and block it)."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
+    cmd = [sys.executable, "-m", "dpdmd_jax.sample", "--config=configs/toy.py:smoke", *CLI_OVERRIDES,
+           f"--workdir={run_dir}", f"--out={out}", "--seeds=3", "--per_device_batch=1",
+           f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={process_id}"]
+    with open(log + ".out", "w") as stdout, open(log + ".err", "w") as stderr:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=stderr)
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    """Waits for every process, or until one fails (its peer would wait for it at a barrier for an
+    hour) or the time is up; then kills the ones left."""
+    deadline = time.time() + timeout_s
+    try:
+        while any(p.poll() is None for p in procs) and time.time() < deadline:
+            if any(p.returncode for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_two_processes_resume_and_sample_like_one(run_dir, tmp_path):
+    # The single-process reference on this process's 8 devices.
+    ref = sample_lib.sample(config(), str(tmp_path / "one"), workdir=run_dir, seeds=3, per_device_batch=1)
+    # A folder as an interrupted run leaves it: its first 2 prompts' 6 images, with their rows.
+    out = tmp_path / "two"
+    os.makedirs(out / "images")
+    shutil.copy(os.path.join(ref["out"], "run.json"), out)
+    kept = [r for r in rows(ref["out"]) if r["prompt_index"] < 2]
+    for r in kept:
+        shutil.copy(os.path.join(ref["out"], "images", r["file"]), out / "images")
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    port, logs = _free_port(), [str(tmp_path / f"process{i}") for i in (0, 1)]
+    procs = [_launch_sampler(run_dir, str(out), port, i, logs[i]) for i in (0, 1)]
+    _wait_all(procs, timeout_s=600)
+    outs = [(open(log + ".out").read(), open(log + ".err").read()) for log in logs]
+    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i}: {err[-3000:]}"
+    # Process 0 alone read the folder and reports; both made the 12 missing images (2 batches of 8).
+    assert f"18 images; 6 already in {out}" in outs[0][0] and f"18 images in {out} (12 made now)" in outs[0][0]
+    assert "images in" not in outs[1][0]
+    # One row per image: process 1 wrote none, and nothing already there was made again.
+    r = rows(str(out))
+    assert sorted((x["prompt_index"], x["seed"]) for x in r) == [(p, s) for p in range(6) for s in range(3)]
+    got, want = pngs(str(out)), pngs(ref["out"])
+    assert list(got) == list(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def test_killed_sampler_resumes_without_duplicates_or_overwrites(run_dir, tmp_path):

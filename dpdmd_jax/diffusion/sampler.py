@@ -17,6 +17,8 @@ import numpy as np
 from dpdmd_jax.diffusion.schedules import Schedule, fold_in
 
 Predict = Callable[[jax.Array, jax.Array, Any], jax.Array]
+# (z, prediction, level, z_next, next_level) -> any pytree, stacked over the steps by `sample`.
+Observe = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], Any]
 
 
 def cfg(cond: jax.typing.ArrayLike, uncond: jax.typing.ArrayLike, scale: jax.typing.ArrayLike) -> jax.Array:
@@ -53,13 +55,18 @@ def sample(
     student: bool = False,
     key: jax.Array | None = None,
     first_index: int = 0,
-) -> jax.Array:
+    observe: Observe | None = None,
+) -> jax.Array | tuple[jax.Array, Any]:
     """Steps `z` (at grid[0]) along `grid` as a scan (one traced model call, differentiable).
 
     student=False: the schedule's deterministic teacher (ODE) step; student=True: the student's
     step, which for VP re-noises with fresh noise from `key` folded with the step index (counted
     from `first_index`, for a grid that continues a longer one); `key` is one key, or one per
     sample ([B]) so that each sample's noise is independent of the batch it runs in.
+
+    `observe(z, prediction, level, z_next, next_level)`, if given, is evaluated at every step and
+    its outputs are returned stacked over steps as `(z_final, observed)`: per-step statistics of a
+    trajectory (the automatic anchor choice) without keeping the trajectory itself in memory.
     """
     grid = jnp.asarray(grid, jnp.float32)
     steps = grid.shape[0] - 1
@@ -70,7 +77,10 @@ def sample(
         i, level, next_level = inp
         p = guided_prediction(predict, z, level, cond, uncond, cfg_scale)
         if student:
-            return schedule.student_step(z, p, level, next_level, fold_in(key, i)), None
-        return schedule.teacher_step(z, p, level, next_level), None
+            z_next = schedule.student_step(z, p, level, next_level, fold_in(key, i))
+        else:
+            z_next = schedule.teacher_step(z, p, level, next_level)
+        return z_next, None if observe is None else observe(z, p, level, z_next, next_level)
 
-    return jax.lax.scan(body, z, (first_index + jnp.arange(steps), grid[:-1], grid[1:]))[0]
+    z, observed = jax.lax.scan(body, z, (first_index + jnp.arange(steps), grid[:-1], grid[1:]))
+    return z if observe is None else (z, observed)

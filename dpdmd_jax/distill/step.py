@@ -106,6 +106,8 @@ class Distiller:
         self.graphdef = graphdef
         self.latent_shape = tuple(backbone.latent_shape())  # (H, W, C)
         self.teacher_grid = self.schedule.teacher_grid(config.teacher)
+        # K; None while distill.anchor_k is "auto" (the trainer sets it: dpdmd_jax.distill.anchor).
+        self.anchor_k = None if config.distill.anchor_k == "auto" else int(config.distill.anchor_k)
         self.student_grid = self.schedule.student_grid(config.student)
         self.dmd_levels = self.schedule.training_levels(config.dmd)
         if self.dmd_levels.size == 0:
@@ -131,7 +133,10 @@ class Distiller:
 
     def teacher_anchor(self, frozen: Frozen, eps: jax.Array, cond: Cond, uncond: Cond) -> tuple[jax.Array, jax.Array]:
         """z_tk after K guided ODE steps of the teacher grid from eps, and its level t_k."""
-        k = self.c.distill.anchor_k
+        k = self.anchor_k
+        if k is None:
+            raise ValueError("distill.anchor_k='auto' has not been resolved: the trainer sets Distiller.anchor_k "
+                             "before compiling (dpdmd_jax.distill.anchor)")
         teacher = self._predictor(jax.lax.stop_gradient(frozen.teacher), frozen.buffers)
         z_tk = sampler.sample(teacher, self.schedule, eps, self.teacher_grid[: k + 1], cond, uncond,
                               self.c.teacher.cfg_scale)
@@ -183,10 +188,11 @@ class Distiller:
         z_j = jax.lax.stop_gradient(jax.lax.fori_loop(start, j, body, z_start))
         return self.schedule.to_x0(z_j, self.predict(params, buffers, z_j, grid[j], cond), grid[j])
 
-    def teacher_sample(self, params, buffers, eps, cond: Cond, uncond: Cond) -> jax.Array:
-        """The teacher's T-step guided ODE sample on its grid (what the anchor runs K steps of)."""
+    def teacher_sample(self, params, buffers, eps, cond: Cond, uncond: Cond, observe=None):
+        """The teacher's T-step guided ODE sample on its grid (what the anchor runs K steps of);
+        with `observe`, also its per-step observations (`sampler.sample`)."""
         return sampler.sample(self._predictor(jax.lax.stop_gradient(params), buffers), self.schedule, eps,
-                              self.teacher_grid, cond, uncond, self.c.teacher.cfg_scale)
+                              self.teacher_grid, cond, uncond, self.c.teacher.cfg_scale, observe=observe)
 
     def sample(self, params, buffers, eps, cond: Cond, key) -> jax.Array:
         """The student's N-step sample (no gradient)."""

@@ -17,6 +17,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -31,6 +32,7 @@ from dpdmd_jax import backbones
 from dpdmd_jax import config as config_lib
 from dpdmd_jax import data as data_lib
 from dpdmd_jax import eval as eval_lib
+from dpdmd_jax.distill import anchor
 from dpdmd_jax.distill import step as step_lib
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.parallel.multihost import SyncedJit
@@ -162,6 +164,42 @@ def compile_round(setup: Setup, state_sh) -> SyncedJit:
     )
 
 
+def choose_anchor_k(setup: Setup, workdir: str, recorded: int | None) -> int:
+    """The run's anchor step K: the config's, the one an earlier run in `workdir` chose (`recorded`),
+    or, for distill.anchor_k="auto", the one `dpdmd_jax.distill.anchor` picks from a teacher pass
+    over round 0's first prompts (then printed and recorded in the workdir)."""
+    c, d = setup.config, setup.distiller
+    if c.distill.anchor_k != "auto":
+        return int(c.distill.anchor_k)
+    if recorded is not None:  # a resumed run: the same K, no second teacher pass
+        print(f"distill.anchor_k=auto: K={recorded}, as chosen and recorded in {workdir}/config.json")
+        if jax.process_index() == 0:
+            anchor.record(workdir, recorded)  # check_workdir_config rewrote config.json without it
+        return recorded
+    a, m = c.distill.auto_anchor, c.distill.fake_updates_per_student
+
+    def curve(frozen, cond, uncond):
+        pick = lambda x: jnp.repeat(x[: a.prompts], a.seeds, axis=0)  # a prompt's seeds adjacent
+        cond, uncond = jax.tree.map(lambda x: pick(x[m]), cond), jax.tree.map(pick, uncond)
+        eps = jax.random.normal(jax.random.key(c.seed), (a.prompts * a.seeds, *d.latent_shape), jnp.float32)
+        return anchor.target_curve(d, frozen, eps, cond, uncond, a.seeds)
+
+    print(f"distill.anchor_k=auto: two teacher passes ({a.prompts} prompts x {a.seeds} seeds, "
+          f"{len(d.teacher_grid) - 1} steps) to choose K ...", flush=True)
+    batch = round_batch(setup, 0)
+    fn = SyncedJit(curve, "anchor_curve", out_shardings=mesh_lib.replicated(setup.mesh))
+    ratios = np.asarray(jax.device_get(fn(setup.frozen, batch.cond, batch.uncond)))
+    k = anchor.choose_k(ratios, a.fraction)
+    levels = d.teacher_grid[1:]
+    print(anchor.curve_table(levels, ratios, k))
+    print(f"distill.anchor_k=auto: K={k}, the first K whose target carries >= {a.fraction:g} of the final samples' "
+          f"within-prompt variation (recorded in {workdir}/config.json)", flush=True)
+    if jax.process_index() == 0:
+        anchor.record(workdir, k, dict(criterion=a.criterion, fraction=a.fraction, prompts=a.prompts, seeds=a.seeds,
+                                       levels=levels.tolist(), carried=ratios.tolist()))
+    return k
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
@@ -198,7 +236,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, state_like, shardings) -> st
 # ---------------------------------------------------------------------------- workdir config
 
 
-_RESUMABLE_CHANGES = {"num_rounds", "log_every", "checkpoint_every", "keep_checkpoints",
+_RESUMABLE_CHANGES = {"distill.auto_anchor.chosen_k", "num_rounds", "log_every", "checkpoint_every", "keep_checkpoints",
                       "max_nonfinite", "evals", "mesh", "model.scan_layers", "model.remat_policy"}
 
 
@@ -335,7 +373,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     setup = build(c)
+    recorded_k = anchor.recorded_k(workdir)  # read before check_workdir_config rewrites config.json
     check_workdir_config(workdir, c)
+    setup.distiller.anchor_k = choose_anchor_k(setup, workdir, recorded_k)
     state, shardings = init_train_state(setup)
     mngr = checkpoint_manager(workdir, c)
     latest = mngr.latest_step()

@@ -1,4 +1,5 @@
-"""Compile, then wait for every process, then run.
+"""Multi-process runs: the CLIs' flags that start them; and compile, then wait for every process,
+then run.
 
 XLA compiles lazily at a jitted function's first call, and hosts compile at different speeds (a
 compile-cache hit on one host, a busy CPU on another). The first run of a program with
@@ -10,11 +11,11 @@ coordination service, whose timeout is ours; on one process the barrier is a no-
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
-from orbax.checkpoint import multihost
 
 # Compiling a full-size SD3.5-L round on a cold cache takes minutes; a host that has not finished
 # in an hour is stuck, not slow.
@@ -26,7 +27,33 @@ _barrier_ids = itertools.count()  # every process compiles the same programs in 
 def barrier(name: str, timeout_s: int = COMPILE_BARRIER_TIMEOUT_S) -> None:
     """Blocks until every process reaches the barrier `name` (no-op on one process)."""
     if jax.process_count() > 1:
+        from orbax.checkpoint import multihost  # here: the CLIs import this module (for its flags) at start-up
+
         multihost.get_barrier_sync_fn()(key=f"dpdmd_{name}_{next(_barrier_ids)}", timeout_ms=timeout_s * 1000)
+
+
+# Launchers that start one process per host say how many there are; jax.distributed.initialize()
+# without arguments then finds the coordinator in their environment (TPU pods need no call).
+_PROCESS_COUNT_ENV = ("JAX_PROCESS_COUNT", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def define_flags() -> None:
+    """Defines the CLIs' multi-process flags (--coordinator_address, --num_processes, --process_id)."""
+    from absl import flags
+
+    flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0's coordinator "
+                        "(with --num_processes and --process_id; TPU pods, SLURM and MPI are detected without them).")
+    flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0..num_processes-1.")
+
+
+def initialize_from_flags(flag_values: Any) -> None:
+    """Joins this process to a multi-process run, before any JAX computation: from the flags of
+    `define_flags`, else from the environment of a pod / cluster launcher; nothing on one process."""
+    if flag_values.coordinator_address is not None:  # explicit multi-process launch (e.g. several on one machine)
+        jax.distributed.initialize(flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id)
+    elif any(int(os.environ.get(v, "1")) > 1 for v in _PROCESS_COUNT_ENV) or "COORDINATOR_ADDRESS" in os.environ:
+        jax.distributed.initialize()  # jax reads the launcher's environment (SLURM, Open MPI, ...)
 
 
 def _signature(args: tuple) -> tuple:
