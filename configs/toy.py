@@ -54,6 +54,7 @@ def get_config(arg: str | None = None):
     c.checkpoint_every = 50
     c.evals.grid = dict(type="toy_grid", every=100)
     c.evals.toy = dict(type="toy_metrics", every=0, seeds_per_prompt=9, repeats=4)  # R = 9 seeds per prompt
+    c.compare_with_dmd = True  # the job also trains plain DMD and prints teacher / DMD / DP-DMD side by side
     for variant in filter(None, (arg or "").split(",")):
         if apply_method_variant(c, variant):
             continue
@@ -80,6 +81,7 @@ def get_config(arg: str | None = None):
             c.log_every = 1
             c.checkpoint_every = 2
             c.evals = dict(grid=dict(type="toy_grid", every=2))  # no toy metrics: a random model
+            c.compare_with_dmd = False
         else:
             raise ValueError(f"unknown toy config variant {variant!r}; see the docstring of configs/toy.py")
     return c

@@ -103,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
         o.grad_clip = 1.0
         c.optim[name] = o
 
+    # The main job also trains plain DMD under the same settings (workdir/dmd_baseline) and prints
+    # teacher, DMD and DP-DMD side by side (`python -m dpdmd_jax.main`; the toy default does).
+    c.compare_with_dmd = False
     c.log_every = 10
     c.checkpoint_every = 200
     c.keep_checkpoints = 3

@@ -27,12 +27,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax/clu info lines would drown the progress bar
 
     from dpdmd_jax.config import ConfigError
-    from dpdmd_jax.distill.trainer import TrainingError, train
+    from dpdmd_jax.distill.trainer import TrainingError, train_with_baseline
     from dpdmd_jax.weights.safetensors_io import CheckpointError
 
     multihost.initialize_from_flags(FLAGS)
     try:
-        train(FLAGS.config, FLAGS.workdir)
+        train_with_baseline(FLAGS.config, FLAGS.workdir)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
         print(f"\nError: {e}", file=sys.stderr)
         sys.exit(2)

@@ -155,13 +155,28 @@ def toy_config_prompt(p: int) -> str:
 
 def test_the_trainers_toy_metrics_are_evaluates_numbers(tmp_path):
     """The toy_metrics evaluator samples through `dpdmd_jax.sample` and reads its numbers back with
-    `dpdmd_jax.evaluate`: evaluating its folders again gives the summary exactly."""
+    `dpdmd_jax.evaluate`: evaluating its folders again gives the summary exactly. The main job's
+    DMD baseline (`compare_with_dmd`) is a plain-DMD run in workdir/dmd_baseline whose student row
+    sits beside the DP-DMD student's in comparison.md, against the teacher row measured once."""
     from dpdmd_jax.distill import trainer
 
     toy = dict(type="toy_metrics", every=0, seeds_per_prompt=3, repeats=1)
-    summary = trainer.train(_config(num_rounds=1, evals={"toy": toy}), str(tmp_path))
+    c = _config(num_rounds=1, evals={"toy": toy}, compare_with_dmd=True)
+    summary = trainer.train_with_baseline(c, str(tmp_path))
     with open(tmp_path / "summary.json") as f:
         assert json.load(f) == json.loads(json.dumps(summary))
+    base_dir = tmp_path / trainer.BASELINE_DIR
+    with open(base_dir / "summary.json") as f:
+        baseline = json.load(f)
+    with open(base_dir / "config.json") as f:
+        assert json.load(f)["distill"]["lambda_div"] == 0.0
+    assert summary["dmd_baseline"] == baseline["student"] != summary["student"]
+    assert baseline["teacher"] == summary["teacher"] and not (base_dir / "eval" / "teacher").exists()
+    table = (tmp_path / "comparison.md").read_text().splitlines()
+    for name, row in (("| teacher", summary["teacher"]), ("| DMD", baseline["student"]),
+                      ("| DP-DMD (K = 2)", summary["student"])):
+        line = next(x for x in table if x.startswith(name))
+        assert f"{row['diversity_layout']:.3f}" in line and f"{row['frechet_layout']:.3f}" in line
     folders = [str(tmp_path / "eval" / "teacher"), str(tmp_path / "eval" / "student_1")]
     again = evaluate_lib.evaluate(folders, ["teacher", "student"])
     for who in ("teacher", "student"):

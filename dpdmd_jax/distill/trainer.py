@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -236,8 +237,9 @@ def restore(mngr: ocp.CheckpointManager, step: int, state_like, shardings) -> st
 # ---------------------------------------------------------------------------- workdir config
 
 
-_RESUMABLE_CHANGES = {"distill.auto_anchor.chosen_k", "num_rounds", "log_every", "checkpoint_every", "keep_checkpoints",
-                      "max_nonfinite", "evals", "mesh", "model.scan_layers", "model.remat_policy"}
+_RESUMABLE_CHANGES = {"distill.auto_anchor.chosen_k", "compare_with_dmd", "num_rounds", "log_every",
+                      "checkpoint_every", "keep_checkpoints", "max_nonfinite", "evals", "mesh", "model.scan_layers",
+                      "model.remat_policy"}
 
 
 def check_workdir_config(workdir: str, c: ml_collections.ConfigDict, write: bool = True) -> None:
@@ -444,3 +446,61 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
     mngr.close()
     return summary
+
+
+# ---------------------------------------------------------------------------- baseline
+
+
+BASELINE_DIR = "dmd_baseline"
+
+
+def train_with_baseline(c: ml_collections.ConfigDict, workdir: str) -> dict:
+    """`train`; then, with `compare_with_dmd` (the toy default), plain DMD (lambda_div = 0, every
+    other setting the same) in workdir/dmd_baseline, and the teacher, DMD and DP-DMD rows of their
+    summaries side by side (printed, workdir/comparison.md, summary["dmd_baseline"]). The baseline is
+    an ordinary run: it resumes, and a finished one is only read back. It shares the teacher's
+    cached metrics, which depend on the seed and the teacher alone."""
+    import shutil
+
+    summary = train(c, workdir)
+    if not c.get("compare_with_dmd") or c.distill.lambda_div == 0 or "preempted_at" in summary:
+        return summary
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    base_dir = os.path.join(workdir, BASELINE_DIR)
+    base = c.copy_and_resolve_references()
+    base.distill.lambda_div, base.compare_with_dmd = 0.0, False
+    os.makedirs(base_dir, exist_ok=True)
+    teacher_cache = os.path.join(workdir, "teacher_metrics.json")
+    if os.path.exists(teacher_cache) and jax.process_index() == 0:
+        shutil.copyfile(teacher_cache, os.path.join(base_dir, "teacher_metrics.json"))
+    print(f"\nPlain DMD under the same settings (the baseline), in {base_dir}:", flush=True)
+    baseline = train(base, base_dir)
+    if "preempted_at" in baseline or "student" not in summary or "student" not in baseline:
+        return summary
+    k = c.distill.anchor_k if c.distill.anchor_k != "auto" else f"{anchor.recorded_k(workdir)}, auto"
+    table = comparison_table(summary["teacher"], baseline["student"], summary["student"], anchor_k=k,
+                             rounds=summary.get("rounds"))
+    print("\n" + table)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "comparison.md"), "w") as f:
+            f.write(table + "\n")
+        summary["dmd_baseline"] = baseline["student"]
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+COMPARED = ("nfe", "diversity_layout", "diversity_pixel", "spread_cx", "spread_cy", "spread_size", "adherence",
+            "valid", "frechet_layout")
+
+
+def comparison_table(teacher: dict, dmd: dict, dp_dmd: dict, anchor_k: Any, rounds: int | None) -> str:
+    """Markdown: the teacher, the DMD baseline and the DP-DMD student, on the metrics all three have."""
+    from dpdmd_jax.tables import markdown_table
+
+    keys = [k for k in COMPARED if all(k in row for row in (teacher, dmd, dp_dmd))]
+    named = (("teacher", teacher), ("DMD (lambda_div = 0)", dmd), (f"DP-DMD (K = {anchor_k})", dp_dmd))
+    rows = [[name, *(f"{row[k]:.0f}" if k == "nfe" else f"{row[k]:.3f}" for k in keys)] for name, row in named]
+    head = f"Teacher vs students after {rounds} rounds, same settings and evaluation noise (frechet: lower is better):"
+    return head + "\n\n" + markdown_table(["", *keys], rows)
+
