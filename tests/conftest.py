@@ -18,8 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 _cache = os.path.join(os.environ.get("TMPDIR", "/tmp"), "dpdmd_jax_test_cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
-
-import jax  # noqa: E402
-
-# Parity tests compare fp32 numbers to 1e-5: no TF32-style shortcuts in matmuls.
-jax.config.update("jax_default_matmul_precision", "highest")
+# Parity tests compare fp32 numbers to 1e-5: no TF32-style shortcuts in matmuls. Set through the
+# environment, so the CLI subprocesses tests start lower the same programs as the test process
+# (the precision is in every dot's HLO: a jax.config.update here alone would make their compiles
+# miss the persistent cache entries of the in-process ones, and the other way round).
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")

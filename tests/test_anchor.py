@@ -85,12 +85,21 @@ def test_invalid_auto_anchor_settings_are_refused(overrides, message):
         validate(c)
 
 
+def _rounds_with_k(used: list):
+    """A stand-in for `trainer.compile_round` that records the K the round would be built with and
+    only counts rounds (the round itself is tested elsewhere; this test needs no round compile)."""
+    def compile_round(setup, shardings):
+        used.append(setup.distiller.anchor_k)
+        metrics = {k: 0.0 for k in ("loss", "loss_dmd", "loss_div", "loss_fake")}
+        return lambda state, frozen, batch: (state.replace(step=state.step + 1), metrics)
+
+    return compile_round
+
+
 def test_trainer_records_the_choice_and_reuses_it_on_resume(tmp_path, monkeypatch, capsys):
     c = override(toy_config.get_config("smoke"), {"distill.anchor_k": "auto", "num_rounds": 1, "evals": {}})
-    used = []  # the K each compiled round was built with
-    compile_round = trainer.compile_round
-    monkeypatch.setattr(trainer, "compile_round",
-                        lambda setup, sh: used.append(setup.distiller.anchor_k) or compile_round(setup, sh))
+    used = []  # the K each run's round was built with
+    monkeypatch.setattr(trainer, "compile_round", _rounds_with_k(used))
     trainer.train(c, str(tmp_path))
     curve = json.loads((tmp_path / "anchor_auto.json").read_text())
     k = curve["chosen_k"]
@@ -107,4 +116,5 @@ def test_trainer_records_the_choice_and_reuses_it_on_resume(tmp_path, monkeypatc
     trainer.train(override(c, {"num_rounds": 2}), str(tmp_path))
     assert used == [k, k]
     assert json.loads((tmp_path / "config.json").read_text())["distill"]["auto_anchor"]["chosen_k"] == k
-    assert f"K={k}, as chosen and recorded" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"K={k}, as chosen and recorded" in out and "Resuming from checkpoint step 1" in out

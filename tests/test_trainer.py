@@ -118,7 +118,7 @@ def _wait_for(predicate, proc, timeout=1500):
         time.sleep(0.05)
 
 
-LONG = ["--config.num_rounds=30", "--config.checkpoint_every=5"]
+LONG = ["--config.num_rounds=12", "--config.checkpoint_every=3"]
 
 
 def test_sigkill_resume_gives_identical_metrics(tmp_path):
@@ -126,11 +126,11 @@ def test_sigkill_resume_gives_identical_metrics(tmp_path):
     ref = _main(ref_dir, *LONG)
     assert ref.returncode == 0, ref.stderr[-3000:]
     proc = _main(killed_dir, *LONG, wait=False)
-    _wait_for(lambda: os.path.isdir(killed_dir / "checkpoints" / "5"), proc)
+    _wait_for(lambda: os.path.isdir(killed_dir / "checkpoints" / "3"), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(m["step"] for m in _metrics(killed_dir))
-    assert killed_at < 30, "the run finished before it could be killed"
+    assert killed_at < 12, "the run finished before it could be killed"
     resumed = _main(killed_dir, *LONG)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from checkpoint step" in resumed.stdout
@@ -283,8 +283,7 @@ def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
 
 
 def test_corrupt_checkpoint_and_changed_config_are_reported(tmp_path):
-    ok = _main(tmp_path, "--config.num_rounds=2")
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    trainer.train(smoke(num_rounds=2), str(tmp_path))  # the CLI's run, in this process (its compile is cached)
     changed = _main(tmp_path, "--config.num_rounds=2", "--config.distill.lambda_div=0.5")
     assert changed.returncode == 2 and "holds a run with a different config" in changed.stderr
     state_dir = tmp_path / "checkpoints" / "2" / "state"

@@ -24,7 +24,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
@@ -277,55 +276,6 @@ def check_workdir_config(workdir: str, c: ml_collections.ConfigDict, write: bool
 # ---------------------------------------------------------------------------- loop
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-    """workdir/metrics.jsonl as a CLU writer: one JSON line per `write_scalars` call (keys in
-    `exclude`, e.g. wall-clock rates, left out so that two runs' logs compare exactly). On resume,
-    lines past the restored round (written after the last checkpoint by a killed run) are dropped,
-    so the log always describes one consistent run. Images and other summaries are not its job."""
-
-    def __init__(self, path: str, resume_step: int, exclude: tuple[str, ...] = ()):
-        self.path, self.exclude = path, set(exclude)
-        if os.path.exists(path):
-            with open(path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(path + ".tmp", path)
-
-    def write_scalars(self, step: int, scalars) -> None:
-        row = {k: float(v) for k, v in scalars.items() if k not in self.exclude}
-        if row:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": int(step), **row}) + "\n")
-
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def write_hparams(self, hparams):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
 class Preemption:
     """SIGTERM -> finish the current round, save, exit cleanly; on every host at the same round.
 
@@ -354,25 +304,9 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-# Timing scalars (ours and CLU ReportProgress's) vary between runs: kept out of metrics.jsonl.
-WALL_CLOCK_KEYS = ("rounds_per_sec", "steps_per_sec", "uptime")
-
-
-def make_writer(workdir: str, resume_step: int) -> metric_writers.MetricWriter:
-    """Console + TensorBoard (CLU's default writer) + metrics.jsonl, all from one `write_scalars`;
-    only the first process writes files."""
-    is_main = jax.process_index() == 0
-    writers = [metric_writers.create_default_writer(os.path.join(workdir, "tb"), just_logging=not is_main)]
-    if is_main:
-        writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step, exclude=WALL_CLOCK_KEYS))
-    return metric_writers.MultiWriter(writers)
-
-
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) the distillation described by `c` in `workdir`; returns the summary (what the
     config's final evaluators report)."""
-    from clu import periodic_actions
-
     workdir = os.path.abspath(os.path.expanduser(workdir))
     setup = build(c)
     recorded_k = anchor.recorded_k(workdir)  # read before check_workdir_config rewrites config.json
@@ -394,6 +328,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     round_fn = compile_round(setup, shardings)
     is_main = jax.process_index() == 0
     evaluators = eval_lib.make_evaluators(c, setup, workdir)
+    # clu's writers import TensorFlow (seconds): only here, after every input has been checked.
+    from clu import periodic_actions
+
+    from dpdmd_jax.distill.writers import make_writer
+
     writer = make_writer(workdir, start)
     report = periodic_actions.ReportProgress(num_train_steps=c.num_rounds, writer=writer)
     preempt = Preemption(mngr)
