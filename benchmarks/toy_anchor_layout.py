@@ -1,6 +1,7 @@
 """How much of the teacher's final layout does DP-DMD's diversity target carry, per anchor step K?
 
     python -m benchmarks.toy_anchor_layout                  # the flow teacher, straight-line target
+    python -m benchmarks.toy_anchor_layout --shift 3,1,0.375 --auto --out DIR   # grids of three shifts, plot
     python -m benchmarks.toy_anchor_layout --family unet    # the epsilon teacher, x0 ("denoise") target
 
 DP-DMD regresses the student's first step onto the straight line through the noise eps and the
@@ -31,6 +32,8 @@ DDIM to abar 1 for VP, both exactly x0(z_tK)). It is the only target for the eps
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 import jax
 import numpy as np
@@ -48,38 +51,19 @@ def layout(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return metrics.layout_of(det), det["valid"]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--shift", type=float, default=3.0, help="flow grid shift")
-    p.add_argument("--family", default="mmdit", choices=["mmdit", "unet"],
-                   help="the flow (MMDiT) or epsilon (UNet) toy teacher")
-    p.add_argument("--target", default=None, choices=["line", "denoise"],
-                   help="diversity target to read (default: line for the flow teacher, denoise for the UNet)")
-    p.add_argument("--cfg", type=float, default=3.5)
-    p.add_argument("--seeds", type=int, default=9)
-    p.add_argument("--repeats", type=int, default=4)
-    p.add_argument("--ks", default="1,2,3,5,10,15,20,25,30")
-    p.add_argument("--teacher", default=None, help="teacher folder (default: the shipped toy teacher)")
-    p.add_argument("--auto", action="store_true", help="also run the trainer's anchor_k='auto' choice on this grid")
-    args = p.parse_args()
+HEAD = ["K", "t_K", "valid x0", "corr cx", "corr cy", "corr size", "spread ratio cx", "spread ratio cy",
+        "spread ratio size", "carried (auto)", "pixel spread ratio"]
 
-    target = args.target or ("denoise" if args.family == "unet" else "line")
-    if target not in schedule_of(args.family).targets:
-        p.error(f"--target {target} is not a target of the {args.family} teacher's schedule")
-    teacher = load_toy_teacher(args.teacher, family=args.family)
-    if args.family == "unet":
-        sigmas = teacher_grid("unet", args.steps)
-    else:
-        sigmas = flow.flow_match_sigmas(args.steps, args.shift)
+
+def measure(args, teacher, sigmas: np.ndarray, target: str) -> tuple[list[list[float]], float]:
+    """One row per K of --ks (HEAD's columns), and the final samples' valid fraction."""
     ids = eval_class_ids(args.seeds, args.repeats)
     eps = np.asarray(jax.random.normal(jax.random.key(0), (ids.size, 16, 16, 3)))
     final_images = sample_toy(teacher, eps, ids, sigmas, args.cfg)
     final, final_ok = layout(final_images)
     final_spread = metrics.layout_spread(final, args.seeds)
     final_dev = anchor.prompt_deviations(final_images, args.seeds)
-    final_pixel_spread = float(np.sqrt(np.mean(np.square(final_dev))))
-
+    pixel_spread = lambda dev: float(np.sqrt(np.mean(np.square(dev))))
     rows = []
     for k in (int(x) for x in args.ks.split(",")):
         z_k = np.asarray(sample_toy(teacher, eps, ids, sigmas[: k + 1], args.cfg))
@@ -92,26 +76,86 @@ def main() -> None:
         both = ok & final_ok
         corr = [np.corrcoef(lay[both, i], final[both, i])[0, 1] if both.sum() > 2 else float("nan") for i in range(3)]
         ratio = metrics.layout_spread(lay, args.seeds) / final_spread
-        pixel_ratio = float(np.sqrt(np.mean(np.square(anchor.prompt_deviations(x0, args.seeds))))) / final_pixel_spread
+        pixel_ratio = pixel_spread(anchor.prompt_deviations(x0, args.seeds)) / pixel_spread(final_dev)
         rows.append([k, t_k, ok.mean(), *corr, *ratio, float(anchor.carried(x0, final_dev, args.seeds)), pixel_ratio])
         print(f"K={k}: level {t_k:g}, valid {ok.mean():.2f}", flush=True)
-
-    head = ["K", "t_K", f"valid x0_{target}", "corr cx", "corr cy", "corr size",
-            "spread ratio cx", "spread ratio cy", "spread ratio size", "carried (auto)",
-            "pixel spread ratio"]
-    level = "{:.3f}" if args.family == "mmdit" else "{:.0f}"  # flow sigma / DDPM timestep (-1: clean)
-    cells = [[str(r[0]), level.format(r[1]), *(f"{v:.2f}" for v in r[2:])] for r in rows]
-    grid = f"shift {args.shift:g}" if args.family == "mmdit" else "leading DDIM"
-    print(f"\n{args.family} teacher T={args.steps} ({grid}, CFG {args.cfg:g}), target {target}; {ids.size} noises "
-          f"({ids.size // args.seeds} prompts x {args.seeds} seeds); final samples valid {final_ok.mean():.2f}; "
-          "corr = Pearson correlation with the final sample's layout (same noise, both valid); spread ratio = "
-          f"within-prompt std of x0_{target}'s layout / the final samples'.\n")
-    print(table(head, cells))
-    if args.auto:
-        auto_choice(args)
+    return rows, float(final_ok.mean())
 
 
-def auto_choice(args) -> int:
+def plot(results: dict[str, list[list[float]]], path: str) -> None:
+    """Layout spread ratios and `carried` against the anchor's sigma, one marker per shift: if the
+    layout is decided at a sigma (not at a grid step), the shifts' points fall on one curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    columns = (("spread ratio cx", "position spread ratio (x0 target / final)"),
+               ("spread ratio size", "size spread ratio (x0 target / final)"),
+               ("carried (auto)", "carried: anchor_k='auto' criterion"))
+    for ax, (col, title) in zip(axes, columns):
+        i = HEAD.index(col)
+        for (name, rows), marker in zip(results.items(), "os^vD"):
+            ax.plot([r[1] for r in rows], [r[i] for r in rows], marker=marker, label=name)
+            k5 = [r for r in rows if r[0] == 5]
+            if k5:
+                ax.annotate("K=5", (k5[0][1], k5[0][i]), textcoords="offset points", xytext=(4, -12), fontsize=8)
+        ax.set_xlabel("sigma of the anchor (t_K)")
+        ax.set_title(title)
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--shift", default="3", help="flow grid shift(s), comma-separated, e.g. 3,1,0.375")
+    p.add_argument("--family", default="mmdit", choices=["mmdit", "unet"],
+                   help="the flow (MMDiT) or epsilon (UNet) toy teacher")
+    p.add_argument("--target", default=None, choices=["line", "denoise"],
+                   help="diversity target to read (default: line for the flow teacher, denoise for the UNet)")
+    p.add_argument("--cfg", type=float, default=3.5)
+    p.add_argument("--seeds", type=int, default=9)
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--ks", default="1,2,3,5,10,15,20,25,30")
+    p.add_argument("--teacher", default=None, help="teacher folder (default: the shipped toy teacher)")
+    p.add_argument("--auto", action="store_true", help="also run the trainer's anchor_k='auto' choice on each grid")
+    p.add_argument("--out", default=None, help="also write anchor_vs_sigma.json / .png into this folder")
+    args = p.parse_args()
+
+    target = args.target or ("denoise" if args.family == "unet" else "line")
+    if target not in schedule_of(args.family).targets:
+        p.error(f"--target {target} is not a target of the {args.family} teacher's schedule")
+    teacher = load_toy_teacher(args.teacher, family=args.family)
+    shifts = [float(x) for x in args.shift.split(",")] if args.family == "mmdit" else [None]
+    results, chosen = {}, {}
+    for shift in shifts:
+        sigmas = teacher_grid("unet", args.steps) if shift is None else flow.flow_match_sigmas(args.steps, shift)
+        rows, valid = measure(args, teacher, sigmas, target)
+        name = "leading DDIM" if shift is None else f"shift {shift:g}"
+        results[name] = rows
+        level = "{:.3f}" if shift is not None else "{:.0f}"  # flow sigma / DDPM timestep (-1: clean)
+        cells = [[str(r[0]), level.format(r[1]), *(f"{v:.2f}" for v in r[2:])] for r in rows]
+        print(f"\n{args.family} teacher T={args.steps} ({name}, CFG {args.cfg:g}), target {target}; "
+              f"{len(eval_class_ids(args.seeds, args.repeats))} noises ({6 * args.repeats} prompts x {args.seeds} "
+              f"seeds); final samples valid {valid:.2f}; corr = Pearson correlation with the final sample's layout "
+              f"(same noise, both valid); spread ratio = within-prompt std of x0_{target}'s layout / the final "
+              "samples'.\n")
+        print(table(HEAD, cells))
+        if args.auto:
+            chosen[name] = auto_choice(args, shift)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "anchor_vs_sigma.json"), "w") as f:
+            json.dump({"columns": HEAD, "rows": results, "auto_k": chosen}, f, indent=1)
+        plot(results, os.path.join(args.out, "anchor_vs_sigma.png"))
+
+
+def auto_choice(args, shift: float | None) -> int:
     """The trainer's `distill.anchor_k="auto"` choice for configs/toy.py[:unet] on this grid (in a
     scratch workdir); prints its curve and returns K."""
     import tempfile
@@ -121,7 +165,9 @@ def auto_choice(args) -> int:
 
     c = toy.get_config("unet" if args.family == "unet" else None)
     c.distill.anchor_k = "auto"
-    c.teacher.steps, c.teacher.cfg_scale, c.teacher.shift = args.steps, args.cfg, args.shift
+    c.teacher.steps, c.teacher.cfg_scale = args.steps, args.cfg
+    if shift is not None:
+        c.teacher.shift = shift
     c.distill.target = "denoise" if args.family == "unet" else (args.target or "line")
     if args.teacher:
         c.model.source = args.teacher
