@@ -1,6 +1,7 @@
 """The embedded toy default: distil the shipped toy MMDiT teacher into a 4-step student on CPU.
 
-Run (about 5 minutes on 2 CPU cores, resumes from the workdir):
+Run (about 5 minutes on 2 CPU cores with the plain-DMD baseline it also trains; resumes from the
+workdir):
 
   python -m dpdmd_jax.main --config=configs/toy.py --workdir=runs/toy
 
