@@ -164,6 +164,21 @@ def test_toy_recommended_variant_is_valid():
     assert list(toy_config.get_config().student.sigmas) != list(c.student.sigmas)
 
 
+def test_shift_variant_moves_every_flow_grid_and_auto_variant_is_valid():
+    """`:shiftS` puts the teacher's anchor grid, the student's grid and the DMD noise grid on one
+    shift; `configs/toy.py:shift0.375` is SD3.5's 1024^2 timeline on the toy's 16 x 16 images."""
+    from dpdmd_jax.config import validate
+    from dpdmd_jax.diffusion.flow import flow_match_sigmas
+
+    c = toy_config.get_config("shift0.375,auto")
+    validate(c)
+    assert c.teacher.shift == c.dmd.shift == toy_config.MATCHED_SHIFT == 0.375 and c.distill.anchor_k == "auto"
+    np.testing.assert_array_equal(c.student.sigmas, flow_match_sigmas(4, 0.375)[:-1])
+    assert c.student.sigmas[1] < 0.43  # a much larger first step than shift 3's 1 -> 0.8577
+    with pytest.raises(ValueError, match="unknown toy config variant 'shiftx'"):
+        toy_config.get_config("shiftx")
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
