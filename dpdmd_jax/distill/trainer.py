@@ -164,13 +164,16 @@ def compile_round(setup: Setup, state_sh) -> SyncedJit:
     )
 
 
-def choose_anchor_k(setup: Setup, workdir: str, recorded: int | None) -> int:
+def choose_anchor_k(setup: Setup, workdir: str, recorded: int | None) -> int | None:
     """The run's anchor step K: the config's, the one an earlier run in `workdir` chose (`recorded`),
     or, for distill.anchor_k="auto", the one `dpdmd_jax.distill.anchor` picks from a teacher pass
-    over round 0's first prompts (then printed and recorded in the workdir)."""
+    over round 0's first prompts (then printed and recorded in the workdir). None for plain DMD
+    with "auto": lambda_div = 0 never runs the anchor, so there is nothing to choose."""
     c, d = setup.config, setup.distiller
     if c.distill.anchor_k != "auto":
         return int(c.distill.anchor_k)
+    if c.distill.lambda_div == 0:
+        return None
     if recorded is not None:  # a resumed run: the same K, no second teacher pass
         print(f"distill.anchor_k=auto: K={recorded}, as chosen and recorded in {workdir}/config.json")
         if jax.process_index() == 0:
