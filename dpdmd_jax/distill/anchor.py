@@ -99,7 +99,8 @@ def problems(c: ml_collections.ConfigDict) -> list[str]:
         p.append(f"distill.auto_anchor.prompts={a.prompts!r} must be an integer in 1..batch_size={c.batch_size} "
                  "(the first rows of round 0's batch).")
     if not isinstance(a.seeds, int) or a.seeds < 2:
-        p.append(f"distill.auto_anchor.seeds={a.seeds!r} must be an integer >= 2 (variation across seeds needs two of them).")
+        p.append(f"distill.auto_anchor.seeds={a.seeds!r} must be an integer >= 2 (variation across seeds needs "
+                 "two of them).")
     return p
 
 
