@@ -77,7 +77,8 @@ def measure(args, teacher, sigmas: np.ndarray, target: str) -> tuple[list[list[f
         corr = [np.corrcoef(lay[both, i], final[both, i])[0, 1] if both.sum() > 2 else float("nan") for i in range(3)]
         ratio = metrics.layout_spread(lay, args.seeds) / final_spread
         pixel_ratio = pixel_spread(anchor.prompt_deviations(x0, args.seeds)) / pixel_spread(final_dev)
-        rows.append([k, t_k, ok.mean(), *corr, *ratio, float(anchor.carried(x0, final_dev, args.seeds)), pixel_ratio])
+        values = [ok.mean(), *corr, *ratio, anchor.carried(x0, final_dev, args.seeds), pixel_ratio]
+        rows.append([k, t_k, *(float(v) for v in values)])  # plain floats: the rows go to JSON
         print(f"K={k}: level {t_k:g}, valid {ok.mean():.2f}", flush=True)
     return rows, float(final_ok.mean())
 
