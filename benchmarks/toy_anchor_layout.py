@@ -175,7 +175,7 @@ def auto_choice(args, shift: float | None) -> int:
     setup = trainer.build(c)
     with tempfile.TemporaryDirectory() as workdir:
         trainer.check_workdir_config(workdir, c)
-        return trainer.choose_anchor_k(setup, workdir, None)
+        return trainer.choose_anchor_k(setup, workdir)
 
 
 if __name__ == "__main__":

@@ -124,4 +124,4 @@ def test_plain_dmd_with_auto_runs_no_teacher_pass(tmp_path, monkeypatch):
     """lambda_div = 0 never uses the anchor (e.g. the main job's DMD baseline of an "auto" run)."""
     monkeypatch.setattr(anchor, "target_curve", lambda *a, **k: pytest.fail("no anchor to choose for plain DMD"))
     c = override(toy_config.get_config("smoke"), {"distill.anchor_k": "auto", "distill.lambda_div": 0.0})
-    assert trainer.choose_anchor_k(trainer.build(c), str(tmp_path), None) is None
+    assert trainer.choose_anchor_k(trainer.build(c), str(tmp_path)) is None

@@ -120,11 +120,11 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(path + ".tmp", path)
 
 
-def record(workdir: str, k: int, curve: dict | None = None) -> None:
-    """Records K in the workdir's config.json (`distill.auto_anchor.chosen_k`), and the curve it was
-    chosen from in anchor_auto.json; each file is replaced atomically."""
-    if curve is not None:
-        _write_json(os.path.join(workdir, RECORD), {**curve, "chosen_k": k})
+def record(workdir: str, k: int, curve: dict) -> None:
+    """Records K in the workdir's config.json (`distill.auto_anchor.chosen_k`, which later rewrites of
+    config.json keep), and the curve it was chosen from in anchor_auto.json; each file is replaced
+    atomically."""
+    _write_json(os.path.join(workdir, RECORD), {**curve, "chosen_k": k})
     path = os.path.join(workdir, "config.json")
     with open(path) as f:
         saved = json.load(f)

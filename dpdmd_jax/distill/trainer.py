@@ -164,20 +164,19 @@ def compile_round(setup: Setup, state_sh) -> SyncedJit:
     )
 
 
-def choose_anchor_k(setup: Setup, workdir: str, recorded: int | None) -> int | None:
-    """The run's anchor step K: the config's, the one an earlier run in `workdir` chose (`recorded`),
-    or, for distill.anchor_k="auto", the one `dpdmd_jax.distill.anchor` picks from a teacher pass
-    over round 0's first prompts (then printed and recorded in the workdir). None for plain DMD
+def choose_anchor_k(setup: Setup, workdir: str) -> int | None:
+    """The run's anchor step K: the config's, the one an earlier run in `workdir` chose and recorded
+    in its config.json, or, for distill.anchor_k="auto", the one `dpdmd_jax.distill.anchor` picks
+    from a teacher pass over round 0's first prompts (then printed and recorded in the workdir). None for plain DMD
     with "auto": lambda_div = 0 never runs the anchor, so there is nothing to choose."""
     c, d = setup.config, setup.distiller
     if c.distill.anchor_k != "auto":
         return int(c.distill.anchor_k)
     if c.distill.lambda_div == 0:
         return None
+    recorded = anchor.recorded_k(workdir)
     if recorded is not None:  # a resumed run: the same K, no second teacher pass
         print(f"distill.anchor_k=auto: K={recorded}, as chosen and recorded in {workdir}/config.json")
-        if jax.process_index() == 0:
-            anchor.record(workdir, recorded)  # check_workdir_config rewrote config.json without it
         return recorded
     a, m = c.distill.auto_anchor, c.distill.fake_updates_per_student
 
@@ -239,15 +238,18 @@ def restore(mngr: ocp.CheckpointManager, step: int, state_like, shardings) -> st
 # ---------------------------------------------------------------------------- workdir config
 
 
-_RESUMABLE_CHANGES = {"distill.auto_anchor.chosen_k", "compare_with_dmd", "num_rounds", "log_every",
+# Values a run records in its own config.json (no config sets them): kept when config.json is
+# rewritten, and not compared with the config of a later run.
+_RECORDED = ("distill.auto_anchor.chosen_k",)
+_RESUMABLE_CHANGES = {*_RECORDED, "compare_with_dmd", "num_rounds", "log_every",
                       "checkpoint_every", "keep_checkpoints", "max_nonfinite", "evals", "mesh", "model.scan_layers",
                       "model.remat_policy"}
 
 
 def check_workdir_config(workdir: str, c: ml_collections.ConfigDict, write: bool = True) -> None:
     """First run writes config.json; later runs must match it (except loop/layout knobs), so a
-    workdir never silently mixes two experiments. `write=False` (readers such as the sampler) only
-    compares."""
+    workdir never silently mixes two experiments, and rewrite it keeping what the run recorded
+    there (`_RECORDED`). `write=False` (readers such as the sampler) only compares."""
     path = os.path.join(workdir, "config.json")
     current = json.loads(c.to_json_best_effort())
     if os.path.exists(path):
@@ -269,6 +271,13 @@ def check_workdir_config(workdir: str, c: ml_collections.ConfigDict, write: bool
                 f"{workdir} holds a run with a different config ({changes}). "
                 "Resume with the same settings, or start this experiment in a new --workdir."
             )
+        for key in _RECORDED:
+            if key in a:
+                *parents, leaf = key.split(".")
+                node = current
+                for name in parents:
+                    node = node.setdefault(name, {})
+                node[leaf] = a[key]
     if write and jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(path + ".tmp", "w") as f:
@@ -312,9 +321,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     config's final evaluators report)."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     setup = build(c)
-    recorded_k = anchor.recorded_k(workdir)  # read before check_workdir_config rewrites config.json
     check_workdir_config(workdir, c)
-    setup.distiller.anchor_k = choose_anchor_k(setup, workdir, recorded_k)
+    setup.distiller.anchor_k = choose_anchor_k(setup, workdir)
     state, shardings = init_train_state(setup)
     mngr = checkpoint_manager(workdir, c)
     latest = mngr.latest_step()
