@@ -2,20 +2,25 @@
 
 Trains 4-step students on the embedded toy (configs/toy.py) for several arms and training seeds
 with the real trainer, evaluates them with the toy metrics (R = 9 seeds per prompt), and prints /
-writes a table (mean +- std over seeds), a plot and sample grids.
+writes a table (mean +- std over seeds), a plot and sample grids. Every arm starts from the toy
+default (shift 0.375, the matched timeline) or from --variant; results go to
+benchmarks/results/toy_diversity_VARIANT (the default's: toy_diversity_shift0.375).
 
   python -m benchmarks.toy_diversity                       # main arms: DMD, DP-DMD K in {1,3,5,10,T}
-  python -m benchmarks.toy_diversity --arms study          # lambda sweep, wider first step
-  python -m benchmarks.toy_diversity --arms study --only "DMD wide grid;DP-DMD K=30 wide grid"
-  python -m benchmarks.toy_diversity --rounds 400 --seeds 0,1,2 --out benchmarks/results/toy_diversity
+  python -m benchmarks.toy_diversity --arms main,auto      # and distill.anchor_k="auto"
+  python -m benchmarks.toy_diversity --variant shift3      # on SD3's shift-3 grid as it is
+  python -m benchmarks.toy_diversity --variant shift1 --arms main,auto   # an intermediate shift
+  python -m benchmarks.toy_diversity --variant shift3 --arms study   # lambda sweep, wider first step
+  python -m benchmarks.toy_diversity --variant shift3 --arms study --only "DMD wide grid;DP-DMD K=30 wide grid"
   python -m benchmarks.toy_diversity --variant unet --arms eps   # epsilon toy: DMD, DP-DMD K=1,5,10,T; 100 rounds
-  python -m benchmarks.toy_diversity --variant shift0.375         # every flow grid at SD3.5's matched shift
-  python -m benchmarks.toy_diversity --variant shift0.375 --arms main,auto   # and distill.anchor_k="auto"
+  python -m benchmarks.toy_diversity --arms main,auto --only "DMD;DP-DMD K=auto" --seeds 0,1,2,3,4 --tag 5seeds
   # both cores, one run per core, then the table:
   taskset -c 0 python -m benchmarks.toy_diversity --shard 0/2 & taskset -c 1 python -m benchmarks.toy_diversity \
       --shard 1/2; wait; python -m benchmarks.toy_diversity
+  python -m benchmarks.toy_shift_sweep                     # then: the K sweep of several shifts in one plot
 
-Runs are resumable (each arm/seed is a normal workdir); finished ones are only read back.
+Runs are resumable (each arm/seed is a normal workdir); finished ones are only read back, after a check
+that they ran the same setting (summary.json records it).
 """
 
 from __future__ import annotations
@@ -52,10 +57,10 @@ ARMS = {
     # distill.anchor_k="auto": the trainer picks K from a teacher pass (dpdmd_jax.distill.anchor).
     "auto": {"DP-DMD K=auto": {"distill.anchor_k": "auto"}},
     "study": {
-        "DP-DMD K=5 lambda=0.5": {"distill.lambda_div": 0.5},
-        "DP-DMD K=5 lambda=2": {"distill.lambda_div": 2.0},
+        "DP-DMD K=5 lambda=0.5": {"distill.anchor_k": 5, "distill.lambda_div": 0.5},
+        "DP-DMD K=5 lambda=2": {"distill.anchor_k": 5, "distill.lambda_div": 2.0},
         "DMD wide grid": {"distill.lambda_div": 0.0, "student.sigmas": WIDE_GRID},
-        "DP-DMD K=5 wide grid": {"student.sigmas": WIDE_GRID},
+        "DP-DMD K=5 wide grid": {"distill.anchor_k": 5, "student.sigmas": WIDE_GRID},
         "DP-DMD K=30 wide grid": {"distill.anchor_k": T, "student.sigmas": WIDE_GRID},
     },
 }
@@ -79,21 +84,55 @@ def workdir_of(out: str, name: str, seed: int) -> str:
     return os.path.join(out, name.replace(" ", "_").replace("=", ""), f"seed{seed}")
 
 
+def setting_of(c) -> dict:
+    """What makes two runs the same experiment, read from `c` (a ConfigDict, or a run's config.json as a
+    dict) through its backbone's schedule, so fields a family ignores (a flow shift for the UNet, the anchor
+    of plain DMD) do not count. Each summary.json records it, and a folder of finished runs is never read
+    back as the results of another setting (e.g. after a default changed)."""
+    import ml_collections
+
+    from dpdmd_jax import backbones
+
+    c = ml_collections.ConfigDict(c) if isinstance(c, dict) else c
+    schedule = backbones.backbone_class(c.backbone).schedule
+    levels = schedule.training_levels(c.dmd)
+    plain = c.distill.lambda_div == 0  # plain DMD: no anchor, no target
+    rounded = lambda x: [round(float(v), 6) for v in x]
+    return {"backbone": c.backbone, "seed": c.seed, "teacher.cfg_scale": c.teacher.cfg_scale,
+            "teacher_grid": rounded(schedule.teacher_grid(c.teacher)),
+            "student_grid": rounded(schedule.student_grid(c.student)),
+            "dmd_levels": rounded([levels.min(), levels.max(), levels.size]),
+            "distill.lambda_div": c.distill.lambda_div,
+            "distill.anchor_k": None if plain else c.distill.anchor_k,
+            "distill.target": None if plain else c.distill.target}
+
+
 def run_one(name: str, overrides: dict, seed: int, rounds: int, out: str, teacher: str | None) -> dict:
-    """Trains (or resumes) one arm/seed and returns its summary; a finished run is only read back."""
-    from dpdmd_jax.distill import trainer
+    """Trains (or resumes) one arm/seed and returns its summary; a finished run is only read back, after
+    checking that it ran this arm's setting."""
+    from dpdmd_jax.distill import anchor, trainer
 
     workdir = workdir_of(out, name, seed)
     summary_path = os.path.join(workdir, "summary.json")
+    c = make_config(overrides, seed, rounds, teacher)
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
+        ran, wanted = summary.get("setting"), setting_of(c)
+        if ran is not None and ran != wanted:
+            short = lambda v: str(v) if len(str(v)) < 40 else str(v)[:36] + " ..."
+            diff = ", ".join(f"{k}: {short(ran.get(k))} -> {short(v)}" for k, v in wanted.items() if ran.get(k) != v)
+            raise SystemExit(f"{workdir} holds a finished run of another setting ({diff}); pass the --variant it "
+                             "ran with, or another --out")
         if summary.get("rounds") == rounds:
             return summary
     _share_teacher_metrics(out, seed, workdir)
     t0 = time.time()
-    summary = trainer.train(make_config(overrides, seed, rounds, teacher), workdir)
+    summary = trainer.train(c, workdir)
     summary["wall_s"] = time.time() - t0
+    summary["setting"] = setting_of(c)
+    if c.distill.anchor_k == "auto" and c.distill.lambda_div:  # the K the run chose, for tables and plots
+        summary["anchor_k"] = anchor.recorded_k(workdir)
     with open(summary_path, "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -127,6 +166,8 @@ def aggregate(results: list[dict], who: str, seeds: list[int], previous: dict | 
             values += [m - sd, m + sd]
         out[k] = (float(np.mean(values)), float(np.std(values)))
     out["nfe"] = rows[0]["nfe"]
+    if "anchor_k" in results[0]:  # distill.anchor_k="auto": the K each seed's run chose
+        out["anchor_k"] = [r["anchor_k"] for r in results]
     out["wall_s"] = float(np.nanmean([r.get("wall_s", np.nan) for r in results]))
     out["per_seed"] = per_seed
     return out
@@ -204,12 +245,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None, help="default: the config's (200; 100 for :unet)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variant", default=None, help="configs/toy.py variant every arm starts from, e.g. unet")
-    p.add_argument("--out", default=None, help="default benchmarks/results/toy_diversity[_VARIANT]")
+    p.add_argument("--out", default=None, help="default benchmarks/results/toy_diversity_VARIANT (no --variant: "
+                   "toy_diversity_shift0.375, the default's grid)")
     p.add_argument("--teacher", default=None, help="teacher folder (default: the shipped toy teacher)")
     p.add_argument("--grids", action="store_true", help="also write seed-0 sample grids")
     p.add_argument("--extend", default=None, metavar="RESULTS_JSON",
                    help="add --seeds to the mean +- std over seeds 0,1 of an earlier results file whose per-seed "
                         "values and workdirs are gone (results_eps.json); its table's paired rows are kept")
+    p.add_argument("--tag", default=None, help="output files' suffix (table_TAG.md, results_TAG.json, plot_TAG.png); "
+                   "default: --arms with '_' for ','")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="train only the I-th of N blocks of (arm, seed) jobs, then exit; run N at once, then once "
                         "without --shard for the table")
@@ -218,9 +262,11 @@ def main() -> None:
         from configs import toy
 
         ARGS.rounds = toy.get_config(ARGS.variant).num_rounds
-    if ARGS.out is None:
-        suffix = f"_{ARGS.variant.replace(',', '_')}" if ARGS.variant else ""
-        ARGS.out = os.path.join(ROOT, "benchmarks", "results", f"toy_diversity{suffix}")
+    if ARGS.out is None:  # named by the grid: the default's is shift0.375, the same runs as --variant shift0.375
+        from configs import toy
+
+        variant = ARGS.variant or f"shift{toy.MATCHED_SHIFT:g}"
+        ARGS.out = os.path.join(ROOT, "benchmarks", "results", f"toy_diversity_{variant.replace(',', '_')}")
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
@@ -229,7 +275,7 @@ def main() -> None:
     if any(g not in ARMS for g in groups):
         p.error(f"--arms {ARGS.arms}: groups are {list(ARMS)} or all")
     arms = {name: o for g in groups for name, o in ARMS[g].items()}
-    tag = ARGS.arms.replace(",", "_")  # the output files' suffix
+    tag = ARGS.tag or ARGS.arms.replace(",", "_")  # the output files' suffix
     if ARGS.only:
         names = [n.strip() for n in ARGS.only.split(";")]
         unknown = [n for n in names if n not in arms]

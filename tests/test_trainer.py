@@ -153,28 +153,29 @@ def test_sigterm_saves_current_round(tmp_path):
 # ---------------------------------------------------------------- bad input
 
 
-def test_toy_recommended_variant_is_valid():
-    """`configs/toy.py:k30,wide`, the setting BENCHMARKS.md recommends for the toy."""
-    from dpdmd_jax.config import validate
-
-    c = toy_config.get_config("k30,wide")
-    validate(c)
-    assert c.distill.anchor_k == c.teacher.steps == 30 and c.distill.lambda_div > 0
-    assert list(c.student.sigmas) == [1.0, 0.75, 0.5, 0.25]
-    assert list(toy_config.get_config().student.sigmas) != list(c.student.sigmas)
-
-
-def test_shift_variant_moves_every_flow_grid_and_auto_variant_is_valid():
-    """`:shiftS` puts the teacher's anchor grid, the student's grid and the DMD noise grid on one
-    shift; `configs/toy.py:shift0.375` is SD3.5's 1024^2 timeline on the toy's 16 x 16 images."""
+def test_toy_default_is_the_matched_timeline_with_auto_anchor():
+    """The toy default is the setting BENCHMARKS.md founds: every flow grid at SD3.5's 1024^2 timeline
+    moved to 16 x 16 (shift 0.375) and K chosen automatically; `:shift3` is SD3's own grid, `:shiftS`
+    moves the teacher's anchor grid, the student's grid and the DMD noise grid together."""
     from dpdmd_jax.config import validate
     from dpdmd_jax.diffusion.flow import flow_match_sigmas
 
-    c = toy_config.get_config("shift0.375,auto")
+    c = toy_config.get_config()
     validate(c)
-    assert c.teacher.shift == c.dmd.shift == toy_config.MATCHED_SHIFT == 0.375 and c.distill.anchor_k == "auto"
+    assert c.teacher.shift == c.dmd.shift == toy_config.MATCHED_SHIFT == 3.0 * 16 / 128
+    assert c.distill.anchor_k == "auto" and c.distill.lambda_div > 0 and c.compare_with_dmd
     np.testing.assert_array_equal(c.student.sigmas, flow_match_sigmas(4, 0.375)[:-1])
     assert c.student.sigmas[1] < 0.43  # a much larger first step than shift 3's 1 -> 0.8577
+    c3 = toy_config.get_config("shift3,k5")
+    validate(c3)
+    assert c3.teacher.shift == c3.dmd.shift == 3.0 and c3.distill.anchor_k == 5
+    np.testing.assert_array_equal(c3.student.sigmas, flow_match_sigmas(4, 3.0)[:-1])
+    wide = toy_config.get_config("shift3,k30,wide")  # the most diverse setting measured on the shift-3 grid
+    validate(wide)
+    assert wide.distill.anchor_k == wide.teacher.steps == 30 and list(wide.student.sigmas) == [1.0, 0.75, 0.5, 0.25]
+    unet = toy_config.get_config("unet")
+    validate(unet)
+    assert unet.backbone == "unet" and unet.distill.anchor_k == 5 and unet.distill.target == "denoise"
     with pytest.raises(ValueError, match="unknown toy config variant 'shiftx'"):
         toy_config.get_config("shiftx")
 
