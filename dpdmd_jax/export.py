@@ -104,17 +104,18 @@ TOY_SCHEDULERS = {"mmdit": dict(num_train_timesteps=1000, shift=3.0),
 
 
 def write_student_pipeline(backbone: str, root: str | None, out: str, write_denoiser: Callable[[str], None], grid,
-                           meta: dict, link: str = "copy") -> str:
+                           meta: dict, link: str = "copy", teacher_scheduler: dict | None = None) -> str:
     """`root`'s pipeline with the student's denoiser (`write_denoiser(folder)` writes it) and the
     student's scheduler, written to a temporary sibling of `out` and renamed into place. Without a
-    `root` (the toy) the folder holds the denoiser and the scheduler only."""
+    `root` (the toy) the folder holds the denoiser and the scheduler only, the latter made from
+    `teacher_scheduler` (default: the toy's, TOY_SCHEDULERS)."""
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.exists(out):
         raise ExportError(f"--out={out} exists; exports never overwrite: choose a new folder or remove it.")
     denoiser = DENOISERS[backbone]
     index = None
     if root is None:
-        teacher_scheduler = TOY_SCHEDULERS[backbone]
+        teacher_scheduler = teacher_scheduler or TOY_SCHEDULERS[backbone]
     else:
         with open(os.path.join(root, "model_index.json")) as f:
             index = json.load(f)
@@ -178,9 +179,12 @@ def export_student(c: Any, workdir: str, out: str, *, step: int | None = None, d
         from dpdmd_jax.weights.unet import save_unet as save
     builtin = c.model.source == "toy" or c.model.source.startswith("random")
     root = None if builtin else setup.backbone.pipeline_root  # the toy / random models have no pipeline
+    toy_scheduler = dict(TOY_SCHEDULERS[c.backbone])
+    if c.backbone == "mmdit":
+        toy_scheduler["shift"] = c.teacher.shift  # the run's flow grid (the toy default's is 0.375)
     return write_student_pipeline(c.backbone, root, out,
                                   lambda folder: save(model, folder, dtype=dtype), setup.distiller.student_grid,
-                                  dict(source=source, dtype=dtype), link)
+                                  dict(source=source, dtype=dtype), link, toy_scheduler)
 
 
 def main(argv):
