@@ -20,19 +20,15 @@ from benchmarks import common
 from dpdmd_jax.diffusion.flow import flow_match_sigmas
 
 RESULTS = "benchmarks/results"
-DEFAULT_SHIFTS = f"3={RESULTS}/toy_diversity,1={RESULTS}/toy_diversity_shift1,0.375={RESULTS}/toy_diversity_shift0.375"
+DEFAULT_SHIFTS = f"3={RESULTS}/toy_diversity_shift3,1={RESULTS}/toy_diversity_shift1,0.375={RESULTS}/toy_diversity_shift0.375"
 METRIC = "diversity_layout"
 
 
-def anchor_k(name: str, row: dict) -> int:
-    """K of a DP-DMD arm: from its name ("DP-DMD K=10"), or the K its runs chose ("DP-DMD K=auto")."""
+def anchor_ks(name: str, row: dict, seeds: int) -> list[int]:
+    """Each seed's K of a DP-DMD arm: from its name ("DP-DMD K=10"), or the K each seed's run chose
+    ("DP-DMD K=auto": the choice reads round 0's prompts and noises, so seeds may differ by a step)."""
     k = name.split("K=")[1]
-    if k != "auto":
-        return int(k)
-    chosen = set(row["anchor_k"])
-    if len(chosen) != 1:
-        raise ValueError(f"{name}: the seeds chose different K {sorted(chosen)}; plot them one by one")
-    return chosen.pop()
+    return [int(k)] * seeds if k != "auto" else [int(x) for x in row["anchor_k"]]
 
 
 def sweep(shift: float, results: dict, teacher_steps: int = 30) -> dict:
@@ -46,10 +42,11 @@ def sweep(shift: float, results: dict, teacher_steps: int = 30) -> dict:
             continue
         if sorted(row["per_seed"], key=int) != seeds:
             raise ValueError(f"shift {shift}, {name}: seeds {sorted(row['per_seed'])}, DMD's {seeds}")
-        k = anchor_k(name, row)
+        ks = anchor_ks(name, row, len(seeds))
         values = [row["per_seed"][s][METRIC] for s in seeds]
         gain = [v - d for v, d in zip(values, dmd)]
-        arms.append(dict(arm=name, k=k, t_k=float(grid[k]), auto=name.endswith("auto"), mean=float(np.mean(values)),
+        arms.append(dict(arm=name, k=float(np.mean(ks)), ks=ks, t_k=float(np.mean(grid[ks])),
+                         t_ks=[float(grid[k]) for k in ks], auto=name.endswith("auto"), mean=float(np.mean(values)),
                          std=float(np.std(values)), gain=gain, gain_mean=float(np.mean(gain)),
                          wins=sum(g > 0 for g in gain)))
     arms.sort(key=lambda a: (a["k"], a["auto"]))
@@ -63,8 +60,9 @@ def markdown(sweeps: list[dict]) -> str:
         rows.append([f"{s['shift']:g}", "teacher", "", "", f"{s['teacher'][0]:.3f} ± {s['teacher'][1]:.3f}", "", ""])
         rows.append([f"{s['shift']:g}", "DMD", "", "", f"{s['dmd'][0]:.3f} ± {s['dmd'][1]:.3f}", "", ""])
         for a in s["arms"]:
-            label = f"DP-DMD K={a['k']}" + (" (auto)" if a["auto"] else "")
-            rows.append([f"{s['shift']:g}", label, str(a["k"]), f"{a['t_k']:.3f}", f"{a['mean']:.3f} ± {a['std']:.3f}",
+            k = "/".join(map(str, a["ks"])) if len(set(a["ks"])) > 1 else str(a["ks"][0])
+            label = f"DP-DMD K={k}" + (" (auto)" if a["auto"] else "")
+            rows.append([f"{s['shift']:g}", label, k, f"{a['t_k']:.3f}", f"{a['mean']:.3f} ± {a['std']:.3f}",
                          " / ".join(f"{g:+.3f}" for g in a["gain"]) + f" (mean {a['gain_mean']:+.3f})",
                          f"{a['wins']} of {len(a['gain'])}"])
     seeds = "/".join(map(str, sweeps[0]["seeds"]))
@@ -91,13 +89,12 @@ def plot(sweeps: list[dict], path: str) -> None:
         ax_k.axhline(s["teacher"][0], color=colour, ls=":", lw=1)
         for a in auto:
             ax_k.errorbar([a["k"]], [a["mean"]], [a["std"]], color=colour, marker="*", ms=14, capsize=3, ls="none")
-        for a in s["arms"]:  # per seed paired gains, and their mean
-            ax_t.scatter([a["t_k"]] * len(a["gain"]), a["gain"], color=colour, s=12, alpha=0.5,
-                         marker="*" if a["auto"] else "o")
+        for a in s["arms"]:  # per seed paired gains (at each seed's own anchor), and their mean
+            ax_t.scatter(a["t_ks"], a["gain"], color=colour, s=12, alpha=0.5, marker="*" if a["auto"] else "o")
         ax_t.plot([a["t_k"] for a in fixed], [a["gain_mean"] for a in fixed], color=colour, marker="o", label=label)
         ax_t.scatter([a["t_k"] for a in auto], [a["gain_mean"] for a in auto], color=colour, marker="*", s=160)
     ax_k.set_xscale("log")
-    ks = sorted({a["k"] for s in sweeps for a in s["arms"]})
+    ks = sorted({k for s in sweeps for a in s["arms"] if not a["auto"] for k in a["ks"]})
     ax_k.set_xticks(ks, [str(k) for k in ks])
     ax_k.set_xlabel("anchor step K of 30 (log scale; star: distill.anchor_k=auto)")
     ax_k.set_ylabel("layout diversity of the 4-step student")

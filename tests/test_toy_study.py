@@ -59,11 +59,17 @@ def test_shift_sweep_pairs_each_arm_with_dmd_by_seed():
                         "DP-DMD K=5": [0.19, 0.11, 0.20], "DP-DMD K=auto": [0.22, 0.13, 0.26]}, auto_k=7)
     s = toy_shift_sweep.sweep(0.375, results)
     assert [(a["arm"], a["k"]) for a in s["arms"]] == [("DP-DMD K=5", 5), ("DP-DMD K=auto", 7), ("DP-DMD K=30", 30)]
+    assert s["arms"][1]["ks"] == [7, 7, 7]
     k5, auto, k30 = s["arms"]
     np.testing.assert_allclose(k5["gain"], [-0.01, 0.01, -0.05], atol=1e-12)
     assert k5["wins"] == 1 and auto["wins"] == 3 and k30["wins"] == 2
     assert k5["gain_mean"] == pytest.approx(-0.05 / 3)
     assert k30["t_k"] == 0.0 and k5["t_k"] == pytest.approx(0.643, abs=1e-3)  # step 5 of 30 at shift 0.375
     assert "| 0.375 | DP-DMD K=7 (auto) | 7  |" in toy_shift_sweep.markdown([s])
-    with pytest.raises(ValueError, match="the seeds chose different K"):
-        toy_shift_sweep.sweep(0.375, {**results, "DP-DMD K=auto": {**results["DP-DMD K=auto"], "anchor_k": [7, 8, 7]}})
+    # seeds whose auto choice differs: each seed's gain sits at its own anchor, the arm at their mean
+    mixed = toy_shift_sweep.sweep(0.375, {**results, "DP-DMD K=auto": {**results["DP-DMD K=auto"],
+                                                                        "anchor_k": [7, 8, 7]}})
+    auto = mixed["arms"][1]
+    assert auto["ks"] == [7, 8, 7] and auto["k"] == pytest.approx(22 / 3)
+    assert auto["t_ks"][1] < auto["t_ks"][0] and auto["t_k"] == pytest.approx(np.mean(auto["t_ks"]))
+    assert "| DP-DMD K=7/8/7 (auto) |" in toy_shift_sweep.markdown([mixed])
