@@ -20,7 +20,7 @@ from benchmarks import common
 from dpdmd_jax.diffusion.flow import flow_match_sigmas
 
 RESULTS = "benchmarks/results"
-DEFAULT_SHIFTS = f"3={RESULTS}/toy_diversity_shift3,1={RESULTS}/toy_diversity_shift1,0.375={RESULTS}/toy_diversity_shift0.375"
+DEFAULT_SHIFTS = ",".join(f"{s}={RESULTS}/toy_diversity_shift{s}" for s in ("3", "1", "0.375"))
 METRIC = "diversity_layout"
 
 
