@@ -18,7 +18,8 @@ Variants (`--config=configs/toy.py:VARIANT[,VARIANT...]`):
   auto     K chosen before training from a teacher pass (the default; docs/DESIGN.md)
   shiftS   every flow grid (teacher, student, DMD noise) at shift S instead of 0.375, e.g. shift3:
            SD3's 1024^2 grid as it is, which on 16x16 images is a much earlier phase of generation
-  wide     student grid [1, 0.75, 0.5, 0.25]: a larger first step than the shift-3 grid's 1 -> 0.86
+  wide     student grid [1, 0.75, 0.5, 0.25], the shift-3 study's (`shift3,wide`): a larger first step
+           than shift 3's 1 -> 0.86, a smaller one than the default's 1 -> 0.43
   unet     the epsilon toy: the shipped SDXL-style UNet teacher (VP epsilon, 30-step DDIM anchor
            grid), DMD2's 4-step student at timesteps (999, 749, 499, 249), DMD noise in [20, 980],
            the x0 ("denoise") diversity target, the paper's K = 5, 100 rounds; the whole SDXL path
