@@ -230,14 +230,17 @@ def _guided(model_fn, z, t, cond, uncond, scale=3.5):
     return p_u + scale * (p_c - p_u)
 
 
+@pytest.mark.parametrize("shift", [3.0, 0.375])
 @pytest.mark.parametrize("k", [1, 3, 4])
-def test_flow_line_target_matches_diffusers_euler(k):
+def test_flow_line_target_matches_diffusers_euler(k, shift):
     """(eps - z_tk) / (1 - t_k) with z_tk from a guided Euler loop on diffusers'
-    FlowMatchEulerDiscreteScheduler (T = 4 steps, shift 3; K = T gives t_k = 0)."""
+    FlowMatchEulerDiscreteScheduler (T = 4 steps at SD3's shift 3 and at the toy's 0.375; K = T gives
+    t_k = 0; K = 1 gives the first velocity on any grid)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    d, params, fake, frozen, eps, cond, uncond, model = make("tiny_flow", {"distill.anchor_k": k})
-    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    d, params, fake, frozen, eps, cond, uncond, model = make("tiny_flow", {"distill.anchor_k": k,
+                                                                           "teacher.shift": shift})
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
     sched.set_timesteps(d.c.teacher.steps)
     apply = jax.jit(lambda z, t, c: d.backbone.apply(model, z, t / 1000.0, c))  # level = sigma = t / 1000
     z = torch.from_numpy(np.asarray(eps))
