@@ -162,13 +162,14 @@ def auto_choice(args, shift: float | None) -> int:
     import tempfile
 
     from configs import toy
+    from dpdmd_jax.config import apply_flow_shift
     from dpdmd_jax.distill import trainer
 
     c = toy.get_config("unet" if args.family == "unet" else None)
     c.distill.anchor_k = "auto"
     c.teacher.steps, c.teacher.cfg_scale = args.steps, args.cfg
     if shift is not None:
-        c.teacher.shift = shift
+        apply_flow_shift(c, shift)  # the grids of one shift, as the `:shiftS` variant sets them
     c.distill.target = "denoise" if args.family == "unet" else (args.target or "line")
     if args.teacher:
         c.model.source = args.teacher

@@ -98,9 +98,18 @@ def _copy_component(src: str, dst: str, link: str) -> None:
 
 
 # The toy's schedules as diffusers scheduler configs (it has no pipeline folder to take them from).
-TOY_SCHEDULERS = {"mmdit": dict(num_train_timesteps=1000, shift=3.0),
+TOY_SCHEDULERS = {"mmdit": dict(num_train_timesteps=1000),
                   "unet": dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                beta_schedule="scaled_linear", prediction_type="epsilon")}
+
+
+def toy_scheduler(c: Any) -> dict:
+    """The teacher scheduler config of a run without a pipeline (toy / random models): the flow
+    grid at the run's own shift (the toy default's is 0.375), or the VP schedule."""
+    config = dict(TOY_SCHEDULERS[c.backbone])
+    if c.backbone == "mmdit":
+        config["shift"] = float(c.teacher.shift)
+    return config
 
 
 def write_student_pipeline(backbone: str, root: str | None, out: str, write_denoiser: Callable[[str], None], grid,
@@ -108,14 +117,15 @@ def write_student_pipeline(backbone: str, root: str | None, out: str, write_deno
     """`root`'s pipeline with the student's denoiser (`write_denoiser(folder)` writes it) and the
     student's scheduler, written to a temporary sibling of `out` and renamed into place. Without a
     `root` (the toy) the folder holds the denoiser and the scheduler only, the latter made from
-    `teacher_scheduler` (default: the toy's, TOY_SCHEDULERS)."""
+    `teacher_scheduler` (`toy_scheduler`)."""
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.exists(out):
         raise ExportError(f"--out={out} exists; exports never overwrite: choose a new folder or remove it.")
     denoiser = DENOISERS[backbone]
     index = None
     if root is None:
-        teacher_scheduler = teacher_scheduler or TOY_SCHEDULERS[backbone]
+        if teacher_scheduler is None:
+            raise ExportError("a pipeline without a root folder needs its teacher_scheduler (export.toy_scheduler)")
     else:
         with open(os.path.join(root, "model_index.json")) as f:
             index = json.load(f)
@@ -179,12 +189,9 @@ def export_student(c: Any, workdir: str, out: str, *, step: int | None = None, d
         from dpdmd_jax.weights.unet import save_unet as save
     builtin = c.model.source == "toy" or c.model.source.startswith("random")
     root = None if builtin else setup.backbone.pipeline_root  # the toy / random models have no pipeline
-    toy_scheduler = dict(TOY_SCHEDULERS[c.backbone])
-    if c.backbone == "mmdit":
-        toy_scheduler["shift"] = c.teacher.shift  # the run's flow grid (the toy default's is 0.375)
     return write_student_pipeline(c.backbone, root, out,
                                   lambda folder: save(model, folder, dtype=dtype), setup.distiller.student_grid,
-                                  dict(source=source, dtype=dtype), link, toy_scheduler)
+                                  dict(source=source, dtype=dtype), link, toy_scheduler(c) if builtin else None)
 
 
 def main(argv):
