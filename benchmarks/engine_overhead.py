@@ -5,7 +5,7 @@ real) that builds the README's toy default (`configs/toy.py`, shipped teacher, b
 device as `python -m dpdmd_jax.main` uses), compiles one round with the tree's own public trainer
 API, runs one warm-up round and times `--rounds` more. Children of the two trees alternate
 (`--pairs` times), so machine noise hits both alike. Reports median and minimum round times and the
-FLOPs XLA counts in the compiled round (the same work on both sides). Results go in BENCHMARKS.md.
+FLOPs XLA counts in the compiled round (the same work on both sides). Results go in docs/benchmarks/engine-overhead.md.
 
   python -m benchmarks.engine_overhead --baseline d6f9ac5 [--pairs 4] [--rounds 20]
 

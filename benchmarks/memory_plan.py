@@ -12,7 +12,7 @@ Nothing is allocated: every model is built with `nnx.eval_shape`, placed by our 
   - CLIP-L, OpenCLIP-bigG (and T5-XXL for SD3.5) in `text.dtype` (bf16), sharded like the teacher;
   - the VAE in fp32 (the sample grids decode with it);
   - the round's conditioning batch ([M + 1, B, ...] + uncond, fp32), split over the batch.
-Activations are not counted (they depend on remat and XLA; see BENCHMARKS.md, step cost).
+Activations are not counted (they depend on remat and XLA; see docs/benchmarks/step-cost.md).
 """
 
 from __future__ import annotations

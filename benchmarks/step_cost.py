@@ -7,7 +7,7 @@
 For two sizes (the toy teacher's architecture with random weights, batch 16; a mid-size random
 MMDiT, 8 layers of 8x64 heads (inner 512, dual attention in layers 0-2, qk RMSNorm), 32x32x16
 latent = 256 tokens, 77 x 512 context, pooled 512, batch 4 by default, as batch 8 needs ~13 GiB
-(memory: BENCHMARKS.md, "Cost of a DP-DMD step on CPU")), both with
+(memory: docs/benchmarks/step-cost.md)), both with
 M = 5 critic updates per generator update, anchor K = 5 of a T = 30 teacher grid, N = 4 student
 steps ("rollout" simulation, "line" target), on a single-CPU-device mesh (data=fsdp=tensor=1), it
 jits and measures, each separately:

@@ -7,8 +7,8 @@ workdir):
 
 The default puts SD3.5's 1024^2 timeline on the toy's 16 x 16 images (every flow grid at shift
 MATCHED_SHIFT = 0.375, SD3's resolution-shift rule) and chooses the anchor step K automatically
-(distill.anchor_k="auto": K = 7 of 30 with the shipped teacher). BENCHMARKS.md, "The toy's time
-axis", has the K sweep at shifts 3, 1 and 0.375 behind that choice.
+(distill.anchor_k="auto": K = 7 of 30 with the shipped teacher). docs/benchmarks/toy-time-axis.md
+has the K sweep at shifts 3, 1 and 0.375 behind that choice.
 
 Variants (`--config=configs/toy.py:VARIANT[,VARIANT...]`):
   dmd      plain DMD baseline (lambda_div = 0)
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None):
     c.teacher.cfg_scale = 3.5
     c.dmd.real_cfg_scale = 3.5
     apply_flow_shift(c, MATCHED_SHIFT)  # teacher, student and DMD grids on SD3.5's timeline
-    c.distill.anchor_k = "auto"  # K = 7 of 30 on this grid (BENCHMARKS.md)
+    c.distill.anchor_k = "auto"  # K = 7 of 30 on this grid (docs/benchmarks/toy-time-axis.md)
     c.distill.lambda_div = 0.05
     c.distill.fake_updates_per_student = 5
     for name in ("student", "fake"):
@@ -69,9 +69,9 @@ def get_config(arg: str | None = None):
         elif variant == "unet":
             c.backbone = "unet"
             c.distill.target = "denoise"  # VP has no straight path to draw the line target on
-            c.distill.anchor_k = 5  # the paper's K, as measured in BENCHMARKS.md (auto picks 8 here)
+            c.distill.anchor_k = 5  # the paper's K, as measured in docs/benchmarks/epsilon-toy.md (auto picks 8 here)
             # A UNet round costs ~3x an MMDiT round here (many small convolutions at batch 8): 100
-            # rounds keep the run within the toy's few minutes (BENCHMARKS.md, the epsilon toy).
+            # rounds keep the run within the toy's few minutes (docs/benchmarks/epsilon-toy.md).
             c.num_rounds = 100
         elif variant == "smoke":
             c.model.source = "random"

@@ -2,7 +2,7 @@
 
 Why: "K = 5 of 30" names a point of the teacher's grid, not a point of generation. How much of
 the final sample's layout the anchor's target carries at a given K depends on the backbone, the
-resolution and the grid's shift (BENCHMARKS.md: on the 16x16 toy with SD3's shift 3, the K = 5
+resolution and the grid's shift (docs/benchmarks/toy-study.md: on the 16x16 toy with SD3's shift 3, the K = 5
 target keeps half of the final layout spread, and DP-DMD loses to DMD there). What the diversity
 loss needs is a target that already varies from noise to noise the way the teacher's samples do.
 So the criterion measures that, in latent space, through the Schedule / Backbone interfaces only:
@@ -18,7 +18,7 @@ So the criterion measures that, in latent space, through the Schedule / Backbone
     ~0 for a mean-like target, a for a target that is a shrunken (a x) copy of the final layouts;
     the part of x0_line that is amplified noise (x0_line = eps - (eps - z_tK) / (1 - t_K) with
     1 - t_K small) is not in the final samples and averages out, where a plain ratio of spreads
-    would count it as diversity (BENCHMARKS.md);
+    would count it as diversity (docs/benchmarks/toy-time-axis.md);
   K = the smallest K with carried(K) >= fraction.
 
 Two passes instead of one keep the memory at one batch of latents (no trajectory is stored); the

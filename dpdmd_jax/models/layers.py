@@ -130,7 +130,7 @@ def attention(
     `jax.nn.dot_product_attention` dispatches to cuDNN flash attention on GPUs when
     `implementation="cudnn"` (bf16/fp16), and to XLA elsewhere. On CPU, XLA materialises all
     [B, N, T, S] logits and runs QK^T, softmax and PV through DRAM (4.4x slower than torch SDPA at
-    1357 tokens: BENCHMARKS.md, "MMDiT forward / forward+backward vs diffusers on CPU"); for large
+    1357 tokens: docs/benchmarks/mmdit-forward.md); for large
     logits we loop over (batch, head) instead, which keeps one [T, S] block in cache
     (`attention_per_head`).
     """

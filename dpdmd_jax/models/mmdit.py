@@ -170,7 +170,7 @@ def sincos_pos_embed(embed_dim: int, grid_size: int, base_size: int) -> jax.Arra
     The float64 work is done on the [grid, D/2] 1-D embedding only and the [grid^2, D] table is
     assembled with jnp broadcasts, bitwise the same as the full float64 grid: under `nnx.eval_shape` (the loader's
     abstract model) that is traced, not computed; a full float64 numpy table would be built on the host
-    only to be overwritten (its cost: BENCHMARKS.md, "Loading a full-size SD3.5-Medium checkpoint").
+    only to be overwritten (its cost: docs/benchmarks/load-full-size.md).
     """
     coords = np.arange(grid_size, dtype=np.float64) / (grid_size / base_size)
     dim = embed_dim // 2
