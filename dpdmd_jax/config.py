@@ -138,6 +138,8 @@ def apply_method_variant(c: ml_collections.ConfigDict, variant: str) -> bool:
         c.distill.anchor_k = int(variant[1:])
     elif variant == "auto":
         c.distill.anchor_k = "auto"
+    elif variant == "bf16":  # bfloat16 compute (fp32 master weights), as the full-size configs
+        c.model.dtype = c.text.dtype = "bfloat16"
     elif variant.startswith("shift") and _is_float(variant[5:]):
         apply_flow_shift(c, float(variant[5:]))
     else:
@@ -164,10 +166,12 @@ def apply_flow_shift(c: ml_collections.ConfigDict, shift: float) -> None:
 
 def apply_tiny_pipeline(c: ml_collections.ConfigDict) -> None:
     """The `:tiny` variant of the pipeline configs: the tiny random pipelines of
-    `python -m dpdmd_jax.tools.tiny_pipeline` on a CPU, fp32, a few rounds, every code path."""
+    `python -m dpdmd_jax.tools.tiny_pipeline` on a CPU, a few rounds. It shrinks sizes only: the
+    real config's scan_layers, remat_policy and attention_impl stay as they are (a tiny run that
+    switched them off once hid a round that could not trace with them). Compute is fp32 so that a
+    tiny run's numbers can be held against diffusers to 1e-4; `:tiny,bf16` keeps the real
+    config's bfloat16 compute too."""
     c.model.dtype = c.model.param_dtype = c.text.dtype = "float32"
-    c.model.scan_layers = False
-    c.model.remat_policy = "none"
     c.data.latent_size = (8, 8)
     c.batch_size = 8
     c.num_rounds = 4
@@ -240,6 +244,11 @@ def _problems(c: ml_collections.ConfigDict) -> list[str]:
         if c[key] < 1:
             p.append(f"{key}={c[key]} must be >= 1.")
     return p + eval_lib.problems(c)
+
+
+def problems(c: ml_collections.ConfigDict) -> list[str]:
+    """Every invalid value of `c`, one sentence each (empty: the config is valid)."""
+    return _problems(c)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

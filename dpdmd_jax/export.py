@@ -1,7 +1,11 @@
 r"""Export a distilled student as a complete diffusers pipeline folder.
 
-    python -m dpdmd_jax.export --config=configs/sd35.py --workdir=runs/sd35 --out=exports/sd35_student \
+    python -m dpdmd_jax.export --workdir=runs/sd35 --out=exports/sd35_student \
         [--step=N] [--dtype=bfloat16] [--link=copy|symlink|hardlink]
+
+The config is the one the run recorded (`WORKDIR/config.json`, `dpdmd_jax.run_config`) unless
+`--config=FILE` names one; `--config.FIELD=VALUE` overrides apply on top, and one that changes what the
+checkpoints mean is refused, naming the field. Bad input exits with code 2 and one message.
 
 The folder is the teacher's pipeline (`model.source`, or `text.source` for the text side) with our
 student as its `transformer/` (SD3) or `unet/` (SDXL) and a scheduler whose 4-step grid is the
@@ -28,27 +32,29 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from dpdmd_jax import cli, run_config
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     """The command line (defined only when run as a program, so importing the module defines no flags)."""
-    config_flags.DEFINE_config_file("config", None, "The training run's config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "The training run's workdir (its checkpoints).")
+    config_flags.DEFINE_config_file("config", None, "The training run's config file (default: the config the run "
+                                    "recorded in --workdir, its config.json).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "The training run's workdir (its checkpoints and recorded config).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_string("out", None, "The pipeline folder to write (must not exist).")
     flags.DEFINE_string("dtype", "float32", "dtype of the exported student weights (float32, bfloat16, float16).")
     flags.DEFINE_enum("link", "copy", ["copy", "symlink", "hardlink"],
                       "How the teacher's other components (text encoders, VAE, tokenizers) get into --out.")
-    flags.mark_flags_as_required(["config", "workdir", "out"])
+    flags.mark_flags_as_required(["workdir", "out"])
 
 
 DENOISERS = {"mmdit": "transformer", "unet": "unet"}
@@ -169,14 +175,19 @@ def export_student(c: Any, workdir: str, out: str, *, step: int | None = None, d
     from dpdmd_jax.distill import trainer
     from dpdmd_jax.sample import SampleError, load_student
 
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    trainer.check_workdir_config(workdir, c, write=False)  # first: the other checks assume the run's config
     if c.backbone not in DENOISERS:
         raise ExportError(f"backbone {c.backbone!r}: export writes diffusers pipelines of {tuple(DENOISERS)}")
     if os.path.exists(os.path.abspath(os.path.expanduser(out))):
         raise ExportError(f"--out={out} exists; exports never overwrite: choose a new folder or remove it.")
+    from dpdmd_jax.preflight import workdir_problems
+
+    problems = workdir_problems(os.path.abspath(os.path.expanduser(out)), flag="--out")
+    if problems:
+        raise ExportError(" ".join(problems))
     if not c.model.source:
         raise ExportError("model.source is empty: set it to the teacher the run distilled")
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    trainer.check_workdir_config(workdir, c, write=False)
     setup = setup or trainer.build(c)
     try:
         params, source = load_student(setup, workdir, step)
@@ -203,12 +214,14 @@ def main(argv):
     from dpdmd_jax.distill.trainer import TrainingError
     from dpdmd_jax.weights.safetensors_io import CheckpointError
 
+    if FLAGS.config is None:  # `run_config` makes the run's record the default: there is none
+        run_config.read_record(FLAGS.workdir)  # says why
+        raise cli.UsageError(f"--workdir={FLAGS.workdir}: pass the run's --config=FILE")
     try:
         out = export_student(FLAGS.config, FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
                              link=FLAGS.link)
     except (ExportError, ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
-        print(f"\nError: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise cli.UsageError(str(e)) from e
     with open(os.path.join(out, "dpdmd_student.json")) as f:
         call = json.load(f)["call"]
     if not os.path.exists(os.path.join(out, "model_index.json")):  # the toy: a model folder, no pipeline
@@ -222,5 +235,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    run_config.use_recorded_config()
     define_flags()
-    app.run(main)
+    cli.run(main, user_errors=(ExportError, run_config.RecordError))

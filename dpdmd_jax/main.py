@@ -1,42 +1,70 @@
 """Entry point: `python -m dpdmd_jax.main --config=configs/toy.py --workdir=runs/toy`.
 
-Resumes automatically from --workdir. Bad config values and missing inputs stop with one
-paragraph naming the field and the fix, before any weight is read or step compiled.
+Resumes automatically from --workdir. Every problem of the run (config values, model and data
+folders, the workdir) is listed at once, one line each, before anything is loaded or written;
+`--dry_run` does only that, and prints every config field with its value and origin. Without
+`--config`, a workdir holding a run resumes with the config that run recorded. Exit codes:
+0 finished, 2 bad input, 75 pre-empted (saved; run the same command again), 1 crash
+(`dpdmd_jax.cli`).
 """
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from dpdmd_jax import cli
 from dpdmd_jax.parallel import multihost
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/toy.py[:variant].", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/toy.py[:variant]; override any field with --config.FIELD=VALUE "
+    "(--dry_run lists them all). Default: the config --workdir's run recorded (resume it as it was).",
+    lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard events, summary (resumed if present).")
+flags.DEFINE_bool("dry_run", False, "Check everything the run needs (config, model and data folders, workdir), print "
+                  "every config field with its value and origin and what would be loaded, and exit without compiling.")
 multihost.define_flags()
+flags.adopt_module_key_flags(multihost)  # --help lists the multi-process flags with ours
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
+    import jax
     from absl import logging
 
-    logging.set_verbosity(logging.WARNING)  # orbax/clu info lines would drown the progress bar
-
-    from dpdmd_jax.config import ConfigError
-    from dpdmd_jax.distill.trainer import TrainingError, train_with_baseline
+    from dpdmd_jax import config as config_lib
+    from dpdmd_jax import preflight
+    from dpdmd_jax.distill import trainer
     from dpdmd_jax.weights.safetensors_io import CheckpointError
 
+    logging.set_verbosity(logging.WARNING)  # orbax/clu info lines would drown the progress bar
+    workdir = trainer.absolute(FLAGS.workdir)
+    if FLAGS.dry_run:
+        sources = preflight.field_sources(config_flags.get_config_filename(FLAGS["config"]),
+                                          config_flags.get_override_values(FLAGS["config"]))
+        print(f"Config (field, value, origin):\n{preflight.config_table(FLAGS.config, sources)}\n")
+        print(f"Would load and write:\n{preflight.plan(FLAGS.config, workdir)}\n")
+        problems = preflight.run_problems(FLAGS.config, workdir)
+        if problems:
+            raise cli.UsageError("the run cannot start:\n  - " + "\n  - ".join(problems))
+        print("Dry run: every check passed; nothing was compiled or written.")
+        return
     multihost.initialize_from_flags(FLAGS)
     try:
-        train_with_baseline(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
-        print(f"\nError: {e}", file=sys.stderr)
-        sys.exit(2)
+        summary = trainer.train_with_baseline(FLAGS.config, workdir)
+    except (config_lib.ConfigError, CheckpointError, trainer.TrainingError, FileNotFoundError) as e:
+        raise cli.UsageError(str(e)) from e
+    if "preempted_at" in summary:
+        raise cli.Preempted(f"Pre-empted: round {summary['preempted_at']} is saved in {workdir}/checkpoints; run the "
+                            f"same command again to resume (exit code {cli.EXIT_PREEMPTED}).")
+    if jax.process_index() == 0:
+        print(trainer.end_of_run_message(FLAGS.config, workdir, summary))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from dpdmd_jax import run_config
+
+    run_config.use_recorded_config()  # no --config: resume WORKDIR with the config it recorded
+    cli.run(main)

@@ -1,12 +1,17 @@
 r"""Batch sampling: prompts x seeds -> PNGs, one grid per prompt, and a JSONL row per image.
 
-    # the student of a training run (latest checkpoint, or --step=N), with the run's config:
-    python -m dpdmd_jax.sample --config=configs/toy.py --workdir=runs/toy --out=runs/toy/samples
+    # the student of a training run (latest checkpoint, or --step=N), with the config it recorded:
+    python -m dpdmd_jax.sample --workdir=runs/toy --out=runs/toy/samples
     # the teacher (T steps, CFG) of the config's model.source:
     python -m dpdmd_jax.sample --config=configs/toy.py --sampler=teacher --out=runs/toy/teacher_samples
     # an exported student pipeline folder (no --workdir: the folder's weights are the student):
     python -m dpdmd_jax.sample --config=configs/sd35.py --config.model.source=EXPORT --out=DIR \
         --prompt_file=prompts.txt
+
+With `--workdir` the config is the one the run recorded (`WORKDIR/config.json`; `dpdmd_jax.run_config`)
+unless `--config` names a file; `--config.FIELD=VALUE` overrides apply on top of either. A config that
+differs from the run's in a field that says what its checkpoints mean (anything but layout and loop
+knobs such as `mesh`, `model.scan_layers`, `evals`) is refused, naming the field.
 
 Prompts: `--prompt_file` (one per line), else the config's data source (its prompt file, or the
 DiffusionDB TFDS prompts); the toy's prompts are its class names ("red square", ...), all six by
@@ -29,21 +34,30 @@ a row, once all are written), `samples.jsonl` (one row per image: prompt, prompt
 sampler, steps, grid, cfg_scale, nfe, source, seconds) and `run.json` (what made them). A re-run
 skips the images already written and never overwrites a file; a folder made by different settings
 (source, checkpoint step, sampler, seeds' key) is refused. PNGs are written to a temporary name and
-renamed, so a killed sampler leaves only whole images behind.
+renamed, so a killed sampler leaves only whole images behind; a re-run checks the PNGs it would skip
+and moves an unreadable one (a disk fault, a copy cut short) to `corrupt/`, then makes it again.
+
+SIGTERM (a scheduler's pre-emption) stops every process after the same batch, once its images and
+rows are written, and the command exits with code 75 (`dpdmd_jax.cli.EXIT_PREEMPTED`); the same
+command resumes. Bad input exits with code 2 and one message.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-import sys
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from dpdmd_jax import cli, run_config
 
 FLAGS = flags.FLAGS
 
@@ -52,10 +66,11 @@ def define_flags() -> None:
     """The command line (defined only when run as a program, so importing the module defines no flags)."""
     from dpdmd_jax.parallel import multihost
 
-    config_flags.DEFINE_config_file("config", None, "Config file (the training run's), e.g. configs/toy.py[:variant].",
-                                    lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/toy.py[:variant]. Default with "
+                                    "--workdir: the config the run recorded (its config.json).", lock_config=True)
     flags.DEFINE_string("out", None, "Output folder (created; resumed if it holds this run's samples).")
-    flags.DEFINE_string("workdir", None, "A training run: sample its student at --step (default: latest checkpoint).")
+    flags.DEFINE_string("workdir", None, "A training run: sample its student at --step (default: latest "
+                        "checkpoint), with the config it recorded.")
     flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
     flags.DEFINE_enum("sampler", "student", ["student", "teacher"],
                       "student: the N-step student grid, no CFG; teacher: the config's T-step teacher with CFG.")
@@ -66,7 +81,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("per_device_batch", 4, "Images per device per batch.")
     flags.DEFINE_string("vae_dtype", "float32", "VAE decode dtype (pipeline backbones).")
     multihost.define_flags()
-    flags.mark_flags_as_required(["config", "out"])
+    flags.mark_flags_as_required(["out"])
 
 
 class SampleError(ValueError):
@@ -123,6 +138,69 @@ def check_run(out: str, run: dict) -> None:
     os.makedirs(out, exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(run, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+# Every whole PNG ends with its IEND chunk (length 0, "IEND", CRC); PIL's verify() stops before its CRC.
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def readable_png(path: str) -> bool:
+    """Whether `path` is a whole PNG: every chunk's CRC checks out (PIL's verify, no decoding) and
+    the file ends with the IEND chunk (a file cut short anywhere fails one or the other)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                return False
+            image.verify()
+        with open(path, "rb") as f:
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return f.read() == PNG_END
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+        return False
+
+
+def set_aside(out: str, path: str) -> str:
+    """Moves an unreadable file to `out`/corrupt/ (kept, never deleted: it may be worth a look, and a
+    file we misjudged is not lost); returns its new path."""
+    folder = os.path.join(out, "corrupt")
+    os.makedirs(folder, exist_ok=True)
+    name = os.path.basename(path)
+    dest, n = os.path.join(folder, name), 1
+    while os.path.exists(dest):
+        dest, n = os.path.join(folder, f"{name}.{n}"), n + 1
+    os.replace(path, dest)
+    print(f"{path} is not a readable PNG: moved to {dest}; it will be made again", flush=True)
+    return dest
+
+
+def _torn(path: str) -> bool:
+    """Whether a JSONL file's last line is cut short (no newline: a kill while it was written)."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+def rewrite_rows(path: str, drop: set[str]) -> None:
+    """samples.jsonl without the rows of the files in `drop` (made again: one row per image) and
+    without a torn last line (the next row appended to it would be lost with it), replaced atomically."""
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("file") not in drop:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
@@ -237,7 +315,16 @@ def plan(out: str, run: dict, jobs: Sequence[Job]) -> tuple[list[Job], int]:
             check_run(out, run)
             for sub in ("images", "grids"):
                 os.makedirs(os.path.join(out, sub), exist_ok=True)
-            rows = read_rows(os.path.join(out, "samples.jsonl"))
+            rows_path = os.path.join(out, "samples.jsonl")
+            rows = read_rows(rows_path)
+            # A PNG we would skip (or keep) must be whole: one cut short by a disk fault or a partial
+            # copy is set aside and made again, with its row.
+            bad = {j.name + ".png" for j in jobs if os.path.exists(_png(out, j)) and not readable_png(_png(out, j))}
+            for name in sorted(bad):
+                set_aside(out, os.path.join(out, "images", name))
+                rows.pop(name, None)
+            if os.path.exists(rows_path) and (bad or _torn(rows_path)):
+                rewrite_rows(rows_path, bad)
             done[:] = [j.name + ".png" in rows and os.path.exists(_png(out, j)) for j in jobs]
             n_rows = len(rows.keys() | {j.name + ".png" for j in jobs})
         except Exception as e:  # re-raised below, once the other processes know to stop too
@@ -266,8 +353,13 @@ def sampler_info(setup: Any, sampler: str) -> dict:
                 nfe=steps * (1 if cfg == 1.0 else 2))
 
 
-def make_sample_fn(setup: Any, sampler: str, root_seed: int, vae: Any = None):
-    """(params, (p, s) int arrays [B], cond, uncond) -> images [B, H, W, 3] in [-1, 1], jitted."""
+def make_sample_fn(setup: Any, sampler: str, root_seed: int, vae: Any = None) -> functools.partial:
+    """(params, (p, s) int arrays [B], cond, uncond) -> images [B, H, W, 3] in [-1, 1], jitted.
+
+    Every array the program reads is an argument, none is closed over: the model's frozen buffers
+    (e.g. the MMDiT's position table) and the VAE live on the whole mesh, and on several processes
+    JAX cannot embed an array that spans other hosts' devices as a constant. The frozen arrays are
+    bound as the leading arguments of the jitted function (`.func`, a `SyncedJit`; `.args`)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -279,7 +371,7 @@ def make_sample_fn(setup: Any, sampler: str, root_seed: int, vae: Any = None):
     buffers = setup.frozen.buffers
     vae_graph, vae_state = nnx.split(vae) if vae is not None else (None, None)
 
-    def run(params, vae_state, p, s, cond, uncond):
+    def run(buffers, vae_state, params, p, s, cond, uncond):
         keys = jax.vmap(lambda p, s: image_key(root_seed, p, s))(p, s)
         eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), d.latent_shape))(keys)
         if sampler == "student":
@@ -292,7 +384,7 @@ def make_sample_fn(setup: Any, sampler: str, root_seed: int, vae: Any = None):
         return jnp.clip(backbone.decode(nnx.merge(vae_graph, vae_state), z.astype(jnp.float32)), -1.0, 1.0)
 
     fn = SyncedJit(run, f"sample_{sampler}", out_shardings=mesh_lib.replicated(setup.mesh))
-    return lambda params, *a: fn(params, vae_state, *a)
+    return functools.partial(fn, buffers, vae_state)
 
 
 def load_student(setup: Any, workdir: str | None, step: int | None) -> tuple[Any, str]:
@@ -323,7 +415,7 @@ def sample(c: Any, out: str, *, workdir: str | None = None, step: int | None = N
            prompt_file: str | None = None, num_prompts: int | None = None, seeds: int = 9, seed: int = 0,
            per_device_batch: int = 4, vae_dtype: str = "float32", devices: Sequence[Any] | None = None) -> dict:
     """Samples prompts x `seeds` images into `out` (resumably) on `devices` (default: all); returns a
-    summary dict."""
+    summary dict (`preempted`: a SIGTERM stopped it early, and a re-run finishes)."""
     from dpdmd_jax.distill import trainer
 
     if seeds < 1 or per_device_batch < 1:
@@ -331,6 +423,11 @@ def sample(c: Any, out: str, *, workdir: str | None = None, step: int | None = N
     if sampler == "teacher" and workdir:
         raise SampleError("--sampler=teacher samples the config's model.source; drop --workdir")
     out = os.path.abspath(os.path.expanduser(out))
+    from dpdmd_jax.preflight import workdir_problems
+
+    problems = workdir_problems(out, flag="--out")  # before any model is loaded
+    if problems:
+        raise SampleError(" ".join(problems))
     if workdir:  # the run's config must be this one (before any prompt-source change below)
         trainer.check_workdir_config(os.path.abspath(os.path.expanduser(workdir)), c, write=False)
     c = c.copy_and_resolve_references()
@@ -343,14 +440,63 @@ def sample(c: Any, out: str, *, workdir: str | None = None, step: int | None = N
     params, source = load_student(setup, workdir, step) if sampler == "student" else (
         setup.frozen.teacher, f"model.source={c.model.source}")
     return sample_with(setup, params, source, out, prompts, sampler=sampler, seeds=seeds, seed=seed,
-                       per_device_batch=per_device_batch, vae_dtype=vae_dtype)
+                       per_device_batch=per_device_batch, vae_dtype=vae_dtype, stop_on_sigterm=True)
+
+
+class SigtermStop:
+    """SIGTERM -> stop after the batch being written, on every process after the same batch.
+
+    One process: a handler sets a flag (the default action would kill the process mid-batch, with
+    an exit status no scheduler reads as "pre-empted"). Several: JAX's coordination service catches
+    SIGTERM on any process, and `reached_preemption_sync_point` turns it into a batch that every
+    process stops after, so none is left waiting in a collective (the trainer's `Preemption` does
+    the same for rounds)."""
+
+    def __init__(self):
+        import jax
+
+        self.multi = jax.process_count() > 1
+        self.requested = False
+        self._previous = None
+        if not self.multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def reached(self, batch: int) -> bool:
+        """Called after every batch, with its index (0, 1, ...: the same on every process)."""
+        if self.multi and not self.requested:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(batch)
+        return self.requested
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class NoStop:
+    """`SigtermStop` for samplers run inside another program (the trainer's evaluators), whose own
+    handler deals with SIGTERM."""
+
+    requested = False
+
+    def reached(self, batch: int) -> bool:
+        return False
+
+    def restore(self) -> None:
+        pass
 
 
 def sample_with(setup: Any, params: Any, source: str, out: str, prompts: Sequence[str], *, sampler: str = "student",
                 seeds: int = 9, seed: int = 0, per_device_batch: int = 4, vae_dtype: str = "float32",
-                progress: bool = True) -> dict:
+                progress: bool = True, stop_on_sigterm: bool = False) -> dict:
     """`sample` for a built trainer `Setup` and params in hand (the toy_metrics evaluator samples
-    its student this way, mid-run): `prompts` x `seeds` images into `out`, resumably."""
+    its student this way, mid-run): `prompts` x `seeds` images into `out`, resumably.
+    `stop_on_sigterm`: a SIGTERM stops it after the current batch (`SigtermStop`), with
+    `preempted` set in the summary; leave it off inside a program that handles SIGTERM itself."""
     import jax
     import numpy as np
     from tqdm import tqdm
@@ -377,35 +523,49 @@ def sample_with(setup: Any, params: Any, source: str, out: str, prompts: Sequenc
     batch = per_device_batch * mesh_lib.batch_divisor(setup.mesh)
     bar = tqdm(total=len(todo), desc=f"sampling ({sampler})", disable=not (is_main and progress),
                dynamic_ncols=True)
-    with open(rows_path, "a") if is_main else open(os.devnull, "w") as log:
-        for start in range(0, len(todo), batch):
-            chunk = todo[start:start + batch]
-            padded = chunk + [chunk[0]] * (batch - len(chunk))  # fixed shapes: one compile
-            t0 = time.time()
-            idx = np.array([j.p for j in padded], np.int32)
-            cond = conditioner.cond(idx)
-            uncond = conditioner.uncond(batch)
-            put = lambda x: mesh_lib.global_batch(setup.mesh, np.asarray(x))
-            images = fn(params, put(idx), put(np.array([j.s for j in padded], np.int32)),
-                        jax.tree.map(put, cond), jax.tree.map(put, uncond))
-            images = to_unit(images.addressable_data(0))[: len(chunk)]
-            seconds = (time.time() - t0) / len(chunk)
-            if is_main:
-                for j, image in zip(chunk, images):
-                    if not write_png(_png(out, j), image):
-                        print(f"kept the existing {_png(out, j)} (not overwritten)")
-                    row = dict(prompt=prompts[j.p], prompt_index=j.p, seed=j.s, file=j.name + ".png",
-                               **info, source=source, seconds=round(seconds, 4))
-                    log.write(json.dumps(row) + "\n")
-                log.flush()
-                os.fsync(log.fileno())
-            bar.update(len(chunk))
-    bar.close()
+    stop, made, stopped_after = SigtermStop() if stop_on_sigterm else NoStop(), 0, None
+    try:
+        with open(rows_path, "a") if is_main else open(os.devnull, "w") as log:
+            for i, start in enumerate(range(0, len(todo), batch)):
+                chunk = todo[start:start + batch]
+                padded = chunk + [chunk[0]] * (batch - len(chunk))  # fixed shapes: one compile
+                t0 = time.time()
+                idx = np.array([j.p for j in padded], np.int32)
+                cond = conditioner.cond(idx)
+                uncond = conditioner.uncond(batch)
+                put = lambda x: mesh_lib.global_batch(setup.mesh, np.asarray(x))
+                images = fn(params, put(idx), put(np.array([j.s for j in padded], np.int32)),
+                            jax.tree.map(put, cond), jax.tree.map(put, uncond))
+                images = to_unit(images.addressable_data(0))[: len(chunk)]
+                seconds = (time.time() - t0) / len(chunk)
+                if is_main:
+                    for j, image in zip(chunk, images):
+                        if not write_png(_png(out, j), image):
+                            print(f"kept the existing {_png(out, j)} (not overwritten)")
+                        row = dict(prompt=prompts[j.p], prompt_index=j.p, seed=j.s, file=j.name + ".png",
+                                   **info, source=source, seconds=round(seconds, 4))
+                        log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    os.fsync(log.fileno())
+                bar.update(len(chunk))
+                made += len(chunk)
+                if stop.reached(i):  # checked once the batch's PNGs and rows are whole on disk
+                    stopped_after = i
+                    break
+    finally:
+        bar.close()
+        stop.restore()
+    if stopped_after is not None:  # pre-empted: stop now (the re-run writes the grids)
+        if progress:
+            print(f"\nSIGTERM: stopped after batch {stopped_after + 1} of {-(-len(todo) // batch)} "
+                  f"({made} images made now)", flush=True)
+        return dict(out=out, images=len(jobs), made=made, rows=expected_rows - (len(todo) - made),
+                    preempted=True, **run)
     if is_main:
         write_grids(out, len(prompts), seeds)
     # Process 0 counts what it wrote; the others may not see its last rows yet (or at all).
     n_rows = len(read_rows(rows_path)) if is_main else expected_rows
-    return dict(out=out, images=len(jobs), made=len(todo), rows=n_rows, **run)
+    return dict(out=out, images=len(jobs), made=made, rows=n_rows, preempted=False, **run)
 
 
 def _png(out: str, j: Job) -> str:
@@ -413,13 +573,16 @@ def _png(out: str, j: Job) -> str:
 
 
 def write_grids(out: str, num_prompts: int, seeds: int) -> None:
-    """grids/p{p}.png: the prompt's R images in a row, for every prompt whose images are all there."""
+    """grids/p{p}.png: the prompt's R images in a row, for every prompt whose images are all there
+    (an existing grid is kept if it is a whole PNG, else set aside and made again)."""
     import numpy as np
     from PIL import Image
 
     for p in range(num_prompts):
         path = os.path.join(out, "grids", f"p{p:05d}.png")
         files = [_png(out, Job(p, s)) for s in range(seeds)]
+        if os.path.exists(path) and not readable_png(path):
+            set_aside(out, path)
         if os.path.exists(path) or not all(os.path.exists(f) for f in files):
             continue
         row = np.concatenate([np.asarray(Image.open(f).convert("RGB")) for f in files], axis=1)
@@ -437,18 +600,26 @@ def main(argv):
     from dpdmd_jax.parallel import multihost
     from dpdmd_jax.weights.safetensors_io import CheckpointError
 
+    if FLAGS.config is None:  # with --workdir, `run_config` made the run's record the default
+        if FLAGS.workdir:
+            run_config.read_record(FLAGS.workdir)  # says why there is none
+        raise cli.UsageError("--config is required without --workdir: the config file of the model to sample, "
+                             "e.g. --config=configs/toy.py --sampler=teacher")
     multihost.initialize_from_flags(FLAGS)
     try:
         summary = sample(FLAGS.config, FLAGS.out, workdir=FLAGS.workdir, step=FLAGS.step, sampler=FLAGS.sampler,
                          prompt_file=FLAGS.prompt_file, num_prompts=FLAGS.num_prompts, seeds=FLAGS.seeds,
                          seed=FLAGS.seed, per_device_batch=FLAGS.per_device_batch, vae_dtype=FLAGS.vae_dtype)
     except (SampleError, ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
-        print(f"\nError: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise cli.UsageError(str(e)) from e
+    if summary["preempted"]:
+        raise cli.Preempted(f"Pre-empted (SIGTERM): {summary['rows']} of {summary['images']} images are in "
+                            f"{summary['out']}; run the same command again to make the rest.")
     if jax.process_index() == 0:
         print(f"{summary['rows']} images in {summary['out']} ({summary['made']} made now)")
 
 
 if __name__ == "__main__":
+    run_config.use_recorded_config()
     define_flags()
-    app.run(main)
+    cli.run(main, user_errors=(SampleError, run_config.RecordError))

@@ -1,6 +1,7 @@
 """`dpdmd_jax.evaluate`: the diversity metric against an independent implementation; CLIP / DINO
-diversity and the CLIP score of a sample folder against transformers' towers; the toy's metrics
-from a toy sample folder; missing and corrupt PNGs reported, skipped, counted."""
+diversity and the CLIP score of a sample folder against transformers' towers, each tower fed at its
+own resolution as its image processor would; the toy's metrics from a toy sample folder; missing
+and corrupt PNGs reported, skipped, counted; every metric not computed named with its reason."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -68,6 +71,9 @@ def test_toy_metrics_come_from_the_pngs_and_bad_pngs_are_counted(toy_samples, tm
     for k in ("diversity_layout", "diversity_pixel", "valid", "frechet_layout", "adherence"):
         assert result[k] == pytest.approx(want[k], abs=1e-12), k
     assert result["images"] == 18 and result["missing"] == result["corrupt"] == 0 and result["toy_prompts"] == 6
+    assert result["computed"] == ["toy_metrics"]  # and the tower metrics are named, with the missing flag
+    assert result["not_computed"] == {"diversity_clip": evaluate_lib.NO_CLIP, "diversity_dino": evaluate_lib.NO_DINO,
+                                      "clip_score": evaluate_lib.NO_CLIP_SCORE}
     with open(os.path.join(toy_samples, "eval.json")) as f:
         assert json.load(f)["diversity_pixel"] == result["diversity_pixel"]
 
@@ -183,3 +189,133 @@ def test_the_trainers_toy_metrics_are_evaluates_numbers(tmp_path):
         for k in ("diversity_layout", "diversity_pixel", "spread_size", "adherence", "valid", "frechet_layout"):
             assert summary[who][k] == again[who][k], (who, k)
     assert summary["student"]["nfe"] == 4 and summary["teacher"]["nfe"] == 8 and summary["student"]["images"] == 18
+
+
+# ---------------------------------------------------------------------------- what was not computed
+
+
+def _as_pipeline_samples(toy_samples: str, dst) -> str:
+    """The toy folder relabelled as text-to-image samples (run.json's data_kind "prompts", as a
+    pipeline's are): the evaluator decides what it can compute from data_kind and the towers."""
+    shutil.copytree(toy_samples, dst)
+    for name in ("eval.json", "eval.md"):
+        if os.path.exists(os.path.join(dst, name)):
+            os.remove(os.path.join(dst, name))
+    with open(os.path.join(dst, "run.json")) as f:
+        run = json.load(f)
+    with open(os.path.join(dst, "run.json"), "w") as f:
+        json.dump({**run, "data_kind": "prompts", "backbone": "mmdit"}, f)
+    return str(dst)
+
+
+def test_pipeline_samples_name_each_metric_not_computed_and_why(toy_samples, towers, tmp_path, capsys):
+    pipe = _as_pipeline_samples(toy_samples, tmp_path / "pipe")
+    # No tower for text-to-image samples: the tower-free pixel diversity only, and each tower metric
+    # named with the flag it needs, from the API and the command line (exit 0: something was computed).
+    from dpdmd_jax.eval.diversity import diversity
+
+    bare = evaluate_lib.evaluate([pipe])["pipe"]
+    assert bare["computed"] == ["diversity_pixel"]
+    d = evaluate_lib.read_folder(pipe)
+    by_hand = diversity([np.stack(ims).reshape(len(ims), -1) / 127.5 - 1.0 for ims in d["images"].values()])
+    assert bare["diversity_pixel"] == pytest.approx(by_hand, rel=1e-6) and 0.0 < by_hand
+    assert set(bare["not_computed"]) == {"diversity_clip", "diversity_dino", "clip_score"}
+    proc = subprocess.run([sys.executable, "-m", "dpdmd_jax.evaluate", f"--samples={pipe}"], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "pipe: metrics computed: diversity_pixel" in proc.stdout
+    assert "diversity_dino: not computed: no --dino tower given" in proc.stdout
+
+    # A DINO tower only: diversity_dino is computed, the CLIP metrics are named with the flag they need,
+    # in the printed output, eval.json and eval.md.
+    capsys.readouterr()
+    r = evaluate_lib.evaluate([pipe], dino=towers["dino_dir"], per_device_batch=1)["pipe"]
+    printed = capsys.readouterr().out
+    assert r["computed"] == ["diversity_pixel", "diversity_dino"] and 0.0 < r["diversity_dino"]
+    assert "diversity_clip" not in r
+    assert r["not_computed"] == {"diversity_clip": evaluate_lib.NO_CLIP, "clip_score": evaluate_lib.NO_CLIP_SCORE}
+    assert "pipe: metrics computed: diversity_pixel, diversity_dino" in printed
+    assert "diversity_clip: not computed: no --clip tower given (a transformers CLIP folder)" in printed
+    with open(os.path.join(pipe, "eval.json")) as f:
+        assert json.load(f)["not_computed"] == r["not_computed"]
+    with open(os.path.join(pipe, "eval.md")) as f:
+        assert "clip_score: not computed: no --clip tower given" in f.read()
+
+    # A tower, but no prompt with two readable images: nothing computed, said per metric, then an error.
+    single = _as_pipeline_samples(toy_samples, tmp_path / "single")
+    for p in range(6):
+        for s in (1, 2):
+            os.remove(os.path.join(single, "images", f"p{p:05d}_s{s:03d}.png"))
+    with pytest.raises(evaluate_lib.EvaluateError, match="no metric was computed for any folder"):
+        evaluate_lib.evaluate([single], dino=towers["dino_dir"], per_device_batch=1)
+    with open(os.path.join(single, "eval.json")) as f:
+        written = json.load(f)
+    assert written["computed"] == [] and written["missing"] == 12
+    assert written["not_computed"]["diversity_dino"] == "no prompt has 2 or more readable images"
+
+
+# ---------------------------------------------------------------------------- tower resolution
+
+
+def test_towers_see_images_at_their_own_resolution(toy_samples, tmp_path):
+    """A CLIP vision tower made for 48 px (no preprocessor_config.json: its image_size decides) and a
+    DINOv2 tower whose preprocessor_config.json says shortest side 64, crop 56: the features equal
+    the transformers towers' on what the transformers image processors make of the same PNGs."""
+    from transformers import (BitImageProcessorPil, CLIPImageProcessorPil, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model)
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    torch.manual_seed(1)
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=48,
+        patch_size=16, projection_dim=16)).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    dino = Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    image_size=56, patch_size=14)).eval()
+    dino.save_pretrained(tmp_path / "dino")
+    dino_processor = BitImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
+                                          image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
+    dino_processor.save_pretrained(tmp_path / "dino")
+
+    folder = _as_pipeline_samples(toy_samples, tmp_path / "pipe")
+    r = evaluate_lib.evaluate([folder], clip=str(tmp_path / "clip"), dino=str(tmp_path / "dino"),
+                              per_device_batch=1)["pipe"]
+    names = [f"p{p:05d}_s{s:03d}.png" for p in range(6) for s in range(3)]
+    images = [np.asarray(Image.open(os.path.join(folder, "images", n)).convert("RGB")) for n in names]
+    clip_processor = CLIPImageProcessorPil(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
+    with torch.no_grad():
+        clip_in = clip_processor(images=images, return_tensors="pt").pixel_values
+        dino_processor = BitImageProcessorPil.from_pretrained(tmp_path / "dino")  # as saved in the folder
+        dino_in = dino_processor(images=images, return_tensors="pt").pixel_values
+        cls = clip.vision_model(pixel_values=clip_in).last_hidden_state[:, 0].numpy()
+        pooled = dino(pixel_values=dino_in).pooler_output.numpy()
+    assert tuple(clip_in.shape[-2:]) == (48, 48) and tuple(dino_in.shape[-2:]) == (56, 56)
+    assert r["diversity_clip"] == pytest.approx(diversity(cls.reshape(6, 3, -1)), rel=1e-5)
+    assert r["diversity_dino"] == pytest.approx(diversity(pooled.reshape(6, 3, -1)), rel=1e-5)
+    assert r["computed"] == ["diversity_clip", "diversity_dino"]
+    assert "vision tower only" in r["not_computed"]["clip_score"]
+
+
+def test_tower_preprocessing_follows_the_folder_or_the_image_size():
+    """Without preprocessor_config.json a tower is fed at its image_size (DINOv2 with the published
+    256 : 224 crop ratio, so a 224 px tower keeps the published preprocessing); a config's sizes
+    win; options the evaluator does not implement are refused by name."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (1, 90, 120, 3), dtype=np.uint8)
+    tp = preprocess.tower_preprocessing
+    assert tp("clip", 336).output_size(1024, 768) == (336, 336)
+    assert tp("dinov3", 96).output_size(300, 200) == (96, 96)
+    assert tp("dinov2", 518).output_size(300, 200) == (518, 518)
+    np.testing.assert_array_equal(tp("dinov2", 224)(image), preprocess.dinov2_preprocess(image))
+    np.testing.assert_array_equal(tp("clip", 224)(image), preprocess.clip_preprocess(image))
+    np.testing.assert_allclose(tp("dinov3", 224)(image), preprocess.dinov3_preprocess(image), rtol=0, atol=1e-6)
+    published_clip = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                      "image_mean": list(preprocess.OPENAI_CLIP_MEAN), "image_std": list(preprocess.OPENAI_CLIP_STD),
+                      "resample": 3, "size": 224}  # openai/clip-vit-large-patch14's preprocessor_config.json
+    np.testing.assert_array_equal(tp("clip", 224, published_clip)(image), preprocess.clip_preprocess(image))
+    assert tp("dinov2", 518, {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}
+              ).output_size(90, 120) == (224, 224)
+    with pytest.raises(preprocess.PreprocessingError, match="resample=0"):
+        tp("clip", 224, {"resample": 0})
+    with pytest.raises(preprocess.PreprocessingError, match="do_normalize=false"):
+        tp("dinov2", 224, {"do_normalize": False})

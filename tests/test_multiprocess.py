@@ -85,7 +85,7 @@ def test_two_processes_train_like_one_and_stop_together(tmp_path):
                 p.kill()
 
     for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == 75, err[-3000:]  # dpdmd_jax.cli.EXIT_PREEMPTED: saved, run again to resume
     # Each process built only its rows of the 8-sample batch.
     assert "process 0/2 builds batch rows 0:4 of 8" in outs[0][0]
     assert "process 1/2 builds batch rows 4:8 of 8" in outs[1][0]

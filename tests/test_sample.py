@@ -83,14 +83,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_sampler(run_dir: str, out: str, port: int, process_id: int, log: str) -> subprocess.Popen:
-    """One of two sampler processes on this machine, with 4 of the 8 virtual devices each; its
-    stdout and stderr go to `log`.out / `log`.err (files: a pipe nobody reads could fill and block it)."""
+def _launch_sampler(run_dir: str, out: str, port: int, process_id: int, log: str, *flags: str) -> subprocess.Popen:
+    """One of two sampler processes of `run_dir`'s student; `flags` come last (absl: the last of a
+    repeated flag wins)."""
+    return launch_process(["--config=configs/toy.py:smoke", *CLI_OVERRIDES, f"--workdir={run_dir}", f"--out={out}",
+                           "--seeds=3", "--per_device_batch=1", *flags], port, process_id, log)
+
+
+def launch_process(flags: list[str], port: int, process_id: int, log: str) -> subprocess.Popen:
+    """`python -m dpdmd_jax.sample FLAGS` as one of two processes on this machine, with 4 of the 8
+    virtual devices each; its stdout and stderr go to `log`.out / `log`.err (files: a pipe nobody
+    reads could fill and block it)."""
     env = dict(os.environ, PYTHONPATH=REPO)
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
-    cmd = [sys.executable, "-m", "dpdmd_jax.sample", "--config=configs/toy.py:smoke", *CLI_OVERRIDES,
-           f"--workdir={run_dir}", f"--out={out}", "--seeds=3", "--per_device_batch=1",
+    cmd = [sys.executable, "-m", "dpdmd_jax.sample", *flags,
            f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={process_id}"]
     with open(log + ".out", "w") as stdout, open(log + ".err", "w") as stderr:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=stderr)
@@ -208,3 +215,154 @@ def test_teacher_sampler_and_bad_input(run_dir, tmp_path):
     with pytest.raises(Exception, match="different config"):
         sample_lib.sample(other, str(tmp_path / "x"), workdir=run_dir)
     assert not os.path.exists(tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------- SIGTERM, corrupt files
+
+
+def _rows_at_least(path: str, n: int, procs: list[subprocess.Popen], timeout_s: float) -> None:
+    """Waits until samples.jsonl holds `n` rows; fails if a process ends first or time runs out."""
+    deadline = time.time() + timeout_s
+    while not (os.path.exists(path) and len(open(path).read().splitlines()) >= n):
+        ended = [p for p in procs if p.poll() is not None]
+        assert not ended, f"a sampler ended before it was signalled (exit {ended[0].returncode})"
+        assert time.time() < deadline, "timed out waiting for the first batch"
+        time.sleep(0.05)
+
+
+def _wait(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    """Waits for every process (each may exit non-zero: pre-empted), killing those left at the end."""
+    deadline = time.time() + timeout_s
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.time(), 0.1))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _check_whole(out: str) -> list[dict]:
+    """The folder as a stopped sampler must leave it: only whole PNGs, exactly one row for each."""
+    names = sorted(os.listdir(os.path.join(out, "images")))
+    assert names and all(n.endswith(".png") for n in names), names  # no temporary files left
+    assert all(sample_lib.readable_png(os.path.join(out, "images", n)) for n in names)
+    r = rows(out)
+    assert sorted(x["file"] for x in r) == names
+    return r
+
+
+def test_sigterm_stops_the_sampler_after_a_batch_with_exit_75_and_a_rerun_finishes(run_dir, tmp_path):
+    seeds, total = 32, 6 * 32  # 24 batches of 8: the signal lands well before the end
+    out = str(tmp_path / "samples")
+    cmd = [sys.executable, "-m", "dpdmd_jax.sample", "--config=configs/toy.py:smoke", *CLI_OVERRIDES,
+           f"--workdir={run_dir}", f"--out={out}", f"--seeds={seeds}", "--per_device_batch=1"]
+    log = tmp_path / "sampler.out"
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=stdout,
+                                stderr=subprocess.STDOUT)
+    _rows_at_least(os.path.join(out, "samples.jsonl"), 8, [proc], timeout_s=240)
+    proc.send_signal(signal.SIGTERM)
+    _wait([proc], timeout_s=120)
+    text = log.read_text()
+    assert proc.returncode == 75, text[-3000:]  # cli.EXIT_PREEMPTED: a scheduler requeues it
+    stopped = int(re.search(r"SIGTERM: stopped after batch (\d+) of 24", text).group(1))
+    assert "run the same command again" in text
+    r = _check_whole(out)
+    assert len(r) == 8 * stopped < total
+    summary = sample_lib.sample(config(), out, workdir=run_dir, seeds=seeds, per_device_batch=1)
+    assert not summary["preempted"] and summary["made"] == total - len(r) and summary["rows"] == total
+    assert len(_check_whole(out)) == total
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_batch(run_dir, tmp_path):
+    seeds, total = 32, 6 * 32
+    out = str(tmp_path / "two")
+    port, logs = _free_port(), [str(tmp_path / f"process{i}") for i in (0, 1)]
+    procs = [_launch_sampler(run_dir, out, port, i, logs[i], f"--seeds={seeds}") for i in (0, 1)]
+    try:
+        _rows_at_least(os.path.join(out, "samples.jsonl"), 8, procs, timeout_s=300)
+        procs[1].send_signal(signal.SIGTERM)  # pre-empt ONE host; JAX's coordination service catches it
+    finally:
+        _wait(procs, timeout_s=180)
+    texts = [open(log + ".out").read() + open(log + ".err").read() for log in logs]
+    for i, (p, text) in enumerate(zip(procs, texts)):
+        assert p.returncode == 75, f"process {i}: {text[-3000:]}"
+    stopped = [int(re.search(r"SIGTERM: stopped after batch (\d+) of 24", t).group(1)) for t in texts]
+    assert stopped[0] == stopped[1]
+    r = _check_whole(out)
+    assert len(r) == 8 * stopped[0] < total
+    summary = sample_lib.sample(config(), out, workdir=run_dir, seeds=seeds, per_device_batch=1)
+    assert summary["made"] == total - len(r) and len(_check_whole(out)) == total
+
+
+def test_a_rerun_remakes_truncated_pngs_and_keeps_the_bad_files_aside(run_dir, tmp_path):
+    out = str(tmp_path / "samples")
+    first = sample_lib.sample(config(), out, workdir=run_dir, seeds=2, per_device_batch=1)
+    assert first["rows"] == 12
+    before = pngs(out)
+    image, grid = os.path.join(out, "images", "p00003_s001.png"), os.path.join(out, "grids", "p00003.png")
+    for path, keep in ((image, 0.5), (grid, 0.99)):  # cut in the pixel data; cut in the closing chunk
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: int(len(data) * keep)])
+    with open(os.path.join(out, "samples.jsonl"), "a") as f:
+        f.write('{"prompt": "red sq')  # a row torn by a kill
+    again = sample_lib.sample(config(), out, workdir=run_dir, seeds=2, per_device_batch=1)
+    assert again["made"] == 1 and again["rows"] == 12
+    after = pngs(out)
+    assert list(after) == list(before)
+    for name in before:  # the remade image is the one that was lost; no other was touched
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    assert sorted(os.listdir(os.path.join(out, "corrupt"))) == ["p00003.png", "p00003_s001.png"]
+    _check_whole(out)
+    assert sample_lib.readable_png(grid)
+    assert np.asarray(Image.open(grid)).shape[1] == 2 * before["p00003_s001.png"].shape[1]
+
+
+# ---------------------------------------------------------------------------- the run's recorded config
+
+
+def _cli(module: str, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *flags], cwd=REPO, text=True,
+                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sample_and_export_read_the_runs_recorded_config(run_dir, tmp_path):
+    """The run was trained with overrides of configs/toy.py:smoke (a tiny VP backbone, the denoise target,
+    8x8 latents); `sample --workdir` needs none of them again, nor --config."""
+    # Refused at once, so these run while the sampler below works.
+    refused = _cli("dpdmd_jax.sample", f"--workdir={run_dir}", f"--out={tmp_path / 'x'}",
+                   "--config.distill.target=line")
+    mistyped = _cli("dpdmd_jax.sample", f"--workdir={run_dir}", f"--out={tmp_path / 'x'}", "--config.distill.foo=1")
+    export = _cli("dpdmd_jax.export", f"--workdir={run_dir}", f"--out={tmp_path / 'export'}")
+    no_run = _cli("dpdmd_jax.sample", "--sampler=teacher", f"--out={tmp_path / 'x'}")  # no run: --config needed
+    # A layout / loop knob may differ from the run's: it does not change what the checkpoint means.
+    sampler = _cli("dpdmd_jax.sample", f"--workdir={run_dir}", f"--out={tmp_path / 'cli'}", "--seeds=2",
+                   "--num_prompts=2", "--per_device_batch=1", "--config.log_every=5")
+    outs = {name: p.communicate(timeout=600) for name, p in
+            dict(refused=refused, mistyped=mistyped, export=export, no_run=no_run, sampler=sampler).items()}
+    assert sampler.returncode == 0, outs["sampler"][1][-3000:]
+    assert "4 images in" in outs["sampler"][0]
+    ref = sample_lib.sample(config(), str(tmp_path / "ref"), workdir=run_dir, seeds=2, num_prompts=2,
+                            per_device_batch=1)
+    got, want = pngs(str(tmp_path / "cli")), pngs(ref["out"])
+    assert list(got) == list(want)
+    for name in want:  # the run's backbone, grid and checkpoint
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert rows(str(tmp_path / "cli"))[0]["source"].endswith("checkpoints/2")
+
+    # An override that changes what the checkpoint means is refused, naming the field; one line, exit 2.
+    err = outs["refused"][1].strip()
+    assert refused.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "distill.target: denoise -> line" in err and "drop --config" in err and "new --workdir" not in err
+    err = outs["mistyped"][1].strip()
+    assert mistyped.returncode == 2 and len(err.splitlines()) == 1 and "distill.foo" in err, err
+    assert not os.path.exists(tmp_path / "x")
+    # export read the run's config too: its backbone is the reason it refuses this run.
+    err = outs["export"][1].strip()
+    assert export.returncode == 2 and len(err.splitlines()) == 1 and "backbone 'tiny_vp'" in err, err
+    err = outs["no_run"][1].strip()
+    assert no_run.returncode == 2 and len(err.splitlines()) == 1 and "--config is required" in err, err

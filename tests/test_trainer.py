@@ -125,6 +125,9 @@ def test_sigkill_resume_gives_identical_metrics(tmp_path):
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     ref = _main(ref_dir, *LONG)
     assert ref.returncode == 0, ref.stderr[-3000:]
+    # The end-of-run message: what was written, where, and the next commands.
+    assert f"Done: 12 rounds in {ref_dir}" in ref.stdout and f"{ref_dir}/checkpoints (latest: 12)" in ref.stdout
+    assert f"python -m dpdmd_jax.sample --workdir={ref_dir}" in ref.stdout
     proc = _main(killed_dir, *LONG, wait=False)
     _wait_for(lambda: os.path.isdir(killed_dir / "checkpoints" / "3"), proc)
     proc.send_signal(signal.SIGKILL)
@@ -144,7 +147,8 @@ def test_sigterm_saves_current_round(tmp_path):
     _wait_for(lambda: os.path.exists(tmp_path / "metrics.jsonl") and len(_metrics(tmp_path)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 75, err[-3000:]  # dpdmd_jax.cli.EXIT_PREEMPTED: a scheduler requeues on it
+    assert "run the same command again to resume" in err
     last = max(m["step"] for m in _metrics(tmp_path))
     steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert steps == [last] and "SIGTERM received" in out
@@ -154,8 +158,8 @@ def test_sigterm_saves_current_round(tmp_path):
 
 
 def test_toy_default_is_the_matched_timeline_with_auto_anchor():
-    """The toy default is the setting BENCHMARKS.md founds: every flow grid at SD3.5's 1024^2 timeline
-    moved to 16 x 16 (shift 0.375) and K chosen automatically; `:shift3` is SD3's own grid, `:shiftS`
+    """The toy default is the setting docs/benchmarks/toy-time-axis.md founds: every flow grid at SD3.5's
+    1024^2 timeline moved to 16 x 16 (shift 0.375) and K chosen automatically; `:shift3` is SD3's own grid, `:shiftS`
     moves the teacher's anchor grid, the student's grid and the DMD noise grid together."""
     from dpdmd_jax.config import validate
     from dpdmd_jax.diffusion.flow import flow_match_sigmas
@@ -298,8 +302,11 @@ def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
     assert not os.path.exists(tmp_path / "b")
 
 
-def test_corrupt_checkpoint_and_changed_config_are_reported(tmp_path):
+def test_corrupt_checkpoint_and_changed_config_are_reported(tmp_path, capsys):
     trainer.train(smoke(num_rounds=2), str(tmp_path))  # the CLI's run, in this process (its compile is cached)
+    capsys.readouterr()
+    trainer.train(smoke(num_rounds=2), str(tmp_path))  # a rerun of the finished run says so
+    assert f"{tmp_path} already finished at round 2 (num_rounds=2)" in capsys.readouterr().out
     changed = _main(tmp_path, "--config.num_rounds=2", "--config.distill.lambda_div=0.5")
     assert changed.returncode == 2 and "holds a run with a different config" in changed.stderr
     state_dir = tmp_path / "checkpoints" / "2" / "state"

@@ -55,15 +55,53 @@ class PipelineBackbone:
             except CheckpointError as e:
                 return [f"model.source={self.source!r}: {e}. Set --config.model.source to a diffusers {self.family} "
                         "pipeline folder (or its denoiser's folder)."]
+        problems = [] if builtin else self.weights_problems()
+        if self.needs_vae():
+            problems += self.vae_problems()
         if self.c.data.kind not in TEXT_KINDS:
-            return []
+            return problems
         if builtin and not self.c.text.source:
-            return [f"data.kind={self.c.data.kind!r} needs the text encoders of a diffusers pipeline, and "
-                    f"model.source={self.source!r} is not one: set --config.text.source to its folder."]
+            return [*problems, f"data.kind={self.c.data.kind!r} needs the text encoders of a diffusers pipeline, "
+                    f"and model.source={self.source!r} is not one: set --config.text.source to its folder."]
         try:
-            return self.text_check(self.pipeline_root)
+            return problems + self.text_check(self.pipeline_root)
+        except CheckpointError as e:
+            return [*problems, f"text.source: {e}"]
+
+    def weights_problems(self) -> list[str]:
+        """The denoiser's folder must hold its weights, not only its config.json."""
+        from dpdmd_jax.weights.pipeline import component_folder
+
+        folder = component_folder(self.source, next(iter(self.components)))  # the denoiser
+        if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
+            return [f"model.source={self.source!r}: {folder} has no .safetensors weights (diffusers' "
+                    "save_pretrained(..., safe_serialization=True) writes them)."]
+        return []
+
+    def needs_vae(self) -> bool:
+        """The VAE is read only to decode sample grids (evaluators of type "samples")."""
+        return any(e.get("type") == "samples" for e in self.c.get("evals", {}).values())
+
+    def vae_problems(self) -> list[str]:
+        from dpdmd_jax.weights.pipeline import component_problems
+        from dpdmd_jax.weights.safetensors_io import CheckpointError
+        from dpdmd_jax.weights.vae import read_config
+
+        if self.builtin_source() and not self.c.text.source:
+            return [f"evals of type 'samples' decode with a pipeline's VAE, and model.source={self.source!r} has "
+                    "none: set --config.text.source to a pipeline folder, or drop those evals (--config.evals={})."]
+        try:
+            root = self.pipeline_root
         except CheckpointError as e:
             return [f"text.source: {e}"]
+        missing = component_problems(root, ["vae"])
+        if missing:
+            return [f"{m} (its VAE decodes the sample grids of evals of type 'samples')" for m in missing]
+        try:
+            read_config(os.path.join(root, "vae"))
+        except CheckpointError as e:
+            return [f"vae: {e}"]
+        return []
 
     def load_vae(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES, dtype: str = "float32"):
         from dpdmd_jax.weights.vae import load_vae

@@ -1,4 +1,4 @@
-"""Prompt embeddings encoded once and trained from, with the text encoders never loaded.
+r"""Prompt embeddings encoded once and trained from, with the text encoders never loaded.
 
     python -m dpdmd_jax.data.embedding_cache --config=configs/sd35.py --out=/data/sd35_cache \
         --config.model.source=/ckpts/sd3.5-medium --config.data.prompt_file=prompts.txt
@@ -169,24 +169,31 @@ def build_cache(c: ml_collections.ConfigDict, out: str, batch: int = 32) -> str:
     return write_cache(out, prompts, text, backbone.cond_type, meta=meta, batch=batch, dtype=c.text.dtype)
 
 
-def main(argv):
-    del argv
-    from dpdmd_jax.config import ConfigError
-
-    try:
-        out = build_cache(FLAGS.config, FLAGS.out, FLAGS.batch)
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
-        raise SystemExit(f"Error: {e}") from e
-    print(f"wrote {read_meta(out)['num_prompts']} prompt embeddings to {out}")
-
-
-if __name__ == "__main__":
-    from absl import app, flags
+def define_flags() -> None:
+    """The command line (defined only when run as a program)."""
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Training config (its text encoders and prompt source).")
     flags.DEFINE_string("out", None, "Cache folder to create (must not exist).")
     flags.DEFINE_integer("batch", 32, "Prompts per encoding batch.")
     flags.mark_flags_as_required(["config", "out"])
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
     FLAGS = flags.FLAGS
-    app.run(main)
+    out = build_cache(FLAGS.config, FLAGS.out, FLAGS.batch)
+    print(f"wrote {read_meta(out)['num_prompts']} prompt embeddings to {out}")
+
+
+if __name__ == "__main__":
+    from dpdmd_jax import cli
+    from dpdmd_jax.config import ConfigError
+    from dpdmd_jax.weights.safetensors_io import CheckpointError
+
+    define_flags()
+    # Bad input (a config problem, an existing --out, a missing file or checkpoint): one line, exit code 2.
+    cli.run(main, user_errors=(ConfigError, CheckpointError, FileExistsError, FileNotFoundError))

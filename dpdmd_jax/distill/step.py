@@ -119,7 +119,10 @@ class Distiller:
 
     def predict(self, params: Params, buffers: Params, z: jax.Array, level, cond: Cond) -> jax.Array:
         """The backbone's prediction (v or eps) at `level` (scalar or [B])."""
-        model = nnx.merge(self.graphdef, params, buffers)
+        # copy=True: fresh Variables at this trace level. `params` may be leaves of a State unflattened at
+        # an outer level (jit, grad), and the scanned / rematerialised model's nnx.scan / nnx.remat refuse
+        # Variables of another trace level (the shipped configs' scan_layers=True and remat_policy).
+        model = nnx.merge(self.graphdef, params, buffers, copy=True)
         level = jnp.broadcast_to(jnp.asarray(level, jnp.float32), (z.shape[0],))
         return self.backbone.apply(model, z, level, cond)
 

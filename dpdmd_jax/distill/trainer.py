@@ -10,9 +10,11 @@ rows of every round's batch, and a SIGTERM on any host makes all of them save th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -267,10 +269,12 @@ def check_workdir_config(workdir: str, c: ml_collections.ConfigDict, write: bool
         diff = sorted(k for k in set(a) | set(b) if k not in _RESUMABLE_CHANGES and a.get(k) != b.get(k))
         if diff:
             changes = ", ".join(f"{k}: {a.get(k)} -> {b.get(k)}" for k in diff[:8])
-            raise config_lib.ConfigError(
-                f"{workdir} holds a run with a different config ({changes}). "
-                "Resume with the same settings, or start this experiment in a new --workdir."
-            )
+            # A reader (sample, export) wants this run's checkpoints as they are: the fix is to read
+            # the recorded config, not to start a new experiment.
+            advice = ("These fields say what its checkpoints mean: drop --config to use the run's recorded config "
+                      "(its config.json), and any --config.* override of these fields." if not write else
+                      "Resume with the same settings, or start this experiment in a new --workdir.")
+            raise config_lib.ConfigError(f"{workdir} holds a run with a different config ({changes}). {advice}")
         for key in _RECORDED:
             if key in a:
                 *parents, leaf = key.split(".")
@@ -316,19 +320,85 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def absolute(workdir: str) -> str:
+    return os.path.abspath(os.path.expanduser(workdir))
+
+
+def end_of_run_message(c: ml_collections.ConfigDict, workdir: str, summary: dict) -> str:
+    """What a finished run wrote, where, and the commands that take its student further."""
+    steps = _checkpoint_steps(workdir)
+    lines = [f"Done: {steps[-1] if steps else c.num_rounds} rounds in {workdir}",
+             f"  checkpoints   {workdir}/checkpoints (latest: {steps[-1] if steps else 'none'})",
+             f"  metrics       {workdir}/metrics.jsonl; TensorBoard: tensorboard --logdir {workdir}/tb"]
+    for name in ("summary.json", "comparison.md"):
+        if os.path.exists(os.path.join(workdir, name)):
+            lines.append(f"  {name:<13} {workdir}/{name}")
+    samples = os.path.join(workdir, "samples", "student")
+    lines += ["Next:",
+              f"  python -m dpdmd_jax.sample --workdir={workdir} --out={samples}",
+              f"  python -m dpdmd_jax.evaluate --samples={samples}",
+              f"  python -m dpdmd_jax.export --workdir={workdir} --out={workdir}/export"]
+    return "\n".join(lines)
+
+
+def check_can_start(c: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises ConfigError listing every problem of the run (config, sources, workdir) at once,
+    before anything is loaded or written (`dpdmd_jax.preflight`)."""
+    from dpdmd_jax import preflight
+
+    problems = preflight.run_problems(c, workdir)
+    if problems:
+        raise config_lib.ConfigError("the run cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(s) for s in os.listdir(folder) if s.isdigit()) if os.path.isdir(folder) else []
+
+
+@contextlib.contextmanager
+def undo_failed_start(workdir: str):
+    """A start that fails before its first checkpoint leaves the workdir as it found it: a folder this
+    run created is removed, and so is a config.json it wrote (else the corrected command would be
+    refused as "a different config"). Anything an earlier run wrote is never touched."""
+    created = not os.path.exists(workdir)
+    had_config = os.path.exists(os.path.join(workdir, "config.json"))
+    try:
+        yield
+    except Exception:
+        if jax.process_index() == 0 and not _checkpoint_steps(workdir):
+            if created:
+                shutil.rmtree(workdir, ignore_errors=True)
+            elif not had_config:
+                for name in ("config.json", anchor.RECORD):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(workdir, name))
+        raise
+
+
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) the distillation described by `c` in `workdir`; returns the summary (what the
-    config's final evaluators report)."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config's final evaluators report), or {"preempted_at": round} after a pre-emption."""
+    workdir = absolute(workdir)
+    check_can_start(c, workdir)
+    with undo_failed_start(workdir):
+        return _train(c, workdir)
+
+
+def _train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     setup = build(c)
     check_workdir_config(workdir, c)
     setup.distiller.anchor_k = choose_anchor_k(setup, workdir)
     state, shardings = init_train_state(setup)
     mngr = checkpoint_manager(workdir, c)
     latest = mngr.latest_step()
+    if latest is not None and latest >= c.num_rounds:
+        print(f"{workdir} already finished at round {latest} (num_rounds={c.num_rounds}); nothing to train "
+              "(raise --config.num_rounds to train on).", flush=True)
+    elif latest is not None:
+        print(f"Resuming from checkpoint step {latest} in {mngr.directory}", flush=True)
     if latest is not None:
         logging.info("resuming from %s step %d", mngr.directory, latest)
-        print(f"Resuming from checkpoint step {latest} in {mngr.directory}")
         state = restore(mngr, latest, state, shardings)
     start = int(state.step)
 
@@ -425,7 +495,9 @@ def train_with_baseline(c: ml_collections.ConfigDict, workdir: str) -> dict:
         shutil.copyfile(teacher_cache, os.path.join(base_dir, "teacher_metrics.json"))
     print(f"\nPlain DMD under the same settings (the baseline), in {base_dir}:", flush=True)
     baseline = train(base, base_dir)
-    if "preempted_at" in baseline or "student" not in summary or "student" not in baseline:
+    if "preempted_at" in baseline:  # the job is not finished: the caller exits "pre-empted"
+        return {**summary, "preempted_at": baseline["preempted_at"], "preempted_in": base_dir}
+    if "student" not in summary or "student" not in baseline:
         return summary
     k = c.distill.anchor_k if c.distill.anchor_k != "auto" else f"{anchor.recorded_k(workdir)}, auto"
     table = comparison_table(summary["teacher"], baseline["student"], summary["student"], anchor_k=k,

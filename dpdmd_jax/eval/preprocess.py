@@ -31,12 +31,21 @@ Two modes for CLIP and DINOv2:
 
 DINOv3's processor resamples floats (it rescales before resizing), so `dinov3_preprocess` is
 the float path; float inputs are used unquantised, uint8 inputs are rescaled first.
+
+The sizes above are the published checkpoints'. A tower folder is preprocessed by
+`tower_preprocessing`: as its own `preprocessor_config.json` says (what
+`AutoImageProcessor.from_pretrained` reads for that checkpoint), or, without one, at the tower
+config's `image_size` (a ViT's position table is made for it; CLIP cannot run at another size).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -269,3 +278,136 @@ def dinov3_preprocess(images: jax.Array, *, size: tuple[int, int] = (224, 224)) 
     x = _rescale_levels(images) if images.dtype == jnp.uint8 else images.astype(jnp.float32)
     x = resize_crop(x, tuple(size), filter="bilinear", exact_uint8=False)
     return normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ---------------------------------------------------------------------------- a tower's own processor
+
+PROCESSOR_CONFIG = "preprocessor_config.json"
+# PIL resample codes (transformers' `PILImageResampling`) of the filters implemented here.
+RESAMPLE = {2: "bilinear", 3: "bicubic"}
+# Per tower family: (statistics, filter, centre crop, resample floats). The CLIP and DINOv2
+# processors resize 8-bit images (Pillow), DINOv3's rescales to float first (module docstring).
+FAMILIES = {
+    "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "bicubic", True, False),
+    "dinov2": (IMAGENET_MEAN, IMAGENET_STD, "bicubic", True, False),
+    "dinov3": (IMAGENET_MEAN, IMAGENET_STD, "bilinear", False, True),
+}
+
+
+class PreprocessingError(ValueError):
+    """A preprocessor_config.json this module cannot reproduce; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """One tower's image processor: resize (the shortest side to `shortest_edge`, or to exactly
+    `size`), optional centre crop, rescale 1/255, normalise; NHWC uint8 or [0, 1] float in,
+    float32 pixel values out. `source` says where the sizes came from (for the report)."""
+
+    shortest_edge: int | None
+    size: tuple[int, int] | None
+    crop: tuple[int, int] | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    filter: str = "bicubic"
+    float_resample: bool = False
+    source: str = ""
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.shortest_edge is not None:
+            return output_size_shortest_edge(height, width, self.shortest_edge)
+        return self.size
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the pixel values an image of `height` x `width` becomes: what the tower sees."""
+        return self.crop or self.resized_size(height, width)
+
+    def describe(self) -> str:
+        """E.g. "224x224 pixels (shortest side 256, centre crop), from preprocessor_config.json"."""
+        how = f"shortest side {self.shortest_edge}" if self.shortest_edge is not None else "resized"
+        if self.crop:
+            return f"{self.crop[0]}x{self.crop[1]} pixels ({how}, centre crop), from {self.source}"
+        if self.size:
+            return f"{self.size[0]}x{self.size[1]} pixels (resized), from {self.source}"
+        return f"{how} (no crop), from {self.source}"
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        if images.ndim != 4:
+            raise ValueError(f"images must be NHWC [batch, height, width, channels], got {list(images.shape)}")
+        size = self.resized_size(*images.shape[1:3])
+        if self.float_resample:  # rescale, then resample floats (DINOv3ViTImageProcessor's order)
+            x = _rescale_levels(images) if images.dtype == jnp.uint8 else images.astype(jnp.float32)
+            x = resize_crop(x, size, self.crop, filter=self.filter, exact_uint8=False)
+        else:  # 8-bit resampling as Pillow, then rescale (the PIL processors)
+            x = _rescale_levels(resize_crop(images, size, self.crop, filter=self.filter))
+        return normalize(x, self.mean, self.std)
+
+
+def read_processor_config(folder: str) -> dict[str, Any] | None:
+    """The folder's preprocessor_config.json, or None when it has none."""
+    path = os.path.join(folder, PROCESSOR_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PreprocessingError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise PreprocessingError(f"{path}: not a JSON object")
+    return raw
+
+
+def _pair(value: Any, what: str) -> tuple[int, int]:
+    """A transformers size ({"height", "width"} or one int for a square) as (h, w)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, dict) and {"height", "width"} <= set(value):
+        return int(value["height"]), int(value["width"])
+    raise PreprocessingError(f"{what}={value!r}: expected {{'height': H, 'width': W}} or an integer")
+
+
+def _check_supported(raw: dict[str, Any], where: str) -> None:
+    """Refuses the processor options that are not implemented (rather than silently ignoring them)."""
+    for key in ("do_resize", "do_rescale", "do_normalize"):
+        if raw.get(key, True) is False:
+            raise PreprocessingError(f"{where}: {key}=false is not supported by the evaluator's preprocessing")
+    factor = raw.get("rescale_factor", 1 / 255)
+    if not np.isclose(factor, 1 / 255, rtol=1e-6):
+        raise PreprocessingError(f"{where}: rescale_factor={factor} is not supported (only 1/255)")
+    if "resample" in raw and raw["resample"] not in RESAMPLE:
+        raise PreprocessingError(f"{where}: resample={raw['resample']!r} is not supported "
+                                 f"(2 = bilinear or 3 = bicubic)")
+
+
+def tower_preprocessing(family: str, image_size: int, processor: dict[str, Any] | None = None,
+                        where: str = PROCESSOR_CONFIG) -> Preprocessing:
+    """The preprocessing of a `family` ("clip" | "dinov2" | "dinov3") tower whose config's
+    image_size is `image_size`: as its preprocessor_config.json (`processor`) says when given,
+    as transformers would for that checkpoint; otherwise at `image_size`, the resolution the
+    tower was built for (CLIP: shortest side and crop `image_size`; DINOv2: crop `image_size`
+    from a shortest side 256/224 of it, the published checkpoints' ratio; DINOv3: `image_size`
+    square). transformers' class defaults (224 whatever the tower) are deliberately not used."""
+    mean, std, filter, crops, float_resample = FAMILIES[family]
+    if processor is None:
+        square = (image_size, image_size)
+        if family == "dinov3":
+            return Preprocessing(None, square, None, mean, std, filter, float_resample, "its config's image_size")
+        edge = image_size * 256 // 224 if family == "dinov2" else image_size
+        return Preprocessing(edge, None, square, mean, std, filter, float_resample, "its config's image_size")
+    _check_supported(processor, where)
+    size = processor.get("size", {"height": 224, "width": 224} if family == "dinov3" else {"shortest_edge": 224})
+    shortest, exact = None, None
+    if isinstance(size, dict) and "shortest_edge" in size:
+        shortest = int(size["shortest_edge"])
+    elif isinstance(size, int) and not isinstance(size, bool) and family != "dinov3":
+        shortest = size  # transformers reads a bare int as the shortest edge for these processors
+    else:
+        exact = _pair(size, f"{where}: size")
+    crop = None
+    if processor.get("do_center_crop", crops):
+        crop = _pair(processor.get("crop_size", {"height": 224, "width": 224}), f"{where}: crop_size")
+    filter = RESAMPLE.get(processor.get("resample"), filter)
+    mean = tuple(processor.get("image_mean", mean))
+    std = tuple(processor.get("image_std", std))
+    return Preprocessing(shortest, exact, crop, mean, std, filter, float_resample, PROCESSOR_CONFIG)

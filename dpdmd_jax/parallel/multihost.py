@@ -10,12 +10,18 @@ coordination service, whose timeout is ours; on one process the barrier is a no-
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+
+from dpdmd_jax.cli import UsageError
 
 # Compiling a full-size SD3.5-L round on a cold cache takes minutes; a host that has not finished
 # in an hour is stuck, not slow.
@@ -47,13 +53,67 @@ def define_flags() -> None:
     flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0..num_processes-1.")
 
 
-def initialize_from_flags(flag_values: Any) -> None:
+class MultiprocessFlagError(UsageError):
+    """Inconsistent multi-process flags; the message says what to fix."""
+
+
+def flag_problems(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> list[str]:
+    """One sentence per inconsistency of --coordinator_address / --num_processes / --process_id."""
+    given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+    if not any(given):
+        return []
+    if not all(given):
+        return ["--coordinator_address, --num_processes and --process_id go together: give all three "
+                "(or none, on one process or under a launcher that sets them)."]
+    p = []
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        p.append(f"--coordinator_address={coordinator_address!r} must be HOST:PORT (process 0's host), e.g. "
+                 "localhost:12345.")
+    if num_processes < 1:
+        p.append(f"--num_processes={num_processes} must be >= 1.")
+    elif not 0 <= process_id < num_processes:
+        p.append(f"--process_id={process_id} must lie in 0..{num_processes - 1} (--num_processes={num_processes}).")
+    return p
+
+
+@contextlib.contextmanager
+def waiting_notice(message: str, every_s: float = 10.0):
+    """Prints `message` (with the time waited) every `every_s` seconds until the block ends: a
+    process waiting for its peers says so instead of hanging silently."""
+    done = threading.Event()
+    start = time.time()
+
+    def tell():
+        while not done.wait(every_s):
+            print(f"{message}: still waiting after {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+
+    print(f"{message} ...", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=tell, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def initialize_from_flags(flag_values: Any, notice_every_s: float = 10.0) -> None:
     """Joins this process to a multi-process run, before any JAX computation: from the flags of
-    `define_flags`, else from the environment of a pod / cluster launcher; nothing on one process."""
-    if flag_values.coordinator_address is not None:  # explicit multi-process launch (e.g. several on one machine)
-        jax.distributed.initialize(flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id)
+    `define_flags`, else from the environment of a pod / cluster launcher; nothing on one process.
+    While it waits for the other processes it says so every `notice_every_s` seconds."""
+    address, n, i = flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
+    problems = flag_problems(address, n, i)
+    if problems:
+        raise MultiprocessFlagError(" ".join(problems))
+    if address is not None:  # explicit multi-process launch (e.g. several on one machine)
+        with waiting_notice(f"process {i} of {n}: waiting for all {n} processes to join the coordinator at {address}",
+                            notice_every_s):
+            jax.distributed.initialize(address, n, i)
     elif any(int(os.environ.get(v, "1")) > 1 for v in _PROCESS_COUNT_ENV) or "COORDINATOR_ADDRESS" in os.environ:
-        jax.distributed.initialize()  # jax reads the launcher's environment (SLURM, Open MPI, ...)
+        with waiting_notice("waiting for the other processes of this launch to join the coordinator", notice_every_s):
+            jax.distributed.initialize()  # jax reads the launcher's environment (SLURM, Open MPI, ...)
 
 
 def _signature(args: tuple) -> tuple:

@@ -2,8 +2,11 @@
 one jitted program that encodes a batch (or a round's M + 1 batches in turn), host-side
 tokenization per process, and the conditioning of "" computed once.
 
-A family (`sd3.py`, `sdxl.py`) defines `tokenize(prompts) -> (tokens, truncated)` and
-`_encode_batch(params, tokens) -> Cond` (the pipeline's assembly); everything else is here.
+A family (`sd3.py`, `sdxl.py`) defines `tokenize_each(prompts) -> {encoder: Tokenized}`,
+`_tokens(that) -> its token pytree` and `_encode_batch(params, tokens) -> Cond` (the pipeline's
+assembly); everything else is here. Tokenizing logs, once per prompt, a warning that names each
+prompt a tokenizer truncated and how many tokens each encoder dropped (sampling repeats a prompt
+per seed and training per epoch: counting rows would count images, not prompts).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from dpdmd_jax.weights import loader
 from dpdmd_jax.weights.pipeline import component_problems
 from dpdmd_jax.weights.safetensors_io import CheckpointError
 
+NAMED_PROMPTS = 20  # truncated prompts named per encoder, then no more warnings
+
 
 class TextEncoder:
     def __init__(self, tokenizers: dict[str, Any], encoders: dict[str, nnx.Module], mesh: Mesh):
@@ -40,10 +45,15 @@ class TextEncoder:
         self._encode_empty = SyncedJit(self._encode_batch, f"encode_empty_{name}",
                                        out_shardings=mesh_lib.replicated(mesh))
         self._empty = None
+        self._warned: set[str] = set()  # prompts whose truncation was already reported
 
     # ------------------------------------------------------------------ per family
-    def tokenize(self, prompts: Sequence[str]) -> tuple[Any, np.ndarray]:
-        """(token-id pytree of [B, L] int32 arrays, [B] bool: truncated by any tokenizer)."""
+    def tokenize_each(self, prompts: Sequence[str]) -> dict[str, tok_lib.Tokenized]:
+        """Each encoder's tokenization of `prompts`, by encoder name."""
+        raise NotImplementedError
+
+    def _tokens(self, each: dict[str, tok_lib.Tokenized]) -> Any:
+        """The family's token-id pytree from `tokenize_each`'s output."""
         raise NotImplementedError
 
     def _encode_batch(self, params: dict, tokens: Any) -> Any:
@@ -55,6 +65,30 @@ class TextEncoder:
         return nnx.merge(self.graphdefs[name], params[name])(ids)
 
     # ------------------------------------------------------------------ shared
+    def tokenize(self, prompts: Sequence[str]) -> tuple[Any, np.ndarray]:
+        """(token-id pytree of [B, L] int32 arrays, [B] bool: truncated by any tokenizer); warns
+        about the prompts truncated for the first time (`warn_truncated`)."""
+        each = self.tokenize_each(prompts)
+        self.warn_truncated(prompts, each)
+        truncated = np.logical_or.reduce([t.truncated for t in each.values()])
+        return self._tokens(each), truncated
+
+    def warn_truncated(self, prompts: Sequence[str], each: dict[str, tok_lib.Tokenized]) -> None:
+        """Logs one warning naming the prompts of this batch that were truncated and that no
+        earlier batch reported, with the tokens each encoder dropped; after NAMED_PROMPTS prompts,
+        no more (training reads a large prompt set many times: the log would fill with them)."""
+        left = NAMED_PROMPTS - len(self._warned)
+        if left <= 0:
+            return
+        found = {p: what for p, what in tok_lib.truncations(prompts, each).items() if p not in self._warned}
+        if not found:
+            return
+        self._warned.update(list(found)[:left])
+        message = tok_lib.truncation_warning(found, listed=left)
+        if len(self._warned) >= NAMED_PROMPTS:
+            message += f"\n  ({NAMED_PROMPTS} truncated prompts named; later ones are truncated without a warning)"
+        logging.warning("%s", message)
+
     def _encode_impl(self, params: dict, tokens: Any) -> Any:
         if jax.tree.leaves(tokens)[0].ndim == 2:
             cond, batch_axis = self._encode_batch(params, tokens), 0
@@ -71,10 +105,7 @@ class TextEncoder:
     def encode(self, prompts: Sequence[str]) -> Any:
         """Prompts -> conditioning of host arrays, on every process (the whole mesh encodes them): for
         sampling, sample grids and embedding caches. Every process passes the same prompts."""
-        tokens, truncated = self.tokenize(prompts)
-        if truncated.any():
-            logging.warning("%d of %d prompts were longer than the tokenizers' limits and were truncated",
-                            int(truncated.sum()), len(prompts))
+        tokens, _ = self.tokenize(prompts)  # names the truncated prompts, once each
         b = len(prompts)
         pad = -b % mesh_lib.batch_divisor(self.mesh)  # rows repeated to fill the mesh, then dropped
         padded = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], pad, 0)]), tokens)

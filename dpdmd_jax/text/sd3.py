@@ -23,7 +23,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -67,12 +66,15 @@ class SD3TextEncoder(TextEncoder):
         self.use_t5 = "t5" in encoders
         self.width = encoders["t5"].cfg.d_model if self.use_t5 else joint_attention_dim
 
-    def tokenize(self, prompts: Sequence[str]) -> tuple[SD3Tokens, np.ndarray]:
-        clip_l = tok_lib.tokenize(self.tokenizers["clip_l"], prompts, CLIP_MAX_LENGTH)
-        clip_g = tok_lib.tokenize(self.tokenizers["clip_g"], prompts, CLIP_MAX_LENGTH)
-        t5 = tok_lib.tokenize(self.tokenizers["t5"], prompts, self.max_sequence_length) if self.use_t5 else None
-        truncated = clip_l.truncated | clip_g.truncated | (t5.truncated if t5 is not None else False)
-        return SD3Tokens(clip_l.ids, clip_g.ids, None if t5 is None else t5.ids), truncated
+    def tokenize_each(self, prompts: Sequence[str]) -> dict[str, tok_lib.Tokenized]:
+        each = {name: tok_lib.tokenize(self.tokenizers[name], prompts, CLIP_MAX_LENGTH)
+                for name in ("clip_l", "clip_g")}
+        if self.use_t5:
+            each["t5"] = tok_lib.tokenize(self.tokenizers["t5"], prompts, self.max_sequence_length)
+        return each
+
+    def _tokens(self, each: dict[str, tok_lib.Tokenized]) -> SD3Tokens:
+        return SD3Tokens(each["clip_l"].ids, each["clip_g"].ids, each["t5"].ids if "t5" in each else None)
 
     def _encode_batch(self, params: dict, tokens: SD3Tokens) -> SD3Cond:
         clip_l, clip_g = self.run(params, "clip_l", tokens.clip_l), self.run(params, "clip_g", tokens.clip_g)

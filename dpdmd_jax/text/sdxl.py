@@ -54,11 +54,13 @@ class SDXLTextEncoder(TextEncoder):
         self.time_ids = time_ids(tuple(image_size))
         self.force_zeros = force_zeros_for_empty_prompt
 
-    def tokenize(self, prompts: Sequence[str]) -> tuple[SDXLTokens, np.ndarray]:
+    def tokenize_each(self, prompts: Sequence[str]) -> dict[str, tok_lib.Tokenized]:
         # The pipeline pads to tokenizer.model_max_length (77 for both).
-        clip_l = tok_lib.tokenize(self.tokenizers["clip_l"], prompts, self.tokenizers["clip_l"].model_max_length)
-        clip_g = tok_lib.tokenize(self.tokenizers["clip_g"], prompts, self.tokenizers["clip_g"].model_max_length)
-        return SDXLTokens(clip_l.ids, clip_g.ids), clip_l.truncated | clip_g.truncated
+        return {name: tok_lib.tokenize(self.tokenizers[name], prompts, self.tokenizers[name].model_max_length)
+                for name in ("clip_l", "clip_g")}
+
+    def _tokens(self, each: dict[str, tok_lib.Tokenized]) -> SDXLTokens:
+        return SDXLTokens(each["clip_l"].ids, each["clip_g"].ids)
 
     def _encode_batch(self, params: dict, tokens: SDXLTokens) -> SDXLCond:
         clip_l, clip_g = self.run(params, "clip_l", tokens.clip_l), self.run(params, "clip_g", tokens.clip_g)

@@ -44,6 +44,8 @@ def check_vocabulary(tokenizer, vocab_size: int, what: str, eos_token_id: int | 
 class Tokenized:
     ids: np.ndarray  # [B, max_length] int32
     truncated: np.ndarray  # [B] bool: the prompt was longer than max_length tokens
+    lengths: np.ndarray  # [B] int: each prompt's tokens before truncation (special tokens included)
+    max_length: int
 
 
 def tokenize(tokenizer, prompts: Sequence[str], max_length: int) -> Tokenized:
@@ -51,5 +53,42 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int) -> Tokenized:
     `_get_t5_prompt_embeds` (special tokens added; EOS kept when truncating)."""
     ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
                     add_special_tokens=True).input_ids
-    full = tokenizer(list(prompts), add_special_tokens=True).input_ids
-    return Tokenized(np.asarray(ids, np.int32), np.array([len(f) > max_length for f in full]))
+    lengths = np.array([len(f) for f in tokenizer(list(prompts), add_special_tokens=True).input_ids], np.int64)
+    return Tokenized(np.asarray(ids, np.int32), lengths > max_length, lengths, max_length)
+
+
+# ---------------------------------------------------------------------------- truncation warnings
+
+PROMPT_CHARS = 70  # longer prompts are shown by their beginning and their length
+
+
+def shorten(prompt: str, limit: int = PROMPT_CHARS) -> str:
+    """The prompt quoted, or its first characters and its length when it is longer than `limit`."""
+    if len(prompt) <= limit:
+        return repr(prompt)
+    return f"{prompt[:limit]!r}... ({len(prompt)} characters)"
+
+
+def truncations(prompts: Sequence[str], each: dict[str, Tokenized]) -> dict[str, str]:
+    """{prompt: what each tokenizer that truncated it dropped} for the distinct prompts that some
+    tokenizer of `each` ({encoder name: its tokenization of `prompts`}) truncated, in order."""
+    out: dict[str, str] = {}
+    for i, prompt in enumerate(prompts):
+        if prompt in out:
+            continue
+        parts = [f"{name} kept {t.max_length} of {int(t.lengths[i])} tokens ({int(t.lengths[i]) - t.max_length} "
+                 "dropped)" for name, t in each.items() if t.truncated[i]]
+        if parts:
+            out[prompt] = ", ".join(parts)
+    return out
+
+
+def truncation_warning(found: dict[str, str], listed: int) -> str:
+    """The warning for `truncations`' output: one line for each of the first `listed` prompts."""
+    n = len(found)
+    lines = [f"{n} prompt{'s' if n > 1 else ''} longer than the text encoders' token limits "
+             f"{'were' if n > 1 else 'was'} truncated (the end is cut, as the diffusers pipelines do):"]
+    lines += [f"  {shorten(p)}: {what}" for p, what in list(found.items())[:listed]]
+    if n > listed:
+        lines.append(f"  ... and {n - listed} more")
+    return "\n".join(lines)

@@ -1,9 +1,9 @@
-"""A tiny random `StableDiffusion3Pipeline` (or `StableDiffusionXLPipeline`) folder, built offline
+r"""A tiny random `StableDiffusion3Pipeline` (or `StableDiffusionXLPipeline`) folder, built offline
 (no hub): tokenizers from a small vocabulary written here, random CLIP-L / bigG / T5 /
 transformer (or UNet) / VAE of a few thousand parameters each. It exercises every code path of the
 real pipeline in seconds; the tests train on it, and a user can try the configs end to end with it:
 
-  python -m dpdmd_jax.tools.tiny_pipeline /tmp/tiny_sd3            # or: --family=sdxl /tmp/tiny_sdxl
+  python -m dpdmd_jax.tools.tiny_pipeline /tmp/tiny_sd3            # or: /tmp/tiny_sdxl --family=sdxl
   python -m dpdmd_jax.main --config=configs/sd35.py:tiny --workdir=/tmp/run \
       --config.model.source=/tmp/tiny_sd3 --config.data.prompt_file=prompts.txt
 
@@ -12,10 +12,11 @@ Needs torch, diffusers and transformers (requirements-dev.txt).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import string
-import sys
+from collections.abc import Sequence
 
 WORDS = ("the", "a", "and", "of", "cat", "dog", "on", "in", "sea", "red", "blue", "house", "photo", "night")
 CLIP_HIDDEN = (16, 16)  # CLIP-L, bigG: their sum must not exceed T5's d_model (the pipeline pads to it)
@@ -165,11 +166,43 @@ def build_sdxl_pipeline(work: str, seed: int = 0, force_zeros_for_empty_prompt: 
                                      force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it portably is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(folder: str) -> None:
+    """Gives every file under `folder` mode 0666 and every folder 0777, less the umask (0644 and
+    0755 under the usual 022). safetensors writes each weights file through a private temporary
+    file (mode 0600, Rust's `tempfile`) that it renames into place, so `save_pretrained` leaves the
+    weights readable by their owner only, unlike the JSON files beside them."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
+def check_out(out: str) -> str | None:
+    """Why `out` cannot receive a pipeline (None when it can: absent, or an empty folder)."""
+    if not os.path.exists(out):
+        return None
+    if not os.path.isdir(out):
+        return f"{out} exists and is not a folder; choose a new folder"
+    if os.listdir(out):
+        return f"{out} exists and is not empty; choose a new folder (pipelines are never written over files)"
+    return None
+
+
 def make_tiny_pipeline(out: str, seed: int = 0, family: str = "sd3", **kw):
-    """Writes the tiny pipeline of `family` ("sd3" | "sdxl") to `out` (which must not exist yet);
-    returns the pipeline object."""
-    if os.path.exists(out) and os.listdir(out):
-        raise FileExistsError(f"{out} exists and is not empty")
+    """Writes the tiny pipeline of `family` ("sd3" | "sdxl") to `out` (which must not exist yet,
+    or be an empty folder), with ordinary file modes; returns the pipeline object."""
+    problem = check_out(out)
+    if problem:
+        raise FileExistsError(problem)
     os.makedirs(out, exist_ok=True)
     work = os.path.join(out, ".vocab")
     pipe = {"sd3": build_pipeline, "sdxl": build_sdxl_pipeline}[family](work, seed, **kw)
@@ -177,15 +210,31 @@ def make_tiny_pipeline(out: str, seed: int = 0, family: str = "sd3", **kw):
     import shutil
 
     shutil.rmtree(work)
+    respect_umask(out)
     return pipe
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (flags in any order; `--help`); bad input exits with code 2 and one line."""
+    parser = argparse.ArgumentParser(prog="python -m dpdmd_jax.tools.tiny_pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", metavar="OUT_DIR", help="the pipeline folder to create (new, or an empty folder)")
+    parser.add_argument("--family", choices=("sd3", "sdxl"), default="sd3",
+                        help="sd3: a StableDiffusion3Pipeline (configs/sd35.py); sdxl: a StableDiffusionXLPipeline "
+                             "(configs/sdxl.py). Default: %(default)s")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    args = parser.parse_args(argv)
+    problem = check_out(args.out)
+    if problem:  # before torch is imported: a wrong folder is said at once
+        parser.error(problem)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    pipe = make_tiny_pipeline(args.out, seed=args.seed, family=args.family)
+    print(f"wrote a tiny random {type(pipe).__name__} to {args.out}")
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    family = "sd3"
-    if args and args[0].startswith("--family="):
-        family = args.pop(0).split("=", 1)[1]
-    if len(args) != 1 or family not in ("sd3", "sdxl"):
-        raise SystemExit("usage: python -m dpdmd_jax.tools.tiny_pipeline [--family=sd3|sdxl] OUT_DIR")
-    pipe = make_tiny_pipeline(args[0], family=family)
-    print(f"wrote a tiny random {type(pipe).__name__} to {args[0]}")
+    main()
