@@ -176,7 +176,7 @@ def export_student(c: Any, workdir: str, out: str, *, step: int | None = None, d
     from dpdmd_jax.sample import SampleError, load_student
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    trainer.check_workdir_config(workdir, c, write=False)  # first: the other checks assume the run's config
+    run_config.check_workdir_config(workdir, c, write=False)  # first: the other checks assume the run's config
     if c.backbone not in DENOISERS:
         raise ExportError(f"backbone {c.backbone!r}: export writes diffusers pipelines of {tuple(DENOISERS)}")
     if os.path.exists(os.path.abspath(os.path.expanduser(out))):

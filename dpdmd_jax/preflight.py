@@ -20,6 +20,7 @@ import ml_collections
 from dpdmd_jax import backbones
 from dpdmd_jax import config as config_lib
 from dpdmd_jax import data as data_lib
+from dpdmd_jax.run_config import check_workdir_config
 
 
 def workdir_problems(workdir: str, flag: str = "--workdir") -> list[str]:
@@ -55,8 +56,6 @@ def run_problems(c: ml_collections.ConfigDict, workdir: str | None = None) -> li
     if not any(p.startswith(("backbone=", "model.source is empty")) for p in problems):
         problems += source_problems(c)
     if workdir is not None:
-        from dpdmd_jax.distill.trainer import check_workdir_config  # noqa: PLC0415 (the trainer imports us)
-
         here = workdir_problems(workdir)
         if not here and os.path.isdir(workdir):
             try:

@@ -429,7 +429,7 @@ def sample(c: Any, out: str, *, workdir: str | None = None, step: int | None = N
     if problems:
         raise SampleError(" ".join(problems))
     if workdir:  # the run's config must be this one (before any prompt-source change below)
-        trainer.check_workdir_config(os.path.abspath(os.path.expanduser(workdir)), c, write=False)
+        run_config.check_workdir_config(os.path.abspath(os.path.expanduser(workdir)), c, write=False)
     c = c.copy_and_resolve_references()
     if prompt_file and c.data.kind != "toy":  # encode these prompts with the pipeline's text encoders
         c.data.kind, c.data.prompt_file = "prompts", prompt_file
@@ -501,7 +501,6 @@ def sample_with(setup: Any, params: Any, source: str, out: str, prompts: Sequenc
     import numpy as np
     from tqdm import tqdm
 
-    from dpdmd_jax.distill import trainer
     from dpdmd_jax.parallel import mesh as mesh_lib
 
     c = setup.config
@@ -518,7 +517,7 @@ def sample_with(setup: Any, params: Any, source: str, out: str, prompts: Sequenc
     conditioner = Conditioner(setup, prompts)
     vae = None
     if c.data.kind != "toy":
-        vae = setup.backbone.load_vae(setup.mesh, trainer.mesh_rules(c), vae_dtype)
+        vae = setup.backbone.load_vae(setup.mesh, mesh_lib.mesh_rules(c), vae_dtype)
     fn = make_sample_fn(setup, sampler, seed, vae)
     batch = per_device_batch * mesh_lib.batch_divisor(setup.mesh)
     bar = tqdm(total=len(todo), desc=f"sampling ({sampler})", disable=not (is_main and progress),

@@ -150,7 +150,7 @@ def build_cache(c: ml_collections.ConfigDict, out: str, batch: int = 32) -> str:
     from dpdmd_jax import backbones
     from dpdmd_jax import config as config_lib
     from dpdmd_jax.data import problems, prompt_sequence
-    from dpdmd_jax.distill.trainer import mesh_rules
+    from dpdmd_jax.parallel.mesh import mesh_rules
     from dpdmd_jax.parallel import mesh as mesh_lib
 
     config_lib.validate(c)

@@ -37,6 +37,8 @@ from dpdmd_jax import eval as eval_lib
 from dpdmd_jax.distill import anchor
 from dpdmd_jax.distill import step as step_lib
 from dpdmd_jax.parallel import mesh as mesh_lib
+from dpdmd_jax.parallel.mesh import mesh_rules
+from dpdmd_jax.run_config import check_workdir_config
 from dpdmd_jax.parallel.multihost import SyncedJit
 
 
@@ -56,11 +58,6 @@ class Setup:
     frozen: step_lib.Frozen
     teacher_model: nnx.Module
     data: data_lib.DataSource
-
-
-def mesh_rules(c: ml_collections.ConfigDict) -> tuple:
-    """The logical-axis rules of `config.mesh.rules` as ((logical, mesh axis or None), ...)."""
-    return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in c.mesh.rules)
 
 
 def build(c: ml_collections.ConfigDict, devices=None) -> Setup:
@@ -238,55 +235,6 @@ def restore(mngr: ocp.CheckpointManager, step: int, state_like, shardings) -> st
 
 
 # ---------------------------------------------------------------------------- workdir config
-
-
-# Values a run records in its own config.json (no config sets them): kept when config.json is
-# rewritten, and not compared with the config of a later run.
-_RECORDED = ("distill.auto_anchor.chosen_k",)
-_RESUMABLE_CHANGES = {*_RECORDED, "compare_with_dmd", "num_rounds", "log_every",
-                      "checkpoint_every", "keep_checkpoints", "max_nonfinite", "evals", "mesh", "model.scan_layers",
-                      "model.remat_policy"}
-
-
-def check_workdir_config(workdir: str, c: ml_collections.ConfigDict, write: bool = True) -> None:
-    """First run writes config.json; later runs must match it (except loop/layout knobs), so a
-    workdir never silently mixes two experiments, and rewrite it keeping what the run recorded
-    there (`_RECORDED`). `write=False` (readers such as the sampler) only compares."""
-    path = os.path.join(workdir, "config.json")
-    current = json.loads(c.to_json_best_effort())
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-
-        def flat(d, prefix=""):
-            out = {}
-            for k, v in d.items():
-                key = f"{prefix}{k}"
-                out.update(flat(v, key + ".") if isinstance(v, dict) and key not in _RESUMABLE_CHANGES else {key: v})
-            return out
-
-        a, b = flat(saved), flat(current)
-        diff = sorted(k for k in set(a) | set(b) if k not in _RESUMABLE_CHANGES and a.get(k) != b.get(k))
-        if diff:
-            changes = ", ".join(f"{k}: {a.get(k)} -> {b.get(k)}" for k in diff[:8])
-            # A reader (sample, export) wants this run's checkpoints as they are: the fix is to read
-            # the recorded config, not to start a new experiment.
-            advice = ("These fields say what its checkpoints mean: drop --config to use the run's recorded config "
-                      "(its config.json), and any --config.* override of these fields." if not write else
-                      "Resume with the same settings, or start this experiment in a new --workdir.")
-            raise config_lib.ConfigError(f"{workdir} holds a run with a different config ({changes}). {advice}")
-        for key in _RECORDED:
-            if key in a:
-                *parents, leaf = key.split(".")
-                node = current
-                for name in parents:
-                    node = node.setdefault(name, {})
-                node[leaf] = a[key]
-    if write and jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(current, f, indent=2)
-        os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------- loop

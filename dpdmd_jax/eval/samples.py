@@ -23,7 +23,7 @@ from dpdmd_jax.parallel.multihost import SyncedJit
 class SampleGrid:
     def __init__(self, setup: Any, workdir: str, num_prompts: int = 4, seeds: int = 4, vae_dtype: str = "float32",
                  scale: int = 1):
-        from dpdmd_jax.distill.trainer import mesh_rules
+        from dpdmd_jax.parallel.mesh import mesh_rules
 
         d, mesh = setup.distiller, setup.mesh
         if not hasattr(setup.data, "eval_cond"):

@@ -186,3 +186,8 @@ def sharding_plan(abstract_state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> dict[
         total, per_device = total + nbytes, per_device + shard_bytes
         replicated_bytes += nbytes if shard_bytes == nbytes and mesh.size > 1 else 0
     return {"total_bytes": total, "replicated_bytes": replicated_bytes, "per_device_bytes": per_device}
+
+
+def mesh_rules(c: Any) -> tuple:
+    """The logical-axis rules of a config's `mesh.rules` as ((logical, mesh axis or None), ...)."""
+    return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in c.mesh.rules)
