@@ -292,7 +292,7 @@ def test_towers_see_images_at_their_own_resolution(toy_samples, tmp_path):
     assert tuple(clip_in.shape[-2:]) == (48, 48) and tuple(dino_in.shape[-2:]) == (56, 56)
     assert r["diversity_clip"] == pytest.approx(diversity(cls.reshape(6, 3, -1)), rel=1e-5)
     assert r["diversity_dino"] == pytest.approx(diversity(pooled.reshape(6, 3, -1)), rel=1e-5)
-    assert r["computed"] == ["diversity_clip", "diversity_dino"]
+    assert r["computed"] == ["diversity_pixel", "diversity_clip", "diversity_dino"]
     assert "vision tower only" in r["not_computed"]["clip_score"]
 
 
