@@ -110,18 +110,19 @@ def image_key(root_seed: int, p: Any, s: Any):
 # ---------------------------------------------------------------------------- output folder
 
 
+def _json_lines(path: str):
+    """(line, row) for each line of a JSONL file that parses; a torn line (killed while writing) is skipped."""
+    with open(path) as f:
+        for line in f:
+            try:
+                yield line, json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
 def read_rows(path: str) -> dict[str, dict]:
     """samples.jsonl -> {file name: row}; a torn last line (killed while writing) is ignored."""
-    rows = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                rows[row["file"]] = row
-    return rows
+    return {row["file"]: row for _, row in _json_lines(path)} if os.path.exists(path) else {}
 
 
 def check_run(out: str, run: dict) -> None:
@@ -188,15 +189,8 @@ def _torn(path: str) -> bool:
 def rewrite_rows(path: str, drop: set[str]) -> None:
     """samples.jsonl without the rows of the files in `drop` (made again: one row per image) and
     without a torn last line (the next row appended to it would be lost with it), replaced atomically."""
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("file") not in drop:
-                keep.append(line if line.endswith("\n") else line + "\n")
+    keep = [line if line.endswith("\n") else line + "\n"
+            for line, row in _json_lines(path) if row.get("file") not in drop]
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
         f.flush()
