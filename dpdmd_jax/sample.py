@@ -48,8 +48,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -437,65 +435,19 @@ def sample(c: Any, out: str, *, workdir: str | None = None, step: int | None = N
                        per_device_batch=per_device_batch, vae_dtype=vae_dtype, stop_on_sigterm=True)
 
 
-class SigtermStop:
-    """SIGTERM -> stop after the batch being written, on every process after the same batch.
-
-    One process: a handler sets a flag (the default action would kill the process mid-batch, with
-    an exit status no scheduler reads as "pre-empted"). Several: JAX's coordination service catches
-    SIGTERM on any process, and `reached_preemption_sync_point` turns it into a batch that every
-    process stops after, so none is left waiting in a collective (the trainer's `Preemption` does
-    the same for rounds)."""
-
-    def __init__(self):
-        import jax
-
-        self.multi = jax.process_count() > 1
-        self.requested = False
-        self._previous = None
-        if not self.multi and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def reached(self, batch: int) -> bool:
-        """Called after every batch, with its index (0, 1, ...: the same on every process)."""
-        if self.multi and not self.requested:
-            from jax.experimental import multihost_utils
-
-            self.requested = multihost_utils.reached_preemption_sync_point(batch)
-        return self.requested
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-class NoStop:
-    """`SigtermStop` for samplers run inside another program (the trainer's evaluators), whose own
-    handler deals with SIGTERM."""
-
-    requested = False
-
-    def reached(self, batch: int) -> bool:
-        return False
-
-    def restore(self) -> None:
-        pass
-
-
 def sample_with(setup: Any, params: Any, source: str, out: str, prompts: Sequence[str], *, sampler: str = "student",
                 seeds: int = 9, seed: int = 0, per_device_batch: int = 4, vae_dtype: str = "float32",
                 progress: bool = True, stop_on_sigterm: bool = False) -> dict:
     """`sample` for a built trainer `Setup` and params in hand (the toy_metrics evaluator samples
     its student this way, mid-run): `prompts` x `seeds` images into `out`, resumably.
-    `stop_on_sigterm`: a SIGTERM stops it after the current batch (`SigtermStop`), with
+    `stop_on_sigterm`: a SIGTERM stops it after the current batch (`multihost.Preemption`), with
     `preempted` set in the summary; leave it off inside a program that handles SIGTERM itself."""
     import jax
     import numpy as np
     from tqdm import tqdm
 
     from dpdmd_jax.parallel import mesh as mesh_lib
+    from dpdmd_jax.parallel import multihost
 
     c = setup.config
     out = os.path.abspath(os.path.expanduser(out))
@@ -516,7 +468,7 @@ def sample_with(setup: Any, params: Any, source: str, out: str, prompts: Sequenc
     batch = per_device_batch * mesh_lib.batch_divisor(setup.mesh)
     bar = tqdm(total=len(todo), desc=f"sampling ({sampler})", disable=not (is_main and progress),
                dynamic_ncols=True)
-    stop, made, stopped_after = SigtermStop() if stop_on_sigterm else NoStop(), 0, None
+    stop, made, stopped_after = multihost.Preemption(enabled=stop_on_sigterm), 0, None
     try:
         with open(rows_path, "a") if is_main else open(os.devnull, "w") as log:
             for i, start in enumerate(range(0, len(todo), batch)):

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import time
 from typing import Any
 
@@ -39,6 +38,7 @@ from dpdmd_jax.distill import step as step_lib
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.parallel.mesh import mesh_rules
 from dpdmd_jax.run_config import check_workdir_config
+from dpdmd_jax.parallel import multihost
 from dpdmd_jax.parallel.multihost import SyncedJit
 
 
@@ -240,34 +240,6 @@ def restore(mngr: ocp.CheckpointManager, step: int, state_like, shardings) -> st
 # ---------------------------------------------------------------------------- loop
 
 
-class Preemption:
-    """SIGTERM -> finish the current round, save, exit cleanly; on every host at the same round.
-
-    One process: a SIGTERM handler sets a flag. Several: JAX's coordination service (installed by
-    `jax.distributed.initialize`) catches SIGTERM on any host and Orbax's `reached_preemption`
-    turns it into a sync point that every process reaches at the same step, so no host leaves a
-    collective early or saves a different round."""
-
-    def __init__(self, mngr: ocp.CheckpointManager):
-        self.mngr = mngr
-        self.multi = jax.process_count() > 1
-        self.requested = False
-        if not self.multi:
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def reached(self, step: int) -> bool:
-        if self.multi:
-            self.requested = self.requested or self.mngr.reached_preemption(step)
-        return self.requested
-
-    def restore(self):
-        if not self.multi:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def absolute(workdir: str) -> str:
     return os.path.abspath(os.path.expanduser(workdir))
 
@@ -364,7 +336,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
     writer = make_writer(workdir, start)
     report = periodic_actions.ReportProgress(num_train_steps=c.num_rounds, writer=writer)
-    preempt = Preemption(mngr)
+    preempt = multihost.Preemption()
     meta = lambda st: {"step": int(st.step), "data_position": int(st.step), "seed": c.seed}
     last_log = time.time()
     bar = tqdm(total=c.num_rounds, initial=start, desc="rounds", disable=not is_main, dynamic_ncols=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import signal
 import sys
 import threading
 import time
@@ -145,3 +146,36 @@ class SyncedJit:
     def __call__(self, *args: Any) -> Any:
         return self.compile(*args)(*args)
 
+
+class Preemption:
+    """SIGTERM -> stop after the current step (a training round, a sampling batch), on every process
+    after the same one, so none is left waiting in a collective or saves a different step.
+
+    One process: a handler sets a flag (the default action would kill the process mid-step, with an
+    exit status no scheduler reads as "pre-empted"). Several: JAX's coordination service (installed
+    by `jax.distributed.initialize`) catches SIGTERM on any process, and
+    `reached_preemption_sync_point` turns it into a step that every process stops after.
+    `enabled=False`: never stops (a sampler run inside the trainer, whose own Preemption decides)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.multi = jax.process_count() > 1
+        self.requested = False
+        self._previous = None
+        if enabled and not self.multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """Called after every step, with its index (the same on every process)."""
+        if self.enabled and self.multi and not self.requested:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
