@@ -12,7 +12,6 @@ Exit codes (documented in the README; `launch/` scripts and SLURM requeue logic 
 
 from __future__ import annotations
 
-import difflib
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -83,12 +82,6 @@ def parse_flags(argv: Sequence[str], config_flag: str = "config") -> list[str]:
         message = _unknown_field_message(argv, e, config_flag)
         fail(message or f"{type(e).__name__}: {e}")
     raise AssertionError("unreachable")
-
-
-def closest(name: str, choices: Sequence[str]) -> str:
-    """' (did you mean X?)' for the closest of `choices`, or ''."""
-    match = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def run(main: Callable[[list[str]], None], user_errors: tuple[type[BaseException], ...] = ()) -> None:

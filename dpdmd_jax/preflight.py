@@ -41,6 +41,12 @@ def workdir_problems(workdir: str, flag: str = "--workdir") -> list[str]:
     return []
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The rounds saved in `workdir`/checkpoints (Orbax names each step's folder by its number)."""
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(s) for s in os.listdir(folder) if s.isdigit()) if os.path.isdir(folder) else []
+
+
 def source_problems(c: ml_collections.ConfigDict) -> list[str]:
     """The model and data sources' cheap checks (folders, configs, tokenizers; no weights read)."""
     try:
@@ -131,8 +137,7 @@ def plan(c: ml_collections.ConfigDict, workdir: str) -> str:
                 lines.append("  vae           decodes the sample grids (evals of type 'samples')")
     except Exception as e:  # noqa: BLE001 (a dry run reports, the problems list says what to fix)
         lines.append(f"  backbone      cannot be built: {e}")
-    ckpt = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) if os.path.isdir(ckpt) else []
+    steps = checkpoint_steps(workdir)
     if not steps:
         state = "new run (nothing is written until the run starts)"
     elif steps[-1] >= c.num_rounds:

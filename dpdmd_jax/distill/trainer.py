@@ -33,6 +33,7 @@ from dpdmd_jax import backbones
 from dpdmd_jax import config as config_lib
 from dpdmd_jax import data as data_lib
 from dpdmd_jax import eval as eval_lib
+from dpdmd_jax import preflight
 from dpdmd_jax.distill import anchor
 from dpdmd_jax.distill import step as step_lib
 from dpdmd_jax.parallel import mesh as mesh_lib
@@ -246,7 +247,7 @@ def absolute(workdir: str) -> str:
 
 def end_of_run_message(c: ml_collections.ConfigDict, workdir: str, summary: dict) -> str:
     """What a finished run wrote, where, and the commands that take its student further."""
-    steps = _checkpoint_steps(workdir)
+    steps = preflight.checkpoint_steps(workdir)
     lines = [f"Done: {steps[-1] if steps else c.num_rounds} rounds in {workdir}",
              f"  checkpoints   {workdir}/checkpoints (latest: {steps[-1] if steps else 'none'})",
              f"  metrics       {workdir}/metrics.jsonl; TensorBoard: tensorboard --logdir {workdir}/tb"]
@@ -264,16 +265,9 @@ def end_of_run_message(c: ml_collections.ConfigDict, workdir: str, summary: dict
 def check_can_start(c: ml_collections.ConfigDict, workdir: str) -> None:
     """Raises ConfigError listing every problem of the run (config, sources, workdir) at once,
     before anything is loaded or written (`dpdmd_jax.preflight`)."""
-    from dpdmd_jax import preflight
-
     problems = preflight.run_problems(c, workdir)
     if problems:
         raise config_lib.ConfigError("the run cannot start:\n  - " + "\n  - ".join(problems))
-
-
-def _checkpoint_steps(workdir: str) -> list[int]:
-    folder = os.path.join(workdir, "checkpoints")
-    return sorted(int(s) for s in os.listdir(folder) if s.isdigit()) if os.path.isdir(folder) else []
 
 
 @contextlib.contextmanager
@@ -286,7 +280,7 @@ def undo_failed_start(workdir: str):
     try:
         yield
     except Exception:
-        if jax.process_index() == 0 and not _checkpoint_steps(workdir):
+        if jax.process_index() == 0 and not preflight.checkpoint_steps(workdir):
             if created:
                 shutil.rmtree(workdir, ignore_errors=True)
             elif not had_config:
