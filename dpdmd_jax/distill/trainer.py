@@ -61,9 +61,11 @@ class Setup:
     data: data_lib.DataSource
 
 
-def build(c: ml_collections.ConfigDict, devices=None) -> Setup:
-    """Validates, builds the mesh (over `devices`, default all) and loads the teacher onto it."""
-    config_lib.validate(c)
+def build(c: ml_collections.ConfigDict, devices=None, checked: bool = False) -> Setup:
+    """Validates (unless the caller already ran `check_can_start`: `checked`), builds the mesh
+    (over `devices`, default all) and loads the teacher onto it."""
+    if not checked:
+        check_can_start(c)
     try:
         mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
     except ValueError as e:
@@ -73,9 +75,6 @@ def build(c: ml_collections.ConfigDict, devices=None) -> Setup:
     except ValueError as e:
         raise config_lib.ConfigError(f"{e} (--config.batch_size)") from e
     backbone = backbones.get(c)
-    problems = data_lib.problems(c) + backbone.check_source()
-    if problems:
-        raise config_lib.ConfigError("\n  - ".join(["Invalid input:", *problems]))
     teacher = backbone.load(mesh, mesh_rules(c))
     graphdef, params, buffers = nnx.split(teacher, nnx.Param, ...)
     distiller = step_lib.Distiller(c, backbone, graphdef)
@@ -262,9 +261,9 @@ def end_of_run_message(c: ml_collections.ConfigDict, workdir: str, summary: dict
     return "\n".join(lines)
 
 
-def check_can_start(c: ml_collections.ConfigDict, workdir: str) -> None:
-    """Raises ConfigError listing every problem of the run (config, sources, workdir) at once,
-    before anything is loaded or written (`dpdmd_jax.preflight`)."""
+def check_can_start(c: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+    """Raises ConfigError listing every problem of the run (config, sources and, given one, the
+    workdir) at once, before anything is loaded or written (`dpdmd_jax.preflight`)."""
     problems = preflight.run_problems(c, workdir)
     if problems:
         raise config_lib.ConfigError("the run cannot start:\n  - " + "\n  - ".join(problems))
@@ -300,7 +299,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train(c: ml_collections.ConfigDict, workdir: str) -> dict:
-    setup = build(c)
+    setup = build(c, checked=True)  # `train` ran check_can_start
     check_workdir_config(workdir, c)
     setup.distiller.anchor_k = choose_anchor_k(setup, workdir)
     state, shardings = init_train_state(setup)
