@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import toy as toy_config
-from dpdmd_jax.backbones import SD3Cond
+from dpdmd_jax.core import SD3Cond
 from dpdmd_jax.distill import step as step_lib
 from dpdmd_jax.distill import trainer
 from dpdmd_jax.models import layers

@@ -17,10 +17,10 @@ Variants: `:k10` (the public code's anchor), `:auto` (K chosen from a teacher pa
 training, docs/DESIGN.md), `:dmd` (lambda_div = 0 baseline), `:backward`
 (DMD2-style simulation, far less memory), `:denoise` (x0 diversity target), `:tiny` (the tiny
 random pipeline of `python -m dpdmd_jax.tools.tiny_pipeline DIR`: every code path in minutes on a
-CPU). Combine them with commas (`:tiny,dmd`).
+CPU). Combine them with commas (`:tiny,dmd`); typed values work too (`:k=10`, `:shift=1.5`).
 """
 
-from dpdmd_jax.config import apply_method_variant, apply_tiny_pipeline, base_config
+from dpdmd_jax.config import apply_method_variant, apply_tiny_pipeline, base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -44,11 +44,11 @@ def get_config(arg: str | None = None):
     c.checkpoint_every = 100
     # VAE-decoded student samples: the first 4 prompts x 4 seeds, every 100 rounds.
     c.evals.samples = dict(type="samples", every=100, num_prompts=4, seeds=4)
-    for variant in filter(None, (arg or "").split(",")):
-        if variant == "tiny":
+    for key, value in parse_arg(arg):
+        if key == "tiny":
             _tiny(c)
-        elif not apply_method_variant(c, variant):
-            raise ValueError(f"unknown sd35 config variant {variant!r}; see the docstring of configs/sd35.py")
+        elif not apply_method_variant(c, key, value):
+            raise ValueError(f"unknown sd35 config variant {key!r}; see the docstring of configs/sd35.py")
     return c
 
 

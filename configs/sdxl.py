@@ -20,7 +20,7 @@ simulation), `:tiny` (the tiny random pipeline of `python -m dpdmd_jax.tools.tin
 --family=sdxl DIR`); combine with commas.
 """
 
-from dpdmd_jax.config import apply_method_variant, apply_tiny_pipeline, base_config
+from dpdmd_jax.config import apply_method_variant, apply_tiny_pipeline, base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -45,9 +45,9 @@ def get_config(arg: str | None = None):
     c.log_every = 10
     c.checkpoint_every = 100
     c.evals.samples = dict(type="samples", every=100, num_prompts=4, seeds=4)
-    for variant in filter(None, (arg or "").split(",")):
-        if variant == "tiny":
+    for key, value in parse_arg(arg):
+        if key == "tiny":
             apply_tiny_pipeline(c)
-        elif not apply_method_variant(c, variant):
-            raise ValueError(f"unknown sdxl config variant {variant!r}; see the docstring of configs/sdxl.py")
+        elif not apply_method_variant(c, key, value):
+            raise ValueError(f"unknown sdxl config variant {key!r}; see the docstring of configs/sdxl.py")
     return c

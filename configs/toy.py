@@ -10,17 +10,18 @@ MATCHED_SHIFT = 0.375, SD3's resolution-shift rule) and chooses the anchor step 
 (distill.anchor_k="auto": K = 7 of 30 with the shipped teacher). docs/benchmarks/toy-time-axis.md
 has the K sweep at shifts 3, 1 and 0.375 behind that choice.
 
-Variants (`--config=configs/toy.py:VARIANT[,VARIANT...]`):
+Variants (`--config=configs/toy.py:VARIANT[,VARIANT...]`; typed values in big_vision's style,
+`:k=10,shift=0.375,family=unet`, with the short spellings below as aliases):
   dmd      plain DMD baseline (lambda_div = 0)
   backward DMD2-style backward simulation instead of the full rollout
   denoise  x0 ("denoise") diversity target instead of the straight line
-  kN       anchor step K = N (e.g. k5, the paper's) instead of "auto"
+  k=N      anchor step K = N (alias kN: k5, the paper's) instead of "auto"
   auto     K chosen before training from a teacher pass (the default; docs/DESIGN.md)
-  shiftS   every flow grid (teacher, student, DMD noise) at shift S instead of 0.375, e.g. shift3:
+  shift=S  every flow grid (teacher, student, DMD noise) at shift S instead of 0.375, e.g. shift3:
            SD3's 1024^2 grid as it is, which on 16x16 images is a much earlier phase of generation
   wide     student grid [1, 0.75, 0.5, 0.25], the shift-3 study's (`shift3,wide`): a larger first step
            than shift 3's 1 -> 0.86, a smaller one than the default's 1 -> 0.43
-  unet     the epsilon toy: the shipped SDXL-style UNet teacher (VP epsilon, 30-step DDIM anchor
+  family=unet (alias unet) the epsilon toy: the shipped SDXL-style UNet teacher (VP epsilon, 30-step DDIM anchor
            grid), DMD2's 4-step student at timesteps (999, 749, 499, 249), DMD noise in [20, 980],
            the x0 ("denoise") diversity target, the paper's K = 5, 100 rounds; the whole SDXL path
            of the method on a CPU
@@ -28,7 +29,7 @@ Variants (`--config=configs/toy.py:VARIANT[,VARIANT...]`):
 Any field can be overridden, e.g. --config.distill.lambda_div=0.5 --config.num_rounds=400.
 """
 
-from dpdmd_jax.config import apply_flow_shift, apply_method_variant, base_config
+from dpdmd_jax.config import apply_flow_shift, apply_method_variant, base_config, parse_arg
 
 # SD3 shifts its schedule in proportion to the latent side (Esser et al. 2024, section 5.3.2: shift
 # sqrt(m / n) for m / n pixels). SD3.5 uses 3 for 128 x 128 latents (1024^2 images); the toy's
@@ -61,19 +62,21 @@ def get_config(arg: str | None = None):
     c.evals.grid = dict(type="toy_grid", every=100)
     c.evals.toy = dict(type="toy_metrics", every=0, seeds_per_prompt=9, repeats=4)  # R = 9 seeds per prompt
     c.compare_with_dmd = True  # the job also trains plain DMD and prints teacher / DMD / DP-DMD side by side
-    for variant in filter(None, (arg or "").split(",")):
-        if apply_method_variant(c, variant):
+    for key, value in parse_arg(arg, families=("mmdit", "unet")):
+        if apply_method_variant(c, key, value):
             continue
-        if variant == "wide":
+        if key == "wide":
             c.student.sigmas = WIDE_STUDENT_SIGMAS
-        elif variant == "unet":
+        elif key == "family" and value == "mmdit":
+            pass  # the default
+        elif key == "family" and value == "unet":
             c.backbone = "unet"
             c.distill.target = "denoise"  # VP has no straight path to draw the line target on
             c.distill.anchor_k = 5  # the paper's K, as measured in docs/benchmarks/epsilon-toy.md (auto picks 8 here)
             # A UNet round costs ~3x an MMDiT round here (many small convolutions at batch 8): 100
             # rounds keep the run within the toy's few minutes (docs/benchmarks/epsilon-toy.md).
             c.num_rounds = 100
-        elif variant == "smoke":
+        elif key == "smoke":
             c.model.source = "random"
             c.data.latent_size = (8, 8)
             c.model.arch = dict(sample_size=8, patch_size=2, in_channels=3, out_channels=3, num_layers=2,
@@ -90,5 +93,6 @@ def get_config(arg: str | None = None):
             c.evals = dict(grid=dict(type="toy_grid", every=2))  # no toy metrics: a random model
             c.compare_with_dmd = False
         else:
+            variant = key if value == "True" else f"{key}={value}"
             raise ValueError(f"unknown toy config variant {variant!r}; see the docstring of configs/toy.py")
     return c

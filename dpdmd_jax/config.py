@@ -1,19 +1,17 @@
-"""The shared config skeleton and its up-front validation.
+"""The shared config skeleton: schema, defaults and the variants every config file shares.
 
 `base_config()` holds every knob of docs/DESIGN.md section 2 with the paper's values; configs in
-`configs/` start from it and change what they need. `validate()` runs before anything is loaded
-or compiled and raises one `ConfigError` paragraph per problem, naming the field and the fix.
+`configs/` start from it and change what they need. This module is a leaf: it knows no registry.
+The values are checked where a run is assembled (`dpdmd_jax.run.preflight`), before anything is
+loaded or compiled, one `ConfigError` line per problem naming the field and the fix.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from dpdmd_jax import backbones
-from dpdmd_jax import eval as eval_lib
 from dpdmd_jax.diffusion.flow import flow_match_sigmas
-from dpdmd_jax.distill import anchor
-from dpdmd_jax.parallel.mesh import DEFAULT_RULES, MESH_AXES
+from dpdmd_jax.parallel.mesh import DEFAULT_RULES
 
 SIMULATIONS = ("rollout", "backward")
 TARGETS = ("line", "denoise")
@@ -126,22 +124,55 @@ def override(c: ml_collections.ConfigDict, values: dict) -> ml_collections.Confi
     return c
 
 
-def apply_method_variant(c: ml_collections.ConfigDict, variant: str) -> bool:
-    """The `:variant` switches every backbone config shares; False if `variant` is not one of them."""
-    if variant == "dmd":
-        c.distill.lambda_div = 0.0
-    elif variant == "backward":
-        c.dmd.simulation = "backward"
-    elif variant == "denoise":
-        c.distill.target = "denoise"
-    elif variant.startswith("k") and variant[1:].isdigit():
-        c.distill.anchor_k = int(variant[1:])
-    elif variant == "auto":
-        c.distill.anchor_k = "auto"
-    elif variant == "bf16":  # bfloat16 compute (fp32 master weights), as the full-size configs
-        c.model.dtype = c.text.dtype = "bfloat16"
-    elif variant.startswith("shift") and _is_float(variant[5:]):
-        apply_flow_shift(c, float(variant[5:]))
+# The short spellings of typed variants, kept so that nothing a user typed breaks: `k10` is `k=10`,
+# `shift3` is `shift=3`, and a toy family name (`unet`) is `family=unet`.
+_ALIASES = (("k", str.isdigit), ("shift", lambda v: _is_float(v) and v != ""))
+
+
+def parse_arg(arg: str | None, flags: tuple[str, ...] = (), families: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """A config file's `:arg`, big_vision's `parse_arg` style: comma-separated `key=value` pairs
+    (`:k=10,shift=0.375,family=unet`), a bare name for a switch (`:dmd` is `dmd=True`), and the short
+    spellings `k10`, `shift3` and a family name (`unet`) as aliases. Returns (key, value) pairs in order."""
+    pairs = []
+    for item in filter(None, (arg or "").split(",")):
+        key, eq, value = item.partition("=")
+        if eq:
+            pairs.append((key.strip(), value.strip()))
+            continue
+        for name, ok in _ALIASES:
+            if key.startswith(name) and ok(key[len(name):]):
+                pairs.append((name, key[len(name):]))
+                break
+        else:
+            pairs.append(("family", key) if key in families else (key, "True"))
+    return pairs
+
+
+def _bool(key: str, value: str) -> bool:
+    if value not in ("True", "true", "1"):
+        raise ValueError(f"config variant {key!r} is a switch: write ':{key}', not ':{key}={value}'")
+    return True
+
+
+def apply_method_variant(c: ml_collections.ConfigDict, key: str, value: str = "True") -> bool:
+    """The typed variants every backbone config shares (`parse_arg`'s pairs); False if `key` is not one of
+    them: dmd, backward, denoise, auto, bf16 (switches), k=INT | auto, shift=FLOAT."""
+    if key == "k":
+        c.distill.anchor_k = "auto" if value == "auto" else int(value)
+    elif key == "shift":
+        apply_flow_shift(c, float(value))
+    elif key in ("dmd", "backward", "denoise", "auto", "bf16"):
+        _bool(key, value)
+        if key == "dmd":
+            c.distill.lambda_div = 0.0
+        elif key == "backward":
+            c.dmd.simulation = "backward"
+        elif key == "denoise":
+            c.distill.target = "denoise"
+        elif key == "auto":
+            c.distill.anchor_k = "auto"
+        else:  # bfloat16 compute (fp32 master weights), as the full-size configs
+            c.model.dtype = c.text.dtype = "bfloat16"
     else:
         return False
     return True
@@ -181,78 +212,3 @@ def apply_tiny_pipeline(c: ml_collections.ConfigDict) -> None:
     c.log_every = 1
     c.checkpoint_every = 2
     c.evals.samples = dict(type="samples", every=2, num_prompts=2, seeds=2)
-
-
-def _problems(c: ml_collections.ConfigDict) -> list[str]:
-    p = []
-    try:
-        schedule = backbones.backbone_class(c.backbone).schedule
-    except (KeyError, ImportError) as e:
-        p.append(f"backbone={c.backbone!r} is unknown ({e}); choose one of {backbones.names()} or register your "
-                 "own and name it as 'package.module:name' (dpdmd_jax.backbones.register).")
-        schedule = None
-    if not c.model.source:
-        p.append("model.source is empty: set it to a diffusers transformer folder, e.g. "
-                 "--config.model.source=/ckpts/stable-diffusion-3.5-medium")
-    T = c.teacher.steps
-    if not isinstance(T, int) or T < 1:
-        p.append(f"teacher.steps={T!r} must be a positive integer (the paper uses 30).")
-    elif c.distill.anchor_k == "auto":
-        p.extend(anchor.problems(c))
-    elif not isinstance(c.distill.anchor_k, int) or not 1 <= c.distill.anchor_k <= T:
-        p.append(f"distill.anchor_k={c.distill.anchor_k!r} must lie in 1..teacher.steps={T}, or be 'auto'; "
-                 f"the anchor is the teacher state after K of its T steps (paper: K=5).")
-    if c.distill.lambda_div < 0:
-        p.append(f"distill.lambda_div={c.distill.lambda_div} is negative; use 0 for plain DMD or a positive weight "
-                 "(paper: 0.05).")
-    if c.distill.target not in TARGETS:
-        p.append(f"distill.target={c.distill.target!r}; choose one of {TARGETS}.")
-    elif schedule is not None and c.distill.target not in schedule.targets:
-        p.append(f"distill.target={c.distill.target!r} does not fit backbone {c.backbone!r}'s {schedule.name} "
-                 f"schedule; choose one of {schedule.targets}.")
-    if not isinstance(c.distill.fake_updates_per_student, int) or c.distill.fake_updates_per_student < 0:
-        p.append(f"distill.fake_updates_per_student={c.distill.fake_updates_per_student!r} must be an integer >= 0.")
-    if c.dmd.simulation not in SIMULATIONS:
-        p.append(f"dmd.simulation={c.dmd.simulation!r}; choose one of {SIMULATIONS}.")
-    if schedule is not None:
-        p.extend(schedule.problems(c))
-    for name in ("teacher.cfg_scale", "dmd.real_cfg_scale"):
-        sec, key = name.split(".")
-        if c[sec][key] < 1.0:
-            p.append(f"{name}={c[sec][key]} must be >= 1 (1 = no guidance).")
-    if not isinstance(c.batch_size, int) or c.batch_size < 1:
-        p.append(f"batch_size={c.batch_size!r} must be a positive integer.")
-    if c.num_rounds < 1:
-        p.append(f"num_rounds={c.num_rounds} must be >= 1.")
-    for name in ("student", "fake"):
-        o = c.optim[name]
-        if o.lr <= 0 or o.weight_decay < 0 or o.grad_clip <= 0:
-            p.append(f"optim.{name}: lr ({o.lr}) and grad_clip ({o.grad_clip}) must be > 0, weight_decay "
-                     f"({o.weight_decay}) >= 0.")
-    for rule in c.mesh.rules:
-        ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
-        targets = () if not ok or rule[1] is None else (rule[1],) if isinstance(rule[1], str) else tuple(rule[1])
-        if not ok or any(t not in MESH_AXES for t in targets):
-            p.append(f"mesh.rules entry {rule!r} must be (logical_axis, mesh_axis | None | (mesh_axes, ...)) with "
-                     f"mesh axes from {MESH_AXES}.")
-    if c.text.dtype not in ("float32", "bfloat16"):
-        p.append(f"text.dtype={c.text.dtype!r}; choose 'bfloat16' or 'float32' (T5 overflows in float16).")
-    if not isinstance(c.text.max_sequence_length, int) or not 1 <= c.text.max_sequence_length <= 512:
-        p.append(f"text.max_sequence_length={c.text.max_sequence_length!r} must be an integer in 1..512 "
-                 "(T5's tokens; SD3: 256).")
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
-        if c[key] < 1:
-            p.append(f"{key}={c[key]} must be >= 1.")
-    return p + eval_lib.problems(c)
-
-
-def problems(c: ml_collections.ConfigDict) -> list[str]:
-    """Every invalid value of `c`, one sentence each (empty: the config is valid)."""
-    return _problems(c)
-
-
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError listing every invalid value, before any weight is read or step compiled."""
-    problems = _problems(c)
-    if problems:
-        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))

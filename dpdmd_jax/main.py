@@ -10,11 +10,19 @@ folders, the workdir) is listed at once, one line each, before anything is loade
 
 from __future__ import annotations
 
-from absl import flags
+import jax
+from absl import flags, logging
 from ml_collections import config_flags
 
-from dpdmd_jax import cli
+from dpdmd_jax import cli, run_config
+from dpdmd_jax.config import ConfigError
+from dpdmd_jax.core import TrainingError
 from dpdmd_jax.parallel import multihost
+from dpdmd_jax.run import preflight
+from dpdmd_jax.run.baseline import train_with_baseline
+from dpdmd_jax.run.train import end_of_run_message
+from dpdmd_jax.run.workdir import absolute
+from dpdmd_jax.weights.safetensors_io import CheckpointError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -31,16 +39,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    import jax
-    from absl import logging
-
-    from dpdmd_jax import config as config_lib
-    from dpdmd_jax import preflight
-    from dpdmd_jax.distill import trainer
-    from dpdmd_jax.weights.safetensors_io import CheckpointError
-
     logging.set_verbosity(logging.WARNING)  # orbax/clu info lines would drown the progress bar
-    workdir = trainer.absolute(FLAGS.workdir)
+    workdir = absolute(FLAGS.workdir)
     if FLAGS.dry_run:
         sources = preflight.field_sources(config_flags.get_config_filename(FLAGS["config"]),
                                           config_flags.get_override_values(FLAGS["config"]))
@@ -53,18 +53,16 @@ def main(argv):
         return
     multihost.initialize_from_flags(FLAGS)
     try:
-        summary = trainer.train_with_baseline(FLAGS.config, workdir)
-    except (config_lib.ConfigError, CheckpointError, trainer.TrainingError, FileNotFoundError) as e:
+        summary = train_with_baseline(FLAGS.config, workdir)
+    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
         raise cli.UsageError(str(e)) from e
     if "preempted_at" in summary:
         raise cli.Preempted(f"Pre-empted: round {summary['preempted_at']} is saved in {workdir}/checkpoints; run the "
                             f"same command again to resume (exit code {cli.EXIT_PREEMPTED}).")
     if jax.process_index() == 0:
-        print(trainer.end_of_run_message(FLAGS.config, workdir, summary))
+        print(end_of_run_message(FLAGS.config, workdir, summary))
 
 
 if __name__ == "__main__":
-    from dpdmd_jax import run_config
-
     run_config.use_recorded_config()  # no --config: resume WORKDIR with the config it recorded
     cli.run(main)

@@ -1,6 +1,6 @@
 """A training run's recorded config as the default `--config` of the commands that read a run.
 
-The trainer records the config of a run in `WORKDIR/config.json` (`check_workdir_config` below,
+The trainer records the config of a run in `WORKDIR/config.json` (`run.workdir.check_workdir_config`,
 written with `ConfigDict.to_json_best_effort`), and every later run or reader is checked against it.
 `main`, `sample` and `export` take `--workdir`; without `--config` they read that record, so a run
 trained with `--config.model.source=... --config.data.prompt_file=...` is resumed, sampled and
@@ -128,58 +128,3 @@ def use_recorded_config() -> None:
         sys.argv[:] = with_recorded_config(sys.argv)
     except RecordError as e:
         cli.fail(str(e))
-
-# ---------------------------------------------------------------------------- the record
-
-
-# Values a run records in its own config.json (no config sets them): kept when config.json is
-# rewritten, and not compared with the config of a later run.
-_RECORDED = ("distill.auto_anchor.chosen_k",)
-_RESUMABLE_CHANGES = {*_RECORDED, "compare_with_dmd", "num_rounds", "log_every",
-                      "checkpoint_every", "keep_checkpoints", "max_nonfinite", "evals", "mesh", "model.scan_layers",
-                      "model.remat_policy"}
-
-
-def check_workdir_config(workdir: str, c: ml_collections.ConfigDict, write: bool = True) -> None:
-    """First run writes config.json; later runs must match it (except loop/layout knobs), so a
-    workdir never silently mixes two experiments, and rewrite it keeping what the run recorded
-    there (`_RECORDED`). `write=False` (readers such as the sampler) only compares."""
-    import jax
-
-    from dpdmd_jax.config import ConfigError
-
-    path = os.path.join(workdir, RECORD)
-    current = json.loads(c.to_json_best_effort())
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-
-        def flat(d, prefix=""):
-            out = {}
-            for k, v in d.items():
-                key = f"{prefix}{k}"
-                out.update(flat(v, key + ".") if isinstance(v, dict) and key not in _RESUMABLE_CHANGES else {key: v})
-            return out
-
-        a, b = flat(saved), flat(current)
-        diff = sorted(k for k in set(a) | set(b) if k not in _RESUMABLE_CHANGES and a.get(k) != b.get(k))
-        if diff:
-            changes = ", ".join(f"{k}: {a.get(k)} -> {b.get(k)}" for k in diff[:8])
-            # A reader (sample, export) wants this run's checkpoints as they are: the fix is to read
-            # the recorded config, not to start a new experiment.
-            advice = ("These fields say what its checkpoints mean: drop --config to use the run's recorded config "
-                      "(its config.json), and any --config.* override of these fields." if not write else
-                      "Resume with the same settings, or start this experiment in a new --workdir.")
-            raise ConfigError(f"{workdir} holds a run with a different config ({changes}). {advice}")
-        for key in _RECORDED:
-            if key in a:
-                *parents, leaf = key.split(".")
-                node = current
-                for name in parents:
-                    node = node.setdefault(name, {})
-                node[leaf] = a[key]
-    if write and jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(current, f, indent=2)
-        os.replace(path + ".tmp", path)

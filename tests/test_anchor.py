@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 
 from configs import toy as toy_config
-from dpdmd_jax.config import ConfigError, override, validate
-from dpdmd_jax.distill import anchor, trainer
+from dpdmd_jax.config import ConfigError, override
+from dpdmd_jax.run.preflight import validate
+from dpdmd_jax.distill import anchor
+from dpdmd_jax.run import train as run_train
+from dpdmd_jax.run import setup as setup_lib
 from tests.test_distill import make
 
 SEEDS = 2  # test_distill.make's batch of 4: 2 prompts x 2 seeds
@@ -86,7 +89,7 @@ def test_invalid_auto_anchor_settings_are_refused(overrides, message):
 
 
 def _rounds_with_k(used: list):
-    """A stand-in for `trainer.compile_round` that records the K the round would be built with and
+    """A stand-in for `setup_lib.compile_round` that records the K the round would be built with and
     only counts rounds (the round itself is tested elsewhere; this test needs no round compile)."""
     def compile_round(setup, shardings):
         used.append(setup.distiller.anchor_k)
@@ -99,8 +102,8 @@ def _rounds_with_k(used: list):
 def test_trainer_records_the_choice_and_reuses_it_on_resume(tmp_path, monkeypatch, capsys):
     c = override(toy_config.get_config("smoke"), {"distill.anchor_k": "auto", "num_rounds": 1, "evals": {}})
     used = []  # the K each run's round was built with
-    monkeypatch.setattr(trainer, "compile_round", _rounds_with_k(used))
-    trainer.train(c, str(tmp_path))
+    monkeypatch.setattr(setup_lib, "compile_round", _rounds_with_k(used))
+    run_train.train(c, str(tmp_path))
     curve = json.loads((tmp_path / "anchor_auto.json").read_text())
     k = curve["chosen_k"]
     assert len(curve["carried"]) == c.teacher.steps and curve["carried"][-1] == pytest.approx(1.0, abs=1e-5)
@@ -113,7 +116,7 @@ def test_trainer_records_the_choice_and_reuses_it_on_resume(tmp_path, monkeypatc
         raise AssertionError("a resumed run must reuse the recorded K")
 
     monkeypatch.setattr(anchor, "target_curve", no_second_pass)
-    trainer.train(override(c, {"num_rounds": 2}), str(tmp_path))
+    run_train.train(override(c, {"num_rounds": 2}), str(tmp_path))
     assert used == [k, k]
     assert json.loads((tmp_path / "config.json").read_text())["distill"]["auto_anchor"]["chosen_k"] == k
     out = capsys.readouterr().out
@@ -124,4 +127,4 @@ def test_plain_dmd_with_auto_runs_no_teacher_pass(tmp_path, monkeypatch):
     """lambda_div = 0 never uses the anchor (e.g. the main job's DMD baseline of an "auto" run)."""
     monkeypatch.setattr(anchor, "target_curve", lambda *a, **k: pytest.fail("no anchor to choose for plain DMD"))
     c = override(toy_config.get_config("smoke"), {"distill.anchor_k": "auto", "distill.lambda_div": 0.0})
-    assert trainer.choose_anchor_k(trainer.build(c), str(tmp_path)) is None
+    assert setup_lib.build(c, workdir=str(tmp_path)).distiller.anchor_k is None

@@ -16,10 +16,12 @@ from flax import nnx
 
 from configs import toy as toy_config
 from dpdmd_jax import backbones
-from dpdmd_jax.config import override, validate
+from dpdmd_jax.config import override
+from dpdmd_jax.run.preflight import validate
 from dpdmd_jax.diffusion import vp
 from dpdmd_jax.distill import losses
-from dpdmd_jax.distill.step import Distiller, Frozen
+from dpdmd_jax.core import Frozen
+from dpdmd_jax.distill.step import Distiller
 from dpdmd_jax.parallel.mesh import make_mesh
 
 BACKBONES = ["tiny_flow", "tiny_vp"]

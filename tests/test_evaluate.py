@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from configs import toy as toy_config
-from dpdmd_jax import evaluate as evaluate_lib
-from dpdmd_jax import sample as sample_lib
+from dpdmd_jax.eval import folder as eval_folder
+from dpdmd_jax.run import sample as run_sample
 from dpdmd_jax.config import override
 from dpdmd_jax.eval import preprocess
 from dpdmd_jax.eval.diversity import clip_score, diversity, prompt_diversity
@@ -57,14 +57,14 @@ def _config(**overrides):
 def toy_samples(tmp_path_factory):
     """A toy sample folder (the tiny VP teacher: random weights, real toy prompts and folder layout)."""
     out = str(tmp_path_factory.mktemp("samples") / "teacher")
-    sample_lib.sample(_config(), out, sampler="teacher", seeds=3, per_device_batch=1)
+    run_sample.sample(_config(), out, sampler="teacher", seeds=3, per_device_batch=1)
     return out
 
 
 def test_toy_metrics_come_from_the_pngs_and_bad_pngs_are_counted(toy_samples, tmp_path):
     from dpdmd_jax.toy.metrics import toy_metrics
 
-    result = evaluate_lib.evaluate([toy_samples])[os.path.basename(toy_samples)]
+    result = eval_folder.evaluate([toy_samples])[os.path.basename(toy_samples)]
     names = [f"p{p:05d}_s{s:03d}.png" for p in range(6) for s in range(3)]
     images = np.stack([np.asarray(Image.open(os.path.join(toy_samples, "images", n))) for n in names])
     want = toy_metrics(images.astype(np.float32) / 127.5 - 1, np.repeat(np.arange(6), 3), 3)
@@ -72,8 +72,8 @@ def test_toy_metrics_come_from_the_pngs_and_bad_pngs_are_counted(toy_samples, tm
         assert result[k] == pytest.approx(want[k], abs=1e-12), k
     assert result["images"] == 18 and result["missing"] == result["corrupt"] == 0 and result["toy_prompts"] == 6
     assert result["computed"] == ["toy_metrics"]  # and the tower metrics are named, with the missing flag
-    assert result["not_computed"] == {"diversity_clip": evaluate_lib.NO_CLIP, "diversity_dino": evaluate_lib.NO_DINO,
-                                      "clip_score": evaluate_lib.NO_CLIP_SCORE}
+    assert result["not_computed"] == {"diversity_clip": eval_folder.NO_CLIP, "diversity_dino": eval_folder.NO_DINO,
+                                      "clip_score": eval_folder.NO_CLIP_SCORE}
     with open(os.path.join(toy_samples, "eval.json")) as f:
         assert json.load(f)["diversity_pixel"] == result["diversity_pixel"]
 
@@ -82,13 +82,13 @@ def test_toy_metrics_come_from_the_pngs_and_bad_pngs_are_counted(toy_samples, tm
     os.remove(os.path.join(broken, "images", "p00001_s000.png"))
     with open(os.path.join(broken, "images", "p00002_s001.png"), "wb") as f:
         f.write(b"not a png")
-    r = evaluate_lib.evaluate([broken])["broken"]
+    r = eval_folder.evaluate([broken])["broken"]
     assert r["missing"] == 1 and r["corrupt"] == 1 and r["images"] == 16 and r["toy_prompts"] == 4
 
-    with pytest.raises(evaluate_lib.EvaluateError, match="no run.json"):
-        evaluate_lib.evaluate([str(tmp_path)])
-    with pytest.raises(evaluate_lib.EvaluateError, match="2 --names for 1"):
-        evaluate_lib.evaluate([toy_samples], ["a", "b"])
+    with pytest.raises(eval_folder.EvaluateError, match="no run.json"):
+        eval_folder.evaluate([str(tmp_path)])
+    with pytest.raises(eval_folder.EvaluateError, match="2 --names for 1"):
+        eval_folder.evaluate([toy_samples], ["a", "b"])
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def towers(tmp_path_factory):
 def test_tower_diversity_and_clip_score_match_transformers(toy_samples, towers, tmp_path):
     from transformers import CLIPTokenizer
 
-    r = evaluate_lib.evaluate([toy_samples], clip=towers["clip_dir"], dino=towers["dino_dir"],
+    r = eval_folder.evaluate([toy_samples], clip=towers["clip_dir"], dino=towers["dino_dir"],
                               per_device_batch=1)[os.path.basename(toy_samples)]
     names = [f"p{p:05d}_s{s:03d}.png" for p in range(6) for s in range(3)]
     images = np.stack([np.asarray(Image.open(os.path.join(toy_samples, "images", n))) for n in names])
@@ -143,10 +143,10 @@ def test_tower_diversity_and_clip_score_match_transformers(toy_samples, towers, 
     shutil.copytree(toy_samples, same)
     for n in names:
         shutil.copyfile(os.path.join(toy_samples, "images", "p00000_s000.png"), os.path.join(same, "images", n))
-    z = evaluate_lib.evaluate([same], clip=towers["clip_dir"], dino=towers["dino_dir"], per_device_batch=1)["same"]
+    z = eval_folder.evaluate([same], clip=towers["clip_dir"], dino=towers["dino_dir"], per_device_batch=1)["same"]
     assert z["diversity_clip"] == pytest.approx(0.0, abs=1e-6) and z["diversity_dino"] == pytest.approx(0.0, abs=1e-6)
 
-    both = evaluate_lib.evaluate([toy_samples, same], ["random teacher", "copies"], out=str(tmp_path / "cmp"))
+    both = eval_folder.evaluate([toy_samples, same], ["random teacher", "copies"], out=str(tmp_path / "cmp"))
     with open(tmp_path / "cmp" / "comparison.md") as f:
         text = f.read()
     assert "random teacher" in text and "copies" in text and "diversity_pixel" in text
@@ -164,14 +164,14 @@ def test_the_trainers_toy_metrics_are_evaluates_numbers(tmp_path):
     `dpdmd_jax.evaluate`: evaluating its folders again gives the summary exactly. The main job's
     DMD baseline (`compare_with_dmd`) is a plain-DMD run in workdir/dmd_baseline whose student row
     sits beside the DP-DMD student's in comparison.md, against the teacher row measured once."""
-    from dpdmd_jax.distill import trainer
+    from dpdmd_jax.run import baseline as baseline_lib
 
     toy = dict(type="toy_metrics", every=0, seeds_per_prompt=3, repeats=1)
     c = _config(num_rounds=1, evals={"toy": toy}, compare_with_dmd=True)
-    summary = trainer.train_with_baseline(c, str(tmp_path))
+    summary = baseline_lib.train_with_baseline(c, str(tmp_path))
     with open(tmp_path / "summary.json") as f:
         assert json.load(f) == json.loads(json.dumps(summary))
-    base_dir = tmp_path / trainer.BASELINE_DIR
+    base_dir = tmp_path / baseline_lib.BASELINE_DIR
     with open(base_dir / "summary.json") as f:
         baseline = json.load(f)
     with open(base_dir / "config.json") as f:
@@ -184,7 +184,7 @@ def test_the_trainers_toy_metrics_are_evaluates_numbers(tmp_path):
         line = next(x for x in table if x.startswith(name))
         assert f"{row['diversity_layout']:.3f}" in line and f"{row['frechet_layout']:.3f}" in line
     folders = [str(tmp_path / "eval" / "teacher"), str(tmp_path / "eval" / "student_1")]
-    again = evaluate_lib.evaluate(folders, ["teacher", "student"])
+    again = eval_folder.evaluate(folders, ["teacher", "student"])
     for who in ("teacher", "student"):
         for k in ("diversity_layout", "diversity_pixel", "spread_size", "adherence", "valid", "frechet_layout"):
             assert summary[who][k] == again[who][k], (who, k)
@@ -214,9 +214,9 @@ def test_pipeline_samples_name_each_metric_not_computed_and_why(toy_samples, tow
     # named with the flag it needs, from the API and the command line (exit 0: something was computed).
     from dpdmd_jax.eval.diversity import diversity
 
-    bare = evaluate_lib.evaluate([pipe])["pipe"]
+    bare = eval_folder.evaluate([pipe])["pipe"]
     assert bare["computed"] == ["diversity_pixel"]
-    d = evaluate_lib.read_folder(pipe)
+    d = eval_folder.read_folder(pipe)
     by_hand = diversity([np.stack(ims).reshape(len(ims), -1) / 127.5 - 1.0 for ims in d["images"].values()])
     assert bare["diversity_pixel"] == pytest.approx(by_hand, rel=1e-6) and 0.0 < by_hand
     assert set(bare["not_computed"]) == {"diversity_clip", "diversity_dino", "clip_score"}
@@ -229,11 +229,11 @@ def test_pipeline_samples_name_each_metric_not_computed_and_why(toy_samples, tow
     # A DINO tower only: diversity_dino is computed, the CLIP metrics are named with the flag they need,
     # in the printed output, eval.json and eval.md.
     capsys.readouterr()
-    r = evaluate_lib.evaluate([pipe], dino=towers["dino_dir"], per_device_batch=1)["pipe"]
+    r = eval_folder.evaluate([pipe], dino=towers["dino_dir"], per_device_batch=1)["pipe"]
     printed = capsys.readouterr().out
     assert r["computed"] == ["diversity_pixel", "diversity_dino"] and 0.0 < r["diversity_dino"]
     assert "diversity_clip" not in r
-    assert r["not_computed"] == {"diversity_clip": evaluate_lib.NO_CLIP, "clip_score": evaluate_lib.NO_CLIP_SCORE}
+    assert r["not_computed"] == {"diversity_clip": eval_folder.NO_CLIP, "clip_score": eval_folder.NO_CLIP_SCORE}
     assert "pipe: metrics computed: diversity_pixel, diversity_dino" in printed
     assert "diversity_clip: not computed: no --clip tower given (a transformers CLIP folder)" in printed
     with open(os.path.join(pipe, "eval.json")) as f:
@@ -246,8 +246,8 @@ def test_pipeline_samples_name_each_metric_not_computed_and_why(toy_samples, tow
     for p in range(6):
         for s in (1, 2):
             os.remove(os.path.join(single, "images", f"p{p:05d}_s{s:03d}.png"))
-    with pytest.raises(evaluate_lib.EvaluateError, match="no metric was computed for any folder"):
-        evaluate_lib.evaluate([single], dino=towers["dino_dir"], per_device_batch=1)
+    with pytest.raises(eval_folder.EvaluateError, match="no metric was computed for any folder"):
+        eval_folder.evaluate([single], dino=towers["dino_dir"], per_device_batch=1)
     with open(os.path.join(single, "eval.json")) as f:
         written = json.load(f)
     assert written["computed"] == [] and written["missing"] == 12
@@ -278,7 +278,7 @@ def test_towers_see_images_at_their_own_resolution(toy_samples, tmp_path):
     dino_processor.save_pretrained(tmp_path / "dino")
 
     folder = _as_pipeline_samples(toy_samples, tmp_path / "pipe")
-    r = evaluate_lib.evaluate([folder], clip=str(tmp_path / "clip"), dino=str(tmp_path / "dino"),
+    r = eval_folder.evaluate([folder], clip=str(tmp_path / "clip"), dino=str(tmp_path / "dino"),
                               per_device_batch=1)["pipe"]
     names = [f"p{p:05d}_s{s:03d}.png" for p in range(6) for s in range(3)]
     images = [np.asarray(Image.open(os.path.join(folder, "images", n)).convert("RGB")) for n in names]

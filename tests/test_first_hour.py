@@ -18,9 +18,11 @@ import pytest
 
 from configs import sd35 as sd35_config
 from configs import toy as toy_config
-from dpdmd_jax import preflight
+from dpdmd_jax.run import preflight
 from dpdmd_jax.config import ConfigError, override
-from dpdmd_jax.distill import trainer
+from dpdmd_jax.run import setup as setup_lib
+from dpdmd_jax.run import train as run_train
+from dpdmd_jax.run import workdir as workdir_lib
 from dpdmd_jax.parallel import multihost
 from dpdmd_jax.tools.tiny_pipeline import make_tiny_pipeline
 
@@ -127,7 +129,7 @@ def test_every_missing_component_is_listed_before_the_workdir_is_touched(tiny_sd
     c = override(sd35_config.get_config("tiny"), {"model.source": broken, "data.prompt_file": prompts})
     workdir = tmp_path / "run"
     with pytest.raises(ConfigError) as e:
-        trainer.train(c, str(workdir))
+        run_train.train(c, str(workdir))
     message = str(e.value)
     assert "has no .safetensors weights" in message
     assert "has no vae/ folder" in message and "decodes the sample grids" in message
@@ -141,18 +143,18 @@ def test_a_start_that_fails_later_leaves_the_workdir_as_it_was(tmp_path, monkeyp
     def fail(*a, **k):
         raise RuntimeError("out of memory while compiling")
 
-    monkeypatch.setattr(trainer, "init_train_state", fail)
+    monkeypatch.setattr(setup_lib, "init_train_state", fail)
     c = override(toy_config.get_config("smoke"), {"num_rounds": 2})
     fresh = tmp_path / "fresh"
     with pytest.raises(RuntimeError, match="out of memory"):
-        trainer.train(c, str(fresh))
+        run_train.train(c, str(fresh))
     assert not os.path.exists(fresh)  # the folder this start created is gone
 
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "notes.txt").write_text("mine")
     with pytest.raises(RuntimeError, match="out of memory"):
-        trainer.train(c, str(existing))
+        run_train.train(c, str(existing))
     assert sorted(os.listdir(existing)) == ["notes.txt"]  # config.json went, the user's file stayed
     # A corrected command (another config) is not refused as "a different config".
     assert preflight.run_problems(override(c, {"distill.lambda_div": 0.5}), str(existing)) == []
@@ -194,26 +196,29 @@ def test_waiting_notice_repeats_until_the_block_ends(capsys):
 
 
 def test_sample_and_export_check_out_before_loading(tmp_path, monkeypatch):
-    from dpdmd_jax import export, sample
+    from dpdmd_jax.run import export as run_export
+    from dpdmd_jax.run import sample as run_sample
+    from dpdmd_jax.sampling import folder as sampling_folder
+    from dpdmd_jax.weights import export as weights_export
 
-    monkeypatch.setattr(trainer, "build", lambda *a, **k: pytest.fail("built before --out was checked"))
+    monkeypatch.setattr(setup_lib, "build", lambda *a, **k: pytest.fail("built before --out was checked"))
     afile = tmp_path / "afile"
     afile.write_text("")
     c = toy_config.get_config("smoke")
-    with pytest.raises(sample.SampleError, match=f"--out={afile / 'x'} cannot be created: {afile} is a file"):
-        sample.sample(c, str(afile / "x"), sampler="teacher")
+    with pytest.raises(sampling_folder.SampleError, match=f"--out={afile / 'x'} cannot be created: {afile} is a file"):
+        run_sample.sample(c, str(afile / "x"), sampler="teacher")
     workdir = tmp_path / "run"
     workdir.mkdir()
-    trainer.check_workdir_config(str(workdir), c)  # a run's record, as the trainer writes it
-    with pytest.raises(export.ExportError, match=f"--out={afile / 'x'} cannot be created: {afile} is a file"):
-        export.export_student(c, str(workdir), str(afile / "x"))
+    workdir_lib.check_workdir_config(str(workdir), c)  # a run's record, as the trainer writes it
+    with pytest.raises(weights_export.ExportError, match=f"--out={afile / 'x'} cannot be created: {afile} is a file"):
+        run_export.export_student(c, str(workdir), str(afile / "x"))
 
 
 def test_main_without_config_resumes_the_recorded_config(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     c = override(toy_config.get_config("smoke"), {"distill.lambda_div": 0.25, "num_rounds": 7})
-    trainer.check_workdir_config(str(workdir), c)  # the record a run of `c` leaves
+    workdir_lib.check_workdir_config(str(workdir), c)  # the record a run of `c` leaves
     out = _main(f"--workdir={workdir}", "--config.num_rounds=9", "--dry_run")
     assert out.returncode == 0, out.stderr
     assert re.search(r"^  distill\.lambda_div\s+0\.25\s+recorded$", out.stdout, re.M)

@@ -19,7 +19,7 @@ import numpy as np
 
 from configs import toy as toy_config
 from dpdmd_jax.config import override
-from dpdmd_jax.distill import trainer
+from dpdmd_jax.run import train as run_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS_COMPARED = 3
@@ -63,7 +63,7 @@ def _launch(workdir, port, process_id, *flags, compile_delay_s=0):
 def test_two_processes_train_like_one_and_stop_together(tmp_path):
     # The single-process reference: the same config on this process's 8 devices.
     ref_dir = tmp_path / "ref"
-    trainer.train(override(toy_config.get_config("smoke"), {"num_rounds": ROUNDS_COMPARED}), str(ref_dir))
+    run_train.train(override(toy_config.get_config("smoke"), {"num_rounds": ROUNDS_COMPARED}), str(ref_dir))
     reference = _metrics(ref_dir)
 
     workdir, port = tmp_path / "two", _free_port()

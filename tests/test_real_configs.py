@@ -21,7 +21,7 @@ import pytest
 from configs import sd35 as sd35_config
 from configs import sdxl as sdxl_config
 from dpdmd_jax.config import override
-from dpdmd_jax.distill import trainer
+from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.models import mmdit, unet
 from dpdmd_jax.tools.tiny_pipeline import make_tiny_pipeline
 
@@ -43,7 +43,7 @@ def family(request, tmp_path_factory):
 
 def _setup(c, scan: bool, remat: str):
     c = override(c.copy_and_resolve_references(), {"model.scan_layers": scan, "model.remat_policy": remat})
-    setup = trainer.build(c, devices=jax.devices()[:1])  # sharded == one device is tests/test_trainer.py's
+    setup = setup_lib.build(c, devices=jax.devices()[:1])  # sharded == one device is tests/test_trainer.py's
     setup.distiller.anchor_k = c.distill.anchor_k
     return setup
 
@@ -60,7 +60,7 @@ def test_tiny_keeps_the_real_configs_execution_settings():
 
 def _loop_value_and_grad(setup, batch: int):
     d, frozen = setup.distiller, setup.frozen
-    cond = jax.tree.map(lambda x: x[0], trainer.round_batch(setup, 0).cond)
+    cond = jax.tree.map(lambda x: x[0], setup_lib.round_batch(setup, 0).cond)
     z = jax.random.normal(jax.random.key(0), (batch, *d.latent_shape))
     levels = jnp.asarray(d.student_grid[:2])
 
@@ -79,8 +79,8 @@ def test_shipped_round_gives_the_plain_rounds_losses(family):
     results = {}
     for setting in (PLAIN, shipped):
         setup = _setup(c, *setting)
-        state, shardings = trainer.init_train_state(setup)
-        _, metrics = trainer.compile_round(setup, shardings)(state, setup.frozen, trainer.round_batch(setup, 0))
+        state, shardings = setup_lib.init_train_state(setup)
+        _, metrics = setup_lib.compile_round(setup, shardings)(state, setup.frozen, setup_lib.round_batch(setup, 0))
         results[setting] = {k: float(v) for k, v in jax.device_get(metrics).items()}
     assert all(np.isfinite(results[PLAIN][k]) and results[PLAIN][k] != 0 for k in METRICS), results[PLAIN]
     for k in METRICS:

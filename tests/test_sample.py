@@ -21,9 +21,10 @@ import pytest
 from PIL import Image
 
 from configs import toy as toy_config
-from dpdmd_jax import sample as sample_lib
+from dpdmd_jax.run import sample as run_sample
+from dpdmd_jax.sampling import folder as sampling_folder
 from dpdmd_jax.config import override
-from dpdmd_jax.distill import trainer
+from dpdmd_jax.run import train as run_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"backbone": "tiny_vp", "distill.target": "denoise", "evals": {}, "num_rounds": 2,
@@ -40,7 +41,7 @@ def config():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    trainer.train(config(), workdir)
+    run_train.train(config(), workdir)
     return workdir
 
 
@@ -55,10 +56,10 @@ def rows(folder: str) -> list[dict]:
 
 
 def test_same_images_on_2_and_8_devices_and_any_batch(run_dir, tmp_path):
-    a = sample_lib.sample(config(), str(tmp_path / "d8"), workdir=run_dir, seeds=3, per_device_batch=1)
-    b = sample_lib.sample(config(), str(tmp_path / "d2"), workdir=run_dir, seeds=3, per_device_batch=1,
+    a = run_sample.sample(config(), str(tmp_path / "d8"), workdir=run_dir, seeds=3, per_device_batch=1)
+    b = run_sample.sample(config(), str(tmp_path / "d2"), workdir=run_dir, seeds=3, per_device_batch=1,
                           devices=jax.devices()[:2])
-    c = sample_lib.sample(config(), str(tmp_path / "d2b3"), workdir=run_dir, seeds=3, per_device_batch=3,
+    c = run_sample.sample(config(), str(tmp_path / "d2b3"), workdir=run_dir, seeds=3, per_device_batch=3,
                           devices=jax.devices()[:2])
     assert a["images"] == b["images"] == c["images"] == 18 and a["rows"] == 18
     ia, ib, ic = pngs(a["out"]), pngs(b["out"]), pngs(c["out"])
@@ -121,7 +122,7 @@ def _wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
 
 def test_two_processes_resume_and_sample_like_one(run_dir, tmp_path):
     # The single-process reference on this process's 8 devices.
-    ref = sample_lib.sample(config(), str(tmp_path / "one"), workdir=run_dir, seeds=3, per_device_batch=1)
+    ref = run_sample.sample(config(), str(tmp_path / "one"), workdir=run_dir, seeds=3, per_device_batch=1)
     # A folder as an interrupted run leaves it: its first 2 prompts' 6 images, with their rows.
     out = tmp_path / "two"
     os.makedirs(out / "images")
@@ -170,7 +171,7 @@ def test_killed_sampler_resumes_without_duplicates_or_overwrites(run_dir, tmp_pa
     before = {n: os.stat(os.path.join(out, "images", n)).st_mtime_ns for n in os.listdir(os.path.join(out, "images"))
               if n.endswith(".png")}
     assert 8 <= len(before) < total
-    summary = sample_lib.sample(config(), out, workdir=run_dir, seeds=seeds, per_device_batch=1, num_prompts=6)
+    summary = run_sample.sample(config(), out, workdir=run_dir, seeds=seeds, per_device_batch=1, num_prompts=6)
     assert summary["made"] <= total - 8 and summary["rows"] == total
     r = rows(out)
     assert sorted((x["prompt_index"], x["seed"]) for x in r) == [(p, s) for p in range(6) for s in range(seeds)]
@@ -178,42 +179,42 @@ def test_killed_sampler_resumes_without_duplicates_or_overwrites(run_dir, tmp_pa
         assert os.stat(os.path.join(out, "images", n)).st_mtime_ns == mtime
     assert not [n for n in os.listdir(os.path.join(out, "images")) if not n.endswith(".png")]
     # The same images as a run that was never interrupted.
-    ref = sample_lib.sample(config(), str(tmp_path / "ref"), workdir=run_dir, seeds=seeds,
+    ref = run_sample.sample(config(), str(tmp_path / "ref"), workdir=run_dir, seeds=seeds,
                             per_device_batch=1, num_prompts=6)
     got, want = pngs(out), pngs(ref["out"])
     assert list(got) == list(want)
     for n in want:
         np.testing.assert_array_equal(got[n], want[n], err_msg=n)
-    again = sample_lib.sample(config(), out, workdir=run_dir, seeds=seeds, per_device_batch=1, num_prompts=6)
+    again = run_sample.sample(config(), out, workdir=run_dir, seeds=seeds, per_device_batch=1, num_prompts=6)
     assert again["made"] == 0 and len(rows(out)) == total
 
 
 def test_teacher_sampler_and_bad_input(run_dir, tmp_path):
-    t = sample_lib.sample(config(), str(tmp_path / "teacher"), sampler="teacher", seeds=2, num_prompts=2)
+    t = run_sample.sample(config(), str(tmp_path / "teacher"), sampler="teacher", seeds=2, num_prompts=2)
     r = rows(t["out"])
     assert len(r) == 4 and r[0]["sampler"] == "teacher" and r[0]["steps"] == 4 and r[0]["nfe"] == 8
     assert r[0]["cfg_scale"] == 3.5 and r[0]["source"] == "model.source=random"
     # A folder made with other settings is refused, and left as it was.
-    with pytest.raises(sample_lib.SampleError, match="other settings"):
-        sample_lib.sample(config(), t["out"], workdir=run_dir, seeds=2, num_prompts=2)
-    with pytest.raises(sample_lib.SampleError, match=r"checkpoints at steps \[1, 2\], not 7"):
-        sample_lib.sample(config(), str(tmp_path / "x"), workdir=run_dir, step=7)
-    with pytest.raises(sample_lib.SampleError, match="no checkpoints/ folder"):
-        sample_lib.sample(config(), str(tmp_path / "x"), workdir=str(tmp_path))
+    with pytest.raises(sampling_folder.SampleError, match="other settings"):
+        run_sample.sample(config(), t["out"], workdir=run_dir, seeds=2, num_prompts=2)
+    with pytest.raises(sampling_folder.SampleError, match=r"checkpoints at steps \[1, 2\], not 7"):
+        run_sample.sample(config(), str(tmp_path / "x"), workdir=run_dir, step=7)
+    with pytest.raises(sampling_folder.SampleError, match="no checkpoints/ folder"):
+        run_sample.sample(config(), str(tmp_path / "x"), workdir=str(tmp_path))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    with pytest.raises(sample_lib.SampleError, match="prompt_file"):
-        sample_lib.sample(config(), str(tmp_path / "x"), prompt_file=str(empty))
+    with pytest.raises(sampling_folder.SampleError, match="prompt_file"):
+        run_sample.sample(config(), str(tmp_path / "x"), prompt_file=str(empty))
     bad = tmp_path / "bad.txt"
     bad.write_text("red square\na purple cat\n")
-    with pytest.raises(sample_lib.SampleError, match="purple cat"):
-        sample_lib.sample(config(), str(tmp_path / "x"), prompt_file=str(bad))
-    with pytest.raises(sample_lib.SampleError, match="drop --workdir"):
-        sample_lib.sample(config(), str(tmp_path / "x"), workdir=run_dir, sampler="teacher")
+    with pytest.raises(sampling_folder.SampleError, match="purple cat"):
+        run_sample.sample(config(), str(tmp_path / "x"), prompt_file=str(bad))
+    with pytest.raises(sampling_folder.SampleError, match="drop --workdir"):
+        run_sample.sample(config(), str(tmp_path / "x"), workdir=run_dir, sampler="teacher")
     # A different training config than the run's is refused before anything is sampled.
     other = override(config(), {"distill.anchor_k": 3})
     with pytest.raises(Exception, match="different config"):
-        sample_lib.sample(other, str(tmp_path / "x"), workdir=run_dir)
+        run_sample.sample(other, str(tmp_path / "x"), workdir=run_dir)
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -249,7 +250,7 @@ def _check_whole(out: str) -> list[dict]:
     """The folder as a stopped sampler must leave it: only whole PNGs, exactly one row for each."""
     names = sorted(os.listdir(os.path.join(out, "images")))
     assert names and all(n.endswith(".png") for n in names), names  # no temporary files left
-    assert all(sample_lib.readable_png(os.path.join(out, "images", n)) for n in names)
+    assert all(sampling_folder.readable_png(os.path.join(out, "images", n)) for n in names)
     r = rows(out)
     assert sorted(x["file"] for x in r) == names
     return r
@@ -273,7 +274,7 @@ def test_sigterm_stops_the_sampler_after_a_batch_with_exit_75_and_a_rerun_finish
     assert "run the same command again" in text
     r = _check_whole(out)
     assert len(r) == 8 * stopped < total
-    summary = sample_lib.sample(config(), out, workdir=run_dir, seeds=seeds, per_device_batch=1)
+    summary = run_sample.sample(config(), out, workdir=run_dir, seeds=seeds, per_device_batch=1)
     assert not summary["preempted"] and summary["made"] == total - len(r) and summary["rows"] == total
     assert len(_check_whole(out)) == total
 
@@ -295,13 +296,13 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_batch(run_dir
     assert stopped[0] == stopped[1]
     r = _check_whole(out)
     assert len(r) == 8 * stopped[0] < total
-    summary = sample_lib.sample(config(), out, workdir=run_dir, seeds=seeds, per_device_batch=1)
+    summary = run_sample.sample(config(), out, workdir=run_dir, seeds=seeds, per_device_batch=1)
     assert summary["made"] == total - len(r) and len(_check_whole(out)) == total
 
 
 def test_a_rerun_remakes_truncated_pngs_and_keeps_the_bad_files_aside(run_dir, tmp_path):
     out = str(tmp_path / "samples")
-    first = sample_lib.sample(config(), out, workdir=run_dir, seeds=2, per_device_batch=1)
+    first = run_sample.sample(config(), out, workdir=run_dir, seeds=2, per_device_batch=1)
     assert first["rows"] == 12
     before = pngs(out)
     image, grid = os.path.join(out, "images", "p00003_s001.png"), os.path.join(out, "grids", "p00003.png")
@@ -310,7 +311,7 @@ def test_a_rerun_remakes_truncated_pngs_and_keeps_the_bad_files_aside(run_dir, t
         open(path, "wb").write(data[: int(len(data) * keep)])
     with open(os.path.join(out, "samples.jsonl"), "a") as f:
         f.write('{"prompt": "red sq')  # a row torn by a kill
-    again = sample_lib.sample(config(), out, workdir=run_dir, seeds=2, per_device_batch=1)
+    again = run_sample.sample(config(), out, workdir=run_dir, seeds=2, per_device_batch=1)
     assert again["made"] == 1 and again["rows"] == 12
     after = pngs(out)
     assert list(after) == list(before)
@@ -318,7 +319,7 @@ def test_a_rerun_remakes_truncated_pngs_and_keeps_the_bad_files_aside(run_dir, t
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
     assert sorted(os.listdir(os.path.join(out, "corrupt"))) == ["p00003.png", "p00003_s001.png"]
     _check_whole(out)
-    assert sample_lib.readable_png(grid)
+    assert sampling_folder.readable_png(grid)
     assert np.asarray(Image.open(grid)).shape[1] == 2 * before["p00003_s001.png"].shape[1]
 
 
@@ -346,7 +347,7 @@ def test_sample_and_export_read_the_runs_recorded_config(run_dir, tmp_path):
             dict(refused=refused, mistyped=mistyped, export=export, no_run=no_run, sampler=sampler).items()}
     assert sampler.returncode == 0, outs["sampler"][1][-3000:]
     assert "4 images in" in outs["sampler"][0]
-    ref = sample_lib.sample(config(), str(tmp_path / "ref"), workdir=run_dir, seeds=2, num_prompts=2,
+    ref = run_sample.sample(config(), str(tmp_path / "ref"), workdir=run_dir, seeds=2, num_prompts=2,
                             per_device_batch=1)
     got, want = pngs(str(tmp_path / "cli")), pngs(ref["out"])
     assert list(got) == list(want)

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from configs import toy as toy_config
-from dpdmd_jax import sample as sample_lib
-from dpdmd_jax.distill import trainer
+from dpdmd_jax.sampling import folder as sampling_folder
+from dpdmd_jax.sampling import sampler as sampling_sampler
+from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.tools.tiny_pipeline import make_tiny_pipeline
 from tests.test_sample import _free_port, _wait_all, launch_process, rows
@@ -29,13 +30,13 @@ def test_the_sample_function_closes_over_no_array(backbone):
     the jitted sampler, for the student and the teacher: traced, its program holds no jax.Array
     constant (numpy constants, such as the step grid, are fine: every process has them)."""
     c = toy_config.get_config("smoke" if backbone == "mmdit" else "unet")
-    setup = trainer.build(c)
+    setup = setup_lib.build(c)
     assert jax.tree.leaves(setup.frozen.buffers) or backbone == "unet"  # the MMDiT has some to close over
     put = lambda x: mesh_lib.global_batch(setup.mesh, np.asarray(x))
     cond = jax.tree.map(put, setup.data.embed(np.zeros(8, np.int32)))
     ids = put(np.arange(8, dtype=np.int32))
     for sampler in ("student", "teacher"):
-        fn = sample_lib.make_sample_fn(setup, sampler, root_seed=0)
+        fn = sampling_sampler.make_sample_fn(setup, sampler, root_seed=0)
         traced = fn.func.jitted.trace(*fn.args, setup.frozen.teacher, ids, ids, cond, cond)
         closed = [x.shape for x in traced.jaxpr.consts if isinstance(x, jax.Array)]
         assert not closed, f"{sampler} sampler closes over arrays of shapes {closed}"
@@ -62,4 +63,4 @@ def test_two_processes_sample_a_pipeline(family, tmp_path):
     assert sorted((x["prompt"], x["seed"]) for x in r) == sorted((p, s) for p in PROMPTS for s in range(2))
     assert r[0]["sampler"] == "teacher" and r[0]["cfg_scale"] > 1
     for x in r:
-        assert sample_lib.readable_png(os.path.join(out, "images", x["file"]))
+        assert sampling_folder.readable_png(os.path.join(out, "images", x["file"]))

@@ -15,12 +15,12 @@ from configs import sd35 as sd35_config
 from configs import toy as toy_config
 from dpdmd_jax import run_config
 from dpdmd_jax.config import ConfigError
-from dpdmd_jax.distill import trainer
+from dpdmd_jax.run import workdir as workdir_lib
 
 
 def _record(workdir, c, **recorded) -> dict:
     """What the trainer writes into `workdir` for config `c` (and values the run records itself)."""
-    trainer.check_workdir_config(str(workdir), c)
+    workdir_lib.check_workdir_config(str(workdir), c)
     path = os.path.join(workdir, "config.json")
     saved = json.load(open(path))
     if recorded:  # as anchor.record writes the K it chose
@@ -42,7 +42,7 @@ def test_the_record_reads_back_as_the_config_it_was(name, tmp_path):
         assert back.distill.anchor_k == "auto" and back.distill.auto_anchor.chosen_k == 7
     if name == "toy:smoke":  # a field base_config lacks (the random model's architecture)
         assert back.model.arch.dual_attention_layers == (0,)
-    trainer.check_workdir_config(str(tmp_path), back, write=False)  # the reader accepts it as the run's
+    workdir_lib.check_workdir_config(str(tmp_path), back, write=False)  # the reader accepts it as the run's
 
 
 def _parse(argv: list[str]):
@@ -66,9 +66,9 @@ def test_workdir_makes_the_record_the_default_config_and_overrides_apply_on_top(
     assert c.distill.anchor_k == "auto" and c.distill.stop_grad_first_step is True
     assert c.data.latent_size == (4, 4) and c.mesh.fsdp == 2
     # A layout knob may differ from the run's; a field that says what the checkpoint means may not.
-    trainer.check_workdir_config(workdir, _parse(["s", f"--workdir={workdir}", "--config.mesh.fsdp=2"]), write=False)
+    workdir_lib.check_workdir_config(workdir, _parse(["s", f"--workdir={workdir}", "--config.mesh.fsdp=2"]), write=False)
     with pytest.raises(ConfigError, match=r"different config \(distill.anchor_k: 2 -> 3\).*drop --config"):
-        trainer.check_workdir_config(workdir, _parse(["s", f"--workdir={workdir}", "--config.distill.anchor_k=3"]),
+        workdir_lib.check_workdir_config(workdir, _parse(["s", f"--workdir={workdir}", "--config.distill.anchor_k=3"]),
                                      write=False)
     # --config=FILE is used as before; without --workdir, or with one that holds no run, nothing is added.
     assert _parse(["s", "--config=configs/toy.py", f"--workdir={workdir}"]).model.source == "toy"

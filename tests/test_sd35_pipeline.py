@@ -19,7 +19,8 @@ import torch
 
 from configs import sd35 as sd35_config
 from dpdmd_jax.config import ConfigError, override
-from dpdmd_jax.distill import trainer
+from dpdmd_jax.run import train as run_train
+from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.parallel.mesh import make_mesh
 from dpdmd_jax.text.sd3 import load_sd3_text_encoder
 from dpdmd_jax.tools.tiny_pipeline import make_tiny_pipeline
@@ -134,7 +135,7 @@ def prompt_run(tiny, tmp_path_factory):
     checkpoints_after_cli = sorted(os.listdir(workdir / "checkpoints"))
     tags_after_cli = _image_tags(workdir)
     c = tiny_config(root, **{"data.prompt_file": prompts, "num_rounds": 3})
-    trainer.train(c, str(workdir))
+    run_train.train(c, str(workdir))
     return dict(root=root, workdir=workdir, prompts=prompts, config=c, cli=out, metrics_after_cli=metrics_after_cli,
                 checkpoints_after_cli=checkpoints_after_cli, tags_after_cli=tags_after_cli)
 
@@ -154,22 +155,25 @@ def test_sd35_config_trains_from_a_prompt_file_and_resumes(prompt_run):
 def test_export_loads_in_diffusers_and_its_4_step_call_is_our_sampler(prompt_run, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from dpdmd_jax import export, sample
+    from dpdmd_jax.run import export as run_export
+    from dpdmd_jax.run import sample as run_sample
+    from dpdmd_jax.sampling import sampler as sampling_sampler
+    from dpdmd_jax.weights import export as weights_export
 
     c, workdir = prompt_run["config"], str(prompt_run["workdir"])
-    setup = trainer.build(c)  # one build serves the export, our sampler and the sample folder
-    out = export.export_student(c, workdir, str(tmp_path / "export"), setup=setup)
+    setup = setup_lib.build(c)  # one build serves the export, our sampler and the sample folder
+    out = run_export.export_student(c, workdir, str(tmp_path / "export"), setup=setup)
     with open(os.path.join(out, "dpdmd_student.json")) as f:
         meta = json.load(f)
     assert meta["call"] == {"num_inference_steps": 4, "guidance_scale": 1.0} and meta["source"].endswith("/3")
-    with pytest.raises(export.ExportError, match="never overwrite"):
-        export.export_student(c, workdir, out, setup=setup)
+    with pytest.raises(weights_export.ExportError, match="never overwrite"):
+        run_export.export_student(c, workdir, out, setup=setup)
     pipe = StableDiffusion3Pipeline.from_pretrained(out)
     pipe.scheduler.set_timesteps(4)
     np.testing.assert_allclose(pipe.scheduler.sigmas.numpy(), setup.distiller.student_grid, atol=1e-6)
 
     # Our student sampler and the exported pipeline's own 4-step call, same latents and embeddings.
-    params, _ = sample.load_student(setup, workdir, None)
+    params, _ = run_sample.load_student(setup, workdir, None)
     d = setup.distiller
     cond = jax.device_get(setup.data.eval_cond(2))
     eps = np.asarray(jax.random.normal(jax.random.key(5), (2, *d.latent_shape)))
@@ -183,7 +187,7 @@ def test_export_loads_in_diffusers_and_its_4_step_call_is_our_sampler(prompt_run
     assert rel_err(ours, theirs.numpy().transpose(0, 2, 3, 1)) <= 1e-4
 
     # The sampler writes the same student's images from the workdir, prompts from the file.
-    s = sample.sample_with(setup, params, "round 3", str(tmp_path / "samples"), PROMPTS[:2], seeds=2,
+    s = sampling_sampler.sample_with(setup, params, "round 3", str(tmp_path / "samples"), PROMPTS[:2], seeds=2,
                            per_device_batch=1, progress=False)
     assert s["rows"] == 4 and len(os.listdir(os.path.join(s["out"], "images"))) == 4
 
@@ -202,7 +206,7 @@ def diffusiondb_run(tiny, tmp_path_factory):
     c = tiny_config(root, **{"data.kind": "diffusiondb", "data.tfds_dir": str(base / "tfds"),
                              "data.manual_dir": str(manual), "num_rounds": 2})
     workdir = base / "run"
-    trainer.train(c, str(workdir))
+    run_train.train(c, str(workdir))
     return c, _metrics(workdir), workdir
 
 
@@ -210,7 +214,7 @@ def _check_run_and_resume(c, workdir):
     """Two rounds trained: a checkpoint and a VAE-decoded grid; then a resume to round 3."""
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
     assert "student_samples" in _image_tags(workdir)
-    trainer.train(override(c.copy_and_resolve_references(), {"num_rounds": 3}), str(workdir))
+    run_train.train(override(c.copy_and_resolve_references(), {"num_rounds": 3}), str(workdir))
     assert [m["step"] for m in _metrics(workdir)] == [1, 2, 3]
 
 
@@ -240,7 +244,7 @@ def test_embedding_cache_trains_like_the_encoders_without_loading_them(diffusion
     monkeypatch.setattr(SD3Backbone, "load_text_encoder", no_text)
     cached = override(c.copy_and_resolve_references(), {"data.kind": "embeddings", "data.cache_dir": cache})
     workdir = tmp_path / "run"
-    trainer.train(cached, str(workdir))
+    run_train.train(cached, str(workdir))
     for a, b in zip(_metrics(workdir), logged, strict=True):  # same prompts, same order, same numbers
         for k in ("loss", "loss_dmd", "loss_div", "loss_fake"):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=k)
@@ -265,7 +269,7 @@ def test_bad_pipeline_and_prompt_inputs_are_reported_before_loading(tiny, tmp_pa
 
     broken = _copy_without(root, tmp_path, "text_encoder_2")
     with pytest.raises(ConfigError, match="has no text_encoder_2/ folder"):
-        trainer.build(tiny_config(broken, **{"data.prompt_file": prompts}))
+        setup_lib.build(tiny_config(broken, **{"data.prompt_file": prompts}))
 
     # A T5 tokenizer with more tokens than the encoder embeds.
     from dpdmd_jax.tools.tiny_pipeline import t5_tokenizer
@@ -277,13 +281,13 @@ def test_bad_pipeline_and_prompt_inputs_are_reported_before_loading(tiny, tmp_pa
     shutil.rmtree(os.path.join(broken, "tokenizer_3"))
     big.save_pretrained(os.path.join(broken, "tokenizer_3"))
     with pytest.raises(ConfigError, match=r"tokenizer_3/ vs text_encoder_3/: the tokenizer has \d+ tokens"):
-        trainer.build(tiny_config(broken, **{"data.prompt_file": prompts}))
+        setup_lib.build(tiny_config(broken, **{"data.prompt_file": prompts}))
 
     empty = _prompt_file(tmp_path, [b"", b"   "])
     with pytest.raises(ConfigError, match="holds no prompts"):
-        trainer.build(tiny_config(root, **{"data.prompt_file": empty}))
+        setup_lib.build(tiny_config(root, **{"data.prompt_file": empty}))
     with pytest.raises(ConfigError, match="needs --config.data.prompt_file"):
-        trainer.build(tiny_config(root))
+        setup_lib.build(tiny_config(root))
     assert not loaded  # every error came before any tensor was read
 
 

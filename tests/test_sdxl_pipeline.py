@@ -54,7 +54,8 @@ def test_sdxl_config_trains_checkpoints_resumes_and_writes_grids(tmp_path):
     """configs/sdxl.py:tiny through the same CLI as SD3.5: the VP teacher, CLIP prompts, VAE grids."""
     from configs import sdxl as sdxl_config
     from dpdmd_jax.config import override
-    from dpdmd_jax.distill import trainer
+    from dpdmd_jax.run import train as run_train
+    from dpdmd_jax.run import setup as setup_lib
     from tests.test_sd35_pipeline import _image_tags, _metrics
 
     root = str(tmp_path / "pipe")
@@ -72,7 +73,7 @@ def test_sdxl_config_trains_checkpoints_resumes_and_writes_grids(tmp_path):
 
     c = override(sdxl_config.get_config("tiny"), {"model.source": root, "data.prompt_file": str(prompts),
                                                    "num_rounds": 3})
-    trainer.train(c, str(workdir))
+    run_train.train(c, str(workdir))
     logged = _metrics(workdir)
     assert [m["step"] for m in logged] == [1, 2, 3]
     assert all(np.isfinite(m[k]) for m in logged for k in ("loss", "loss_dmd", "loss_div", "loss_fake"))
@@ -83,19 +84,20 @@ def test_sdxl_config_trains_checkpoints_resumes_and_writes_grids(tmp_path):
     # latents and re-noising noise, gives the pipeline's own output.
     from diffusers import StableDiffusionXLPipeline
 
-    from dpdmd_jax import export, sample
+    from dpdmd_jax.run import export as run_export
+    from dpdmd_jax.run import sample as run_sample
     from dpdmd_jax.diffusion import vp
     from dpdmd_jax.weights import loader
     from dpdmd_jax.weights.unet import key_map
 
-    setup = trainer.build(c)
-    out = export.export_student(c, str(workdir), str(tmp_path / "export"), link="symlink", setup=setup)
+    setup = setup_lib.build(c)
+    out = run_export.export_student(c, str(workdir), str(tmp_path / "export"), link="symlink", setup=setup)
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     assert type(pipe.scheduler).__name__ == "LCMScheduler" and os.path.islink(os.path.join(out, "vae"))
     pipe.scheduler.set_timesteps(4)
     assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
     d = setup.distiller
-    params, _ = sample.load_student(setup, str(workdir), None)
+    params, _ = run_sample.load_student(setup, str(workdir), None)
     exported = dict(pipe.unet.state_dict())
     for name, w in loader.export_tensors(params, key_map(setup.teacher_model.cfg, params)):
         np.testing.assert_array_equal(exported[name].numpy(), w, err_msg=name)

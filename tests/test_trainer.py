@@ -17,7 +17,9 @@ import pytest
 
 from configs import toy as toy_config
 from dpdmd_jax.config import ConfigError, override
-from dpdmd_jax.distill import trainer
+from dpdmd_jax.run import train as run_train
+from dpdmd_jax.run import setup as setup_lib
+from dpdmd_jax.run import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,12 +29,12 @@ def smoke(**overrides):
 
 
 def run_rounds(c, devices, rounds=2):
-    setup = trainer.build(c, devices=devices)
-    state, shardings = trainer.init_train_state(setup)
-    fn = trainer.compile_round(setup, shardings)
+    setup = setup_lib.build(c, devices=devices)
+    state, shardings = setup_lib.init_train_state(setup)
+    fn = setup_lib.compile_round(setup, shardings)
     history = []
     for r in range(rounds):
-        state, metrics = fn(state, setup.frozen, trainer.round_batch(setup, r))
+        state, metrics = fn(state, setup.frozen, setup_lib.round_batch(setup, r))
         history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     return setup, state, history
 
@@ -62,16 +64,16 @@ def test_sharded_rounds_equal_single_device(single_device_run, mesh):
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
     c = smoke(**{"num_rounds": 2, "mesh.fsdp": 8})
-    trainer.train(c, str(tmp_path))
-    mngr = trainer.checkpoint_manager(str(tmp_path), c)
+    run_train.train(c, str(tmp_path))
+    mngr = workdir_lib.checkpoint_manager(str(tmp_path), c)
     assert mngr.latest_step() == 2
-    saved_setup = trainer.build(c)
-    like, sh = trainer.init_train_state(saved_setup)
-    saved = trainer.restore(mngr, 2, like, sh)
+    saved_setup = setup_lib.build(c)
+    like, sh = setup_lib.init_train_state(saved_setup)
+    saved = workdir_lib.restore(mngr, 2, like, sh)
     other = smoke(**{"num_rounds": 2, "mesh.data": 2, "mesh.fsdp": 4})
-    setup = trainer.build(other)
-    like, shardings = trainer.init_train_state(setup)
-    restored = trainer.restore(mngr, 2, like, shardings)
+    setup = setup_lib.build(other)
+    like, shardings = setup_lib.init_train_state(setup)
+    restored = workdir_lib.restore(mngr, 2, like, shardings)
     assert int(restored.step) == 2
     for x, y, s in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(shardings), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -83,9 +85,9 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     # diffusers with the student's weights, and a scheduler whose 4 steps are the student's grid.
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-    from dpdmd_jax import export
+    from dpdmd_jax.run import export as run_export
 
-    out = export.export_student(c, str(tmp_path), str(tmp_path / "export"))
+    out = run_export.export_student(c, str(tmp_path), str(tmp_path / "export"))
     assert sorted(os.listdir(out)) == ["dpdmd_student.json", "scheduler", "transformer"]
     ref = SD3Transformer2DModel.from_pretrained(os.path.join(out, "transformer"))
     np.testing.assert_array_equal(ref.context_embedder.weight.detach().numpy().T,
@@ -161,7 +163,7 @@ def test_toy_default_is_the_matched_timeline_with_auto_anchor():
     """The toy default is the setting docs/benchmarks/toy-time-axis.md founds: every flow grid at SD3.5's
     1024^2 timeline moved to 16 x 16 (shift 0.375) and K chosen automatically; `:shift3` is SD3's own grid, `:shiftS`
     moves the teacher's anchor grid, the student's grid and the DMD noise grid together."""
-    from dpdmd_jax.config import validate
+    from dpdmd_jax.run.preflight import validate
     from dpdmd_jax.diffusion.flow import flow_match_sigmas
 
     c = toy_config.get_config()
@@ -211,7 +213,7 @@ def test_toy_default_is_the_matched_timeline_with_auto_anchor():
 )
 def test_invalid_config_fails_before_loading(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        trainer.build(smoke(**overrides))
+        setup_lib.build(smoke(**overrides))
 
 
 def test_prompt_inputs_fail_clearly(tmp_path):
@@ -219,23 +221,23 @@ def test_prompt_inputs_fail_clearly(tmp_path):
     empty.write_text("\n  \n")
     c = smoke(**{"data.kind": "prompts", "data.prompt_file": str(empty)})
     with pytest.raises(ConfigError, match="holds no prompts"):
-        trainer.build(c)
+        setup_lib.build(c)
     empty.write_text("a photo of a cat\n")  # a random teacher has no text encoders to encode it
     with pytest.raises(ConfigError, match="needs the text encoders of a diffusers pipeline, and model.source='random'"):
-        trainer.build(c)
+        setup_lib.build(c)
 
 
 def test_vp_backbone_trains_through_the_same_trainer(tmp_path):
     """The tiny VP test backbone (epsilon prediction, x0 target, SDXL-shaped conditioning from the
-    random data source) runs through `trainer.train` unchanged: finite losses, a checkpoint."""
+    random data source) runs through `run_train.train` unchanged: finite losses, a checkpoint."""
     c = smoke(**{"backbone": "tiny_vp", "distill.target": "denoise", "data.kind": "random", "num_rounds": 2,
                  "evals": {}})
-    trainer.train(c, str(tmp_path))
+    run_train.train(c, str(tmp_path))
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r[k]) for r in rows for k in ("loss", "loss_dmd", "loss_div", "loss_fake"))
     assert rows[0]["loss_div"] > 0 and 20 <= rows[0]["dmd_level"] <= 980
-    assert trainer.checkpoint_manager(str(tmp_path), c).latest_step() == 2
+    assert workdir_lib.checkpoint_manager(str(tmp_path), c).latest_step() == 2
 
 
 def test_sequence_fields_are_settable_from_the_command_line(monkeypatch):
@@ -258,7 +260,7 @@ def test_sequence_fields_are_settable_from_the_command_line(monkeypatch):
 def test_user_backbone_is_named_by_module():
     """A backbone outside the built-in list is named 'package.module:name'; its module is imported."""
     from dpdmd_jax import backbones
-    from dpdmd_jax.config import validate
+    from dpdmd_jax.run.preflight import validate
 
     c = smoke(**{"backbone": "dpdmd_jax.backbones.tiny:tiny_vp", "distill.target": "denoise", "data.kind": "random"})
     validate(c)
@@ -269,14 +271,14 @@ def test_user_backbone_is_named_by_module():
 
 def test_data_rows_are_a_pure_function_of_seed_and_round():
     """Each process builds only its rows; any split of the batch gives the same data as the whole."""
-    setup = trainer.build(smoke(**{"mesh.fsdp": 8}))
+    setup = setup_lib.build(smoke(**{"mesh.fsdp": 8}))
     whole = setup.data.round(3, slice(0, 8))
     halves = [setup.data.round(3, slice(0, 4)), setup.data.round(3, slice(4, 8))]
     joined = jax.tree.map(lambda a, b: np.concatenate([a, b], axis=1), halves[0].cond, halves[1].cond)
     for x, y in zip(jax.tree.leaves(whole.cond), jax.tree.leaves(joined), strict=True):
         np.testing.assert_array_equal(x, y)
     assert halves[0].cond.context.shape[1] == 4 and halves[0].uncond.context.shape[0] == 4
-    assert trainer.local_rows(setup) == slice(0, 8)  # one process holds every row
+    assert setup_lib.local_rows(setup) == slice(0, 8)  # one process holds every row
     assert not np.array_equal(whole.cond.context, setup.data.round(4, slice(0, 8)).cond.context)
 
 
@@ -303,9 +305,9 @@ def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
 
 
 def test_corrupt_checkpoint_and_changed_config_are_reported(tmp_path, capsys):
-    trainer.train(smoke(num_rounds=2), str(tmp_path))  # the CLI's run, in this process (its compile is cached)
+    run_train.train(smoke(num_rounds=2), str(tmp_path))  # the CLI's run, in this process (its compile is cached)
     capsys.readouterr()
-    trainer.train(smoke(num_rounds=2), str(tmp_path))  # a rerun of the finished run says so
+    run_train.train(smoke(num_rounds=2), str(tmp_path))  # a rerun of the finished run says so
     assert f"{tmp_path} already finished at round 2 (num_rounds=2)" in capsys.readouterr().out
     changed = _main(tmp_path, "--config.num_rounds=2", "--config.distill.lambda_div=0.5")
     assert changed.returncode == 2 and "holds a run with a different config" in changed.stderr

@@ -103,6 +103,10 @@ class PipelineBackbone:
             return [f"vae: {e}"]
         return []
 
+    def has_vae(self) -> bool:
+        """Whether samples are decoded by a pipeline's VAE (the toy's latents are its images)."""
+        return not self.builtin_source() or bool(self.c.text.source)
+
     def load_vae(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES, dtype: str = "float32"):
         from dpdmd_jax.weights.vae import load_vae
 

@@ -14,7 +14,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from dpdmd_jax import backbones
+from dpdmd_jax import core
 from dpdmd_jax.backbones.pipeline import PipelineBackbone
 from dpdmd_jax.diffusion.schedules import RectifiedFlow
 from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig
@@ -31,10 +31,9 @@ def exec_overrides(c: ml_collections.ConfigDict) -> dict[str, Any]:
                 remat_policy=m.remat_policy, attention_impl=m.attention_impl)
 
 
-@backbones.register("mmdit")
 class SD3Backbone(PipelineBackbone):
     schedule = RectifiedFlow()
-    cond_type = backbones.SD3Cond
+    cond_type = core.SD3Cond
     components = SD3_COMPONENTS
     family = "SD3/SD3.5"
 
@@ -81,18 +80,18 @@ class SD3Backbone(PipelineBackbone):
 
         return load_mmdit(self.source, mesh=mesh, rules=rules, **overrides)
 
-    def apply(self, model: MMDiT, z: jax.Array, level: jax.Array, cond: backbones.SD3Cond) -> jax.Array:
+    def apply(self, model: MMDiT, z: jax.Array, level: jax.Array, cond: core.SD3Cond) -> jax.Array:
         return model(z, self.schedule.model_time(level), cond.context, cond.pooled)
 
     def latent_shape(self) -> tuple[int, int, int]:
         return (*self.c.data.latent_size, self.arch.in_channels)
 
-    def cond_spec(self, batch: int) -> backbones.SD3Cond:
+    def cond_spec(self, batch: int) -> core.SD3Cond:
         length = CLIP_LEN + self.c.text.max_sequence_length
         if self.source == "toy" or self.source.startswith("random"):
             from dpdmd_jax.toy.teacher import CONTEXT_LEN as length  # the toy "text encoder"'s tokens
         f32 = jax.numpy.float32
-        return backbones.SD3Cond(
+        return core.SD3Cond(
             context=jax.ShapeDtypeStruct((batch, length, self.arch.joint_attention_dim), f32),
             pooled=jax.ShapeDtypeStruct((batch, self.arch.pooled_projection_dim), f32),
         )

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from dpdmd_jax import backbones
+from dpdmd_jax import core
 from dpdmd_jax.backbones.pipeline import PipelineBackbone
 from dpdmd_jax.diffusion.schedules import VPEpsilon
 from dpdmd_jax.parallel import mesh as mesh_lib
@@ -25,10 +25,9 @@ CLIP_LEN = 77
 VAE_FACTOR = 8  # SDXL's VAE: 4 blocks, 3 downsamplings
 
 
-@backbones.register("unet")
 class SDXLBackbone(PipelineBackbone):
     schedule = VPEpsilon()
-    cond_type = backbones.SDXLCond
+    cond_type = core.SDXLCond
     components = tuple(SDXL_COMPONENTS)
     family = "SDXL"
 
@@ -72,19 +71,19 @@ class SDXLBackbone(PipelineBackbone):
         return load_unet(self.source, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, rules=rules,
                          scan_layers=m.scan_layers, remat_policy=m.remat_policy)
 
-    def apply(self, model, z: jax.Array, level: jax.Array, cond: backbones.SDXLCond) -> jax.Array:
+    def apply(self, model, z: jax.Array, level: jax.Array, cond: core.SDXLCond) -> jax.Array:
         return model(z, self.schedule.model_time(level), cond.context, cond.text_embeds, cond.time_ids)
 
     def latent_shape(self) -> tuple[int, int, int]:
         return (*self.c.data.latent_size, self.arch.in_channels)
 
-    def cond_spec(self, batch: int) -> backbones.SDXLCond:
+    def cond_spec(self, batch: int) -> core.SDXLCond:
         a = self.arch
         pooled = a.projection_class_embeddings_input_dim - 6 * a.addition_time_embed_dim
         f32 = jnp.float32
         length = CLIP_LEN
         if self.source == "toy":
             from dpdmd_jax.toy.teacher import CONTEXT_LEN as length  # the toy "text encoder"'s tokens
-        return backbones.SDXLCond(context=jax.ShapeDtypeStruct((batch, length, a.cross_attention_dim), f32),
+        return core.SDXLCond(context=jax.ShapeDtypeStruct((batch, length, a.cross_attention_dim), f32),
                                   text_embeds=jax.ShapeDtypeStruct((batch, pooled), f32),
                                   time_ids=jax.ShapeDtypeStruct((batch, 6), f32))

@@ -13,7 +13,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from dpdmd_jax import backbones
+from dpdmd_jax import core
 from dpdmd_jax.diffusion.schedules import RectifiedFlow, VPEpsilon
 from dpdmd_jax.models.tiny import TinyDenoiser
 from dpdmd_jax.parallel import mesh as mesh_lib
@@ -45,31 +45,32 @@ class _Tiny:
     def latent_shape(self) -> tuple[int, int, int]:
         return (*self.c.data.latent_size, CHANNELS)
 
+    def has_vae(self) -> bool:
+        return False  # latents are the images
 
-@backbones.register("tiny_flow")
+
 class TinyFlow(_Tiny):
     schedule = RectifiedFlow()
-    cond_type = backbones.SD3Cond
+    cond_type = core.SD3Cond
     cond_dim = CONTEXT_DIM + POOLED_DIM
 
-    def cond_vector(self, cond: backbones.SD3Cond) -> jax.Array:
+    def cond_vector(self, cond: core.SD3Cond) -> jax.Array:
         return jnp.concatenate([cond.context.mean(axis=1), cond.pooled], axis=-1)
 
-    def cond_spec(self, batch: int) -> backbones.SD3Cond:
-        return backbones.SD3Cond(jax.ShapeDtypeStruct((batch, CONTEXT_LEN, CONTEXT_DIM), jnp.float32),
+    def cond_spec(self, batch: int) -> core.SD3Cond:
+        return core.SD3Cond(jax.ShapeDtypeStruct((batch, CONTEXT_LEN, CONTEXT_DIM), jnp.float32),
                                  jax.ShapeDtypeStruct((batch, POOLED_DIM), jnp.float32))
 
 
-@backbones.register("tiny_vp")
 class TinyVP(_Tiny):
     schedule = VPEpsilon()
-    cond_type = backbones.SDXLCond
+    cond_type = core.SDXLCond
     cond_dim = CONTEXT_DIM + POOLED_DIM + TIME_IDS
 
-    def cond_vector(self, cond: backbones.SDXLCond) -> jax.Array:
+    def cond_vector(self, cond: core.SDXLCond) -> jax.Array:
         return jnp.concatenate([cond.context.mean(axis=1), cond.text_embeds, cond.time_ids / 1024.0], axis=-1)
 
-    def cond_spec(self, batch: int) -> backbones.SDXLCond:
-        return backbones.SDXLCond(jax.ShapeDtypeStruct((batch, CONTEXT_LEN, CONTEXT_DIM), jnp.float32),
+    def cond_spec(self, batch: int) -> core.SDXLCond:
+        return core.SDXLCond(jax.ShapeDtypeStruct((batch, CONTEXT_LEN, CONTEXT_DIM), jnp.float32),
                                   jax.ShapeDtypeStruct((batch, POOLED_DIM), jnp.float32),
                                   jax.ShapeDtypeStruct((batch, TIME_IDS), jnp.float32))

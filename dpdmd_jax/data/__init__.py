@@ -1,15 +1,17 @@
 """Data sources: where each round's conditionings come from (`config.data.kind`).
 
-One protocol: `round(r, rows)` returns the host (numpy) `RoundBatch` of round r restricted to
-the global batch rows `rows` (a slice): conditionings [M + 1, len(rows), ...] for the M critic
-updates and the generator update, and the unconditional conditioning [len(rows), ...]. A source
-is a pure function of (config.seed, r), so a resumed run replays the same data, and each process
-builds only the rows its devices hold (the trainer asks for exactly those).
+One protocol (`core.DataSource`): `round(r, rows)` returns the host (numpy) `RoundBatch` of round r
+restricted to the global batch rows `rows` (a slice): conditionings [M + 1, len(rows), ...] for the
+M critic updates and the generator update, and the unconditional conditioning [len(rows), ...]. A
+source is a pure function of (config.seed, r), so a resumed run replays the same data, and each
+process builds only the rows its devices hold (the run asks for exactly those).
 
-A source may also define `encode(global_batch) -> RoundBatch`, run on device once the rows of
-every process form global arrays: the text sources return token ids from `round` and encode them
-there, with the text encoders sharded over the mesh. `eval_cond(n)` gives the conditionings of
-the first n prompts (fixed sample grids).
+`encode(global_batch)` runs on device once the rows of every process form global arrays: the text
+sources return token ids from `round` and encode them there, with the text encoders sharded over
+the mesh (the others return the batch as it is). For the sampler and the evaluators a source also
+gives `prompts()`, `encode_prompts(prompts)`, `uncond(n)`, `prompt_problems(prompts)` and
+`eval_cond(n)` (the conditionings of its first n prompts, for fixed sample grids); a source without
+prompts raises `core.NoPrompts`.
 """
 
 from __future__ import annotations
@@ -17,25 +19,18 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Sequence
-from typing import Protocol
-
 import ml_collections
 
-from dpdmd_jax.backbones import Backbone
-from dpdmd_jax.distill.step import RoundBatch
-
-
-class DataSource(Protocol):
-    def round(self, r: int, rows: slice) -> RoundBatch: ...
-
+from dpdmd_jax.core import Backbone, DataSource
 
 SOURCES = {
     "toy": "dpdmd_jax.data.toy:ToySource",  # the toy's class prompts
     "random": "dpdmd_jax.data.random:RandomSource",  # Gaussian conditionings of the backbone's shapes (tests)
     "prompts": "dpdmd_jax.data:text_source",  # data.prompt_file: one prompt per line, through the text encoders
     "diffusiondb": "dpdmd_jax.data:text_source",  # the DiffusionDB TFDS dataset (data.tfds_dir, data.manual_dir)
-    "embeddings": "dpdmd_jax.data.embedding_cache:EmbeddingSource",  # data.cache_dir, made by data.embedding_cache
+    "embeddings": "dpdmd_jax.data.embeddings:EmbeddingSource",  # data.cache_dir, made by data.embedding_cache
 }
+OWN_VOCABULARY = ("toy",)  # sources that encode their own fixed set of prompts (the toy's class names)
 
 
 def problems(c: ml_collections.ConfigDict) -> list[str]:
@@ -63,7 +58,7 @@ def problems(c: ml_collections.ConfigDict) -> list[str]:
                 return [f"the DiffusionDB prompts are not built in data.tfds_dir={c.data.tfds_dir!r} and "
                         f"data.manual_dir={manual!r} is not a folder; {how}"]
     if c.data.kind == "embeddings":
-        from dpdmd_jax.data.embedding_cache import read_meta
+        from dpdmd_jax.data.embeddings import read_meta
 
         try:
             read_meta(c.data.cache_dir)
@@ -85,6 +80,16 @@ def prompt_sequence(c: ml_collections.ConfigDict) -> Sequence[str]:
             diffusiondb.prepare(c.data.tfds_dir, c.data.manual_dir)
         return diffusiondb.Prompts(c.data.tfds_dir)
     raise ValueError(f"data.kind={c.data.kind!r} has no prompts (choose 'prompts' or 'diffusiondb')")
+
+
+def for_prompt_file(c: ml_collections.ConfigDict, prompt_file: str | None) -> ml_collections.ConfigDict:
+    """A copy of `c` whose data source encodes the prompts of `prompt_file` (the sampler's
+    --prompt_file): the toy's own class prompts stay with the toy source; every other source
+    becomes a prompt file read by the pipeline's text encoders."""
+    c = c.copy_and_resolve_references()
+    if prompt_file and c.data.kind not in OWN_VOCABULARY:
+        c.data.kind, c.data.prompt_file = "prompts", prompt_file
+    return c
 
 
 def text_source(c: ml_collections.ConfigDict, backbone: Backbone, mesh, rules):

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dpdmd_jax.distill.step import RoundBatch
+from dpdmd_jax.core import Cond, RoundBatch
 from dpdmd_jax.parallel import mesh as mesh_lib
 
 
@@ -74,21 +74,36 @@ class TextSource:
     """Prompts -> token ids on the host (this process's rows) -> conditionings on device."""
 
     def __init__(self, c: ml_collections.ConfigDict, prompts: Sequence[str], text_encoder, mesh: jax.sharding.Mesh):
-        self.prompts, self.text, self.mesh = prompts, text_encoder, mesh
+        self.prompt_list, self.text, self.mesh = prompts, text_encoder, mesh
         self.order = PromptOrder(len(prompts), c.seed, c.distill.fake_updates_per_student + 1, c.batch_size)
         self.batch = c.batch_size
         self.truncated = 0  # prompts truncated so far by this process
         empty = text_encoder.empty()  # [1, ...]: the embedding of "", the unconditional branch
         sharded = lambda x: jax.jit(lambda e: jnp.broadcast_to(e, (self.batch, *e.shape[1:])),
                                     out_shardings=mesh_lib.batch_sharding(mesh, x.ndim))(x)
-        self.uncond = jax.tree.map(sharded, empty)
+        self.global_uncond = jax.tree.map(sharded, empty)
+        self.empty = jax.device_get(empty)
 
     def __len__(self) -> int:
-        return len(self.prompts)
+        return len(self.prompt_list)
+
+    def prompts(self) -> Sequence[str]:
+        return self.prompt_list
+
+    def prompt_problems(self, prompts: Sequence[str]) -> list[str]:
+        return []
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """Conditionings of `prompts` (device arrays, encoders sharded on the mesh)."""
+        return self.text.encode(list(prompts))
+
+    def uncond(self, n: int) -> Cond:
+        """The embedding of "" for n rows (host arrays)."""
+        return jax.tree.map(lambda e: np.broadcast_to(np.asarray(e), (n, *e.shape[1:])), self.empty)
 
     def round(self, r: int, rows: slice) -> RoundBatch:
         idx = self.order.indices(r, rows)
-        tokens, truncated = self.text.tokenize([self.prompts[i] for i in idx.reshape(-1)])
+        tokens, truncated = self.text.tokenize([self.prompt_list[i] for i in idx.reshape(-1)])
         if truncated.any():
             self.truncated += int(truncated.sum())
             logging.log_every_n_seconds(
@@ -98,11 +113,11 @@ class TextSource:
 
     def encode(self, batch: RoundBatch) -> RoundBatch:
         """Global token arrays -> global conditionings (device); the uncond is computed once."""
-        return RoundBatch(cond=self.text.encode_tokens(batch.cond), uncond=self.uncond)
+        return RoundBatch(cond=self.text.encode_tokens(batch.cond), uncond=self.global_uncond)
 
     def eval_cond(self, n: int):
         """Conditionings of the first n prompts (fixed sample grids), on device."""
-        return self.text.encode([self.prompts[i] for i in range(min(n, len(self.prompts)))])
+        return self.encode_prompts([self.prompt_list[i] for i in range(min(n, len(self)))])
 
 
 def text_file_prompts(c: ml_collections.ConfigDict) -> list[str]:

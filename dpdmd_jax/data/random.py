@@ -7,12 +7,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from dpdmd_jax import backbones
-from dpdmd_jax.distill.step import RoundBatch
+from dpdmd_jax import core
+from dpdmd_jax.core import Cond, NoPrompts, RoundBatch
 
 
 class RandomSource:
-    def __init__(self, c: ml_collections.ConfigDict, backbone: backbones.Backbone, mesh=None, rules=None):
+    def __init__(self, c: ml_collections.ConfigDict, backbone: core.Backbone, mesh=None, rules=None):
         self.seed, self.batch = c.seed, c.batch_size
         self.rows = c.distill.fake_updates_per_student + 1
         self.spec = backbone.cond_spec(self.batch)
@@ -21,5 +21,22 @@ class RandomSource:
         # Drawn whole and sliced: these are small test inputs (a real source builds only its rows).
         rng = np.random.default_rng([self.seed, r])
         cond = jax.tree.map(lambda s: rng.standard_normal((self.rows, *s.shape), np.float32)[:, rows], self.spec)
-        uncond = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype)[rows], self.spec)
-        return RoundBatch(cond=cond, uncond=uncond)
+        return RoundBatch(cond=cond, uncond=self.uncond(rows.stop - rows.start))
+
+    def encode(self, batch: RoundBatch) -> RoundBatch:
+        return batch
+
+    def prompts(self):
+        raise NoPrompts("data.kind='random' draws conditionings, not prompts; pass a prompt file")
+
+    def prompt_problems(self, prompts) -> list[str]:
+        return []
+
+    def encode_prompts(self, prompts) -> Cond:
+        raise NoPrompts("data.kind='random' has no text encoder; use a prompt source (data.kind='prompts')")
+
+    def eval_cond(self, n: int) -> Cond:
+        return self.prompts()
+
+    def uncond(self, n: int) -> Cond:
+        return jax.tree.map(lambda s: np.zeros((n, *s.shape[1:]), s.dtype), self.spec)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from dpdmd_jax import backbones
-from dpdmd_jax.distill.step import RoundBatch
+from collections.abc import Sequence
+
+from dpdmd_jax import core
+from dpdmd_jax.core import Cond, RoundBatch
 from dpdmd_jax.toy import data as toy_data
 from dpdmd_jax.toy import teacher as toy_teacher
 
@@ -16,14 +18,14 @@ class ToySource:
     (`toy.data.class_embedding`) into the backbone's conditioning (SD3Cond, or SDXLCond with the
     toy's time ids); the unconditional branch is its NULL class (zeros; SDXL keeps its time ids)."""
 
-    def __init__(self, c: ml_collections.ConfigDict, backbone: backbones.Backbone, mesh=None, rules=None):
-        if backbone.cond_type not in (backbones.SD3Cond, backbones.SDXLCond):
+    def __init__(self, c: ml_collections.ConfigDict, backbone: core.Backbone, mesh=None, rules=None):
+        if backbone.cond_type not in (core.SD3Cond, core.SDXLCond):
             raise ValueError(f"the toy data source makes SD3- or SDXL-shaped conditioning; backbone {c.backbone!r} "
                              f"takes {backbone.cond_type.__name__}")
         self.cond_type = backbone.cond_type
         spec = backbone.cond_spec(1)
         self.context_dim = spec.context.shape[2]
-        self.pooled_dim = (spec.pooled if self.cond_type is backbones.SD3Cond else spec.text_embeds).shape[1]
+        self.pooled_dim = (spec.pooled if self.cond_type is core.SD3Cond else spec.text_embeds).shape[1]
         if spec.context.shape[1] != toy_teacher.CONTEXT_LEN:
             raise ValueError(f"backbone {c.backbone!r} with model.source={c.model.source!r} takes "
                              f"{spec.context.shape[1]} context tokens; the toy's text encoder makes "
@@ -43,5 +45,27 @@ class ToySource:
 
     def round(self, r: int, rows: slice) -> RoundBatch:
         ids = self.class_ids(r)[:, rows]
+        return RoundBatch(cond=self.embed(ids), uncond=self.uncond(ids.shape[1]))
+
+    def encode(self, batch: RoundBatch) -> RoundBatch:
+        return batch  # host embeddings: nothing left to do on device
+
+    def prompts(self) -> list[str]:
+        """The class names ("red square", ...), the only prompts the toy's text encoder knows."""
+        return list(toy_data.CLASS_NAMES)
+
+    def prompt_problems(self, prompts: Sequence[str]) -> list[str]:
+        unknown = sorted({p for p in prompts if p not in toy_data.CLASS_NAMES})
+        if unknown:
+            return [f"the toy's prompts are its class names {toy_data.CLASS_NAMES}; unknown: {unknown[:5]}"]
+        return []
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        return self.embed(np.array([toy_data.class_id(p) for p in prompts]))
+
+    def eval_cond(self, n: int) -> Cond:
+        return self.encode_prompts(self.prompts()[:n])
+
+    def uncond(self, n: int) -> Cond:
         # NULL_CLASS: zero embeddings (SDXLCond keeps the toy's time ids in both branches).
-        return RoundBatch(cond=self.embed(ids), uncond=self.embed(np.full(ids.shape[1], toy_data.NULL_CLASS)))
+        return self.embed(np.full(n, toy_data.NULL_CLASS))

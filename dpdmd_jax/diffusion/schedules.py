@@ -15,13 +15,11 @@ Roles of the config sections (each schedule reads the fields that are its own):
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
-
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from dpdmd_jax.core import Schedule  # noqa: F401  (the interface; its home is core)
 from dpdmd_jax.diffusion import flow, vp
 
 ArrayLike = jax.typing.ArrayLike
@@ -46,42 +44,6 @@ def normal_like(key: jax.Array, x: ArrayLike) -> jax.Array:
     if not _per_sample(key):
         return jax.random.normal(key, x.shape, x.dtype)
     return jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(key)
-
-
-class Schedule(Protocol):
-    """What `distill/` needs of a noise schedule (levels as in the module docstring)."""
-
-    name: str
-    prediction: str  # what the network predicts: "v" (flow) | "eps" (VP)
-    clean: float  # the level of a clean sample
-    targets: tuple[str, ...]  # diversity targets that fit this schedule ("line" needs a straight path)
-
-    def model_time(self, level: ArrayLike) -> jax.Array:
-        """The network's timestep input for `level` (SD3: 1000 * sigma; SDXL: t)."""
-
-    def add_noise(self, x: ArrayLike, noise: ArrayLike, level: ArrayLike) -> jax.Array: ...
-
-    def to_x0(self, z: ArrayLike, prediction: ArrayLike, level: ArrayLike) -> jax.Array: ...
-
-    def teacher_step(self, z: ArrayLike, prediction: ArrayLike, level: ArrayLike, next_level: ArrayLike) -> jax.Array:
-        """One deterministic ODE step (the anchor must come from the ODE, not an SDE sampler)."""
-
-    def student_step(self, z: ArrayLike, prediction: ArrayLike, level: ArrayLike, next_level: ArrayLike,
-                     key: jax.Array) -> jax.Array:
-        """One step of the few-step student (flow: Euler; VP: x0, then re-noised with fresh noise)."""
-
-    def critic_target(self, x: ArrayLike, noise: ArrayLike) -> jax.Array:
-        """The fake score's regression target for x noised with `noise` (flow: noise - x; VP: noise)."""
-
-    def teacher_grid(self, teacher: ml_collections.ConfigDict) -> np.ndarray: ...
-
-    def student_grid(self, student: ml_collections.ConfigDict) -> np.ndarray: ...
-
-    def training_levels(self, dmd: ml_collections.ConfigDict) -> np.ndarray:
-        """The levels DMD and critic noise is drawn from, uniformly."""
-
-    def problems(self, c: ml_collections.ConfigDict) -> list[str]:
-        """Config values this schedule cannot use, one sentence each (for `config.validate`)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,62 +18,20 @@ Generator update, from initial noise eps (the student's first level):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
 
-from dpdmd_jax.backbones import Backbone
+from dpdmd_jax.core import Backbone, Cond, Frozen, Params, RoundBatch, TrainState
 from dpdmd_jax.diffusion import sampler
 from dpdmd_jax.distill import losses
-
-Params = Any
-Cond = Any  # the backbone's conditioning pytree (`Backbone.cond_type`)
 
 # optax.apply_if_finite gives up and applies a non-finite update after this many in a row; the
 # trainer stops much earlier (config.max_nonfinite), so in practice it never gives up.
 _NEVER = 2**30
-
-
-@flax.struct.dataclass
-class Frozen:
-    """What no update touches: teacher parameters and the non-trainable buffers all models share."""
-
-    teacher: Params
-    buffers: Params
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # completed rounds (generator updates)
-    rng: jax.Array
-    student: Params
-    fake: Params
-    opt_student: Any  # optax.ApplyIfFiniteState: counts the skipped (non-finite) updates
-    opt_fake: Any
-
-    @property
-    def nonfinite(self) -> jax.Array:
-        """Consecutive rounds whose generator update was skipped (non-finite gradients)."""
-        return self.opt_student.notfinite_count
-
-    @property
-    def skipped(self) -> jax.Array:
-        """Total skipped updates (generator + critic)."""
-        return self.opt_student.total_notfinite + self.opt_fake.total_notfinite
-
-
-@flax.struct.dataclass
-class RoundBatch:
-    """Inputs of one round: conditionings for the M critic updates and the generator update
-    ([M + 1, B, ...], last = generator), and the unconditional conditioning ([B, ...])."""
-
-    cond: Cond
-    uncond: Cond
 
 
 def make_optimizer(o: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -99,15 +57,18 @@ def _batch(cond: Cond) -> int:
 class Distiller:
     """Holds the static parts (graphdef, grids, optimizers) and exposes pure step functions."""
 
-    def __init__(self, config: ml_collections.ConfigDict, backbone: Backbone, graphdef: nnx.GraphDef):
+    def __init__(self, config: ml_collections.ConfigDict, backbone: Backbone, graphdef: nnx.GraphDef,
+                 anchor_k: int | None = None):
         self.c = config
         self.backbone = backbone
         self.schedule = backbone.schedule
         self.graphdef = graphdef
         self.latent_shape = tuple(backbone.latent_shape())  # (H, W, C)
         self.teacher_grid = self.schedule.teacher_grid(config.teacher)
-        # K; None while distill.anchor_k is "auto" (the trainer sets it: dpdmd_jax.distill.anchor).
-        self.anchor_k = None if config.distill.anchor_k == "auto" else int(config.distill.anchor_k)
+        # K: the config's, or for distill.anchor_k="auto" the one the run chose before building this
+        # (`run.setup.resolve_anchor_k`); None leaves it open (the teacher pass that chooses it, readers).
+        auto = config.distill.anchor_k == "auto"
+        self.anchor_k = anchor_k if anchor_k is not None or auto else int(config.distill.anchor_k)
         self.student_grid = self.schedule.student_grid(config.student)
         self.dmd_levels = self.schedule.training_levels(config.dmd)
         if self.dmd_levels.size == 0:
@@ -138,8 +99,8 @@ class Distiller:
         """z_tk after K guided ODE steps of the teacher grid from eps, and its level t_k."""
         k = self.anchor_k
         if k is None:
-            raise ValueError("distill.anchor_k='auto' has not been resolved: the trainer sets Distiller.anchor_k "
-                             "before compiling (dpdmd_jax.distill.anchor)")
+            raise ValueError("distill.anchor_k='auto' has not been resolved: build the Distiller with the K "
+                             "`run.setup.resolve_anchor_k` chose (dpdmd_jax.distill.anchor)")
         teacher = self._predictor(jax.lax.stop_gradient(frozen.teacher), frozen.buffers)
         z_tk = sampler.sample(teacher, self.schedule, eps, self.teacher_grid[: k + 1], cond, uncond,
                               self.c.teacher.cfg_scale)

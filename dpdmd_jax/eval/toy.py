@@ -10,33 +10,35 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpdmd_jax.eval import image_grid
+from dpdmd_jax.core import TrainState
+from dpdmd_jax.eval.grid import image_grid
+from dpdmd_jax.eval.folder import evaluate_folder
 from dpdmd_jax.parallel import mesh as mesh_lib
-from dpdmd_jax.parallel.mesh import replicated
 from dpdmd_jax.parallel.multihost import SyncedJit
+from dpdmd_jax.sampling.sampler import SamplingRun, sample_with
 from dpdmd_jax.toy import metrics as toy_metrics
 
 
 class ToyGrid:
     """The student's samples for the 6 toy classes x `seeds` fixed noises, one row per class."""
 
-    def __init__(self, setup: Any, workdir: str, seeds: int = 8):
-        d = setup.distiller
-        ids = np.repeat(np.arange(6), seeds)
-        cond = setup.data.embed(ids)
-        eps = jax.random.normal(jax.random.key(1234), (ids.size, *d.latent_shape))
+    def __init__(self, run: SamplingRun, workdir: str, seeds: int = 8):
+        d = run.distiller
+        prompts = [p for p in run.data.prompts() for _ in range(seeds)]  # a class's seeds in a row
+        cond = run.data.encode_prompts(prompts)
+        eps = jax.random.normal(jax.random.key(1234), (len(prompts), *d.latent_shape))
         key = jax.random.key(1235)  # stochastic (VP) student steps
         self.cols = seeds
-        self.buffers = setup.frozen.buffers
+        self.buffers = run.frozen.buffers
         self._sample = SyncedJit(lambda p, b: d.sample(p, b, eps, cond, key), "toy_grid",
-                                 out_shardings=replicated(setup.mesh))
+                                 out_shardings=mesh_lib.replicated(run.mesh))
 
-    def grid(self, state: Any) -> np.ndarray:
+    def grid(self, state: TrainState) -> np.ndarray:
         """[rows * H * 4, cols * W * 4, C] in [0, 1]."""
         images = self._sample(state.student, self.buffers)  # replicated: every process holds all of it
         return image_grid(np.asarray(images.addressable_data(0)), cols=self.cols)
 
-    def run(self, step: int, state: Any, writer: Any) -> None:
+    def run(self, step: int, state: TrainState, writer: Any) -> None:
         writer.write_images(step, {"student_samples": self.grid(state)[None]})
 
 
@@ -44,45 +46,40 @@ class ToyMetrics:
     """Toy metrics of the student vs the teacher (same prompts, same per-image noise keys), printed
     and written to workdir/summary.json.
 
-    They come out of the user-facing path: `dpdmd_jax.sample` writes the images (PNG) to
-    workdir/eval/{teacher, student_<round>} and `dpdmd_jax.evaluate` reads the metrics back from
+    They come out of the user-facing path: `sampling.sampler` (the sample command's) writes the images (PNG) to
+    workdir/eval/{teacher, student_<round>} and `eval.folder` (the evaluate command's) reads the metrics back from
     those folders, so `python -m dpdmd_jax.evaluate --samples=workdir/eval/student_<round>` gives
     exactly the numbers in the summary. The teacher's row is cached in workdir/teacher_metrics.json."""
 
     KEYS = ("diversity_layout", "diversity_pixel", "spread_cx", "spread_cy", "spread_size", "adherence", "valid",
             "frechet_layout")
 
-    def __init__(self, setup: Any, workdir: str, seeds_per_prompt: int = 9, repeats: int = 4):
+    def __init__(self, run: SamplingRun, workdir: str, seeds_per_prompt: int = 9, repeats: int = 4):
         if jax.process_count() > 1:
             raise ValueError("the toy_metrics evaluator samples on one host: run the toy in one process")
         if seeds_per_prompt < 2:
             raise ValueError(f"seeds_per_prompt={seeds_per_prompt} must be >= 2 (diversity compares seeds)")
-        from dpdmd_jax.toy import data as toy_data
-
-        self.setup, self.workdir = setup, workdir
+        self.sampling_run, self.workdir = run, workdir
         self.seeds = seeds_per_prompt
-        self.prompts = list(toy_data.CLASS_NAMES) * repeats  # (6 classes x repeats) prompts
-        self.seed = setup.config.seed + 777
+        self.prompts = list(run.data.prompts()) * repeats  # (6 classes x repeats) prompts
+        self.seed = run.config.seed + 777
         n = len(self.prompts) * self.seeds
-        self.per_device_batch = -(-n // mesh_lib.batch_divisor(setup.mesh))  # one batch: one compile
+        self.per_device_batch = -(-n // mesh_lib.batch_divisor(run.mesh))  # one batch: one compile
 
     def _metrics(self, params: Any, source: str, sampler: str, folder: str) -> dict:
-        from dpdmd_jax.evaluate import evaluate_folder
-        from dpdmd_jax.sample import sample_with
-
-        sample_with(self.setup, params, source, folder, self.prompts, sampler=sampler, seeds=self.seeds,
+        sample_with(self.sampling_run, params, source, folder, self.prompts, sampler=sampler, seeds=self.seeds,
                     seed=self.seed, per_device_batch=self.per_device_batch, progress=False)
         result = evaluate_folder(folder)
         return {k: v for k, v in result.items() if isinstance(v, (int, float)) and v is not None}
 
-    def run(self, step: int, state: Any, writer: Any) -> dict:
-        c = self.setup.config
+    def run(self, step: int, state: TrainState, writer: Any) -> dict:
+        c = self.sampling_run.config
         cache = os.path.join(self.workdir, "teacher_metrics.json")
         if os.path.exists(cache):
             with open(cache) as f:
                 teacher = json.load(f)
         else:
-            teacher = self._metrics(self.setup.frozen.teacher, f"model.source={c.model.source}", "teacher",
+            teacher = self._metrics(self.sampling_run.frozen.teacher, f"model.source={c.model.source}", "teacher",
                                     os.path.join(self.workdir, "eval", "teacher"))
             with open(cache, "w") as f:
                 json.dump(teacher, f, indent=2)

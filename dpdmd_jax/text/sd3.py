@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from dpdmd_jax.backbones import SD3Cond
+from dpdmd_jax.core import SD3Cond
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.text import tokenizers as tok_lib
 from dpdmd_jax.text.encoder import Component, TextEncoder, check_components, load_components

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from dpdmd_jax.backbones import SDXLCond
+from dpdmd_jax.core import SDXLCond
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.text import tokenizers as tok_lib
 from dpdmd_jax.text.encoder import Component, TextEncoder, check_components, load_components

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dpdmd_jax.backbones import SD3Cond, SDXLCond
+from dpdmd_jax.core import SD3Cond, SDXLCond
 from dpdmd_jax.diffusion import flow, sampler
 from dpdmd_jax.diffusion.schedules import RectifiedFlow, Schedule, VPEpsilon
 from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig

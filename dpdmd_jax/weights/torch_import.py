@@ -82,7 +82,7 @@ def import_pt(pt: str, pipeline: str, out: str, link: str = "copy") -> str:
     from safetensors.torch import save_file
 
     from dpdmd_jax.config import base_config
-    from dpdmd_jax.export import write_student_pipeline
+    from dpdmd_jax.weights.export import write_student_pipeline
     from dpdmd_jax.weights.pipeline import resolve_pipeline
     from dpdmd_jax.weights.sd3 import WEIGHTS_NAME, resolve_folder
 
@@ -104,7 +104,7 @@ def import_pt(pt: str, pipeline: str, out: str, link: str = "copy") -> str:
 
 def main(argv):
     del argv
-    from dpdmd_jax.export import ExportError
+    from dpdmd_jax.weights.export import ExportError
 
     try:
         out = import_pt(FLAGS.pt, FLAGS.pipeline, FLAGS.out)

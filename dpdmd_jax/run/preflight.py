@@ -3,8 +3,10 @@ the dry run (`python -m dpdmd_jax.main ... --dry_run`) that shows it.
 
 `run_problems` collects every problem at once, one sentence each: the config's values, the model
 and data sources (each component folder and file the run will read, the tokenizers), and the
-workdir (creatable, writable, holding this experiment or none). The trainer refuses to start while
-any is left, so a failed start never leaves a workdir that refuses the corrected command.
+workdir (creatable, writable, holding this experiment or none). The config's values are checked
+here rather than in `config.py` (a leaf), with each component's own checks from its registry. A run
+refuses to start while any problem is left, so a failed start never leaves a workdir that refuses
+the corrected command.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import ml_collections
 from dpdmd_jax import backbones
 from dpdmd_jax import config as config_lib
 from dpdmd_jax import data as data_lib
-from dpdmd_jax.run_config import check_workdir_config
+from dpdmd_jax import eval as eval_lib
+from dpdmd_jax.distill import anchor
+from dpdmd_jax.parallel import mesh as mesh_lib
+from dpdmd_jax.run.workdir import check_workdir_config, checkpoint_steps
 
 
 def workdir_problems(workdir: str, flag: str = "--workdir") -> list[str]:
@@ -41,12 +46,6 @@ def workdir_problems(workdir: str, flag: str = "--workdir") -> list[str]:
     return []
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-    """The rounds saved in `workdir`/checkpoints (Orbax names each step's folder by its number)."""
-    folder = os.path.join(workdir, "checkpoints")
-    return sorted(int(s) for s in os.listdir(folder) if s.isdigit()) if os.path.isdir(folder) else []
-
-
 def source_problems(c: ml_collections.ConfigDict) -> list[str]:
     """The model and data sources' cheap checks (folders, configs, tokenizers; no weights read)."""
     try:
@@ -58,7 +57,7 @@ def source_problems(c: ml_collections.ConfigDict) -> list[str]:
 
 def run_problems(c: ml_collections.ConfigDict, workdir: str | None = None) -> list[str]:
     """Every problem of a run of `c` in `workdir`, one sentence each (empty: it can start)."""
-    problems = config_lib.problems(c)
+    problems = config_problems(c)
     if not any(p.startswith(("backbone=", "model.source is empty")) for p in problems):
         problems += source_problems(c)
     if workdir is not None:
@@ -70,6 +69,86 @@ def run_problems(c: ml_collections.ConfigDict, workdir: str | None = None) -> li
                 here = [str(e)]
         problems += here
     return problems
+
+
+def config_problems(c: ml_collections.ConfigDict) -> list[str]:
+    """Every invalid value of `c`, one sentence each (empty: the config is valid); each component's
+    own checks (the backbone's schedule, the auto anchor, the evaluators) come from its registry."""
+    p = []
+    try:
+        schedule = backbones.backbone_class(c.backbone).schedule
+    except (KeyError, ImportError) as e:
+        p.append(f"backbone={c.backbone!r} is unknown ({e}); choose one of {backbones.names()} or register your "
+                 "own and name it as 'package.module:name' (dpdmd_jax.backbones.register).")
+        schedule = None
+    if not c.model.source:
+        p.append("model.source is empty: set it to a diffusers transformer folder, e.g. "
+                 "--config.model.source=/ckpts/stable-diffusion-3.5-medium")
+    T = c.teacher.steps
+    if not isinstance(T, int) or T < 1:
+        p.append(f"teacher.steps={T!r} must be a positive integer (the paper uses 30).")
+    elif c.distill.anchor_k == "auto":
+        p.extend(anchor.problems(c))
+    elif not isinstance(c.distill.anchor_k, int) or not 1 <= c.distill.anchor_k <= T:
+        p.append(f"distill.anchor_k={c.distill.anchor_k!r} must lie in 1..teacher.steps={T}, or be 'auto'; "
+                 f"the anchor is the teacher state after K of its T steps (paper: K=5).")
+    if c.distill.lambda_div < 0:
+        p.append(f"distill.lambda_div={c.distill.lambda_div} is negative; use 0 for plain DMD or a positive weight "
+                 "(paper: 0.05).")
+    if c.distill.target not in config_lib.TARGETS:
+        p.append(f"distill.target={c.distill.target!r}; choose one of {config_lib.TARGETS}.")
+    elif schedule is not None and c.distill.target not in schedule.targets:
+        p.append(f"distill.target={c.distill.target!r} does not fit backbone {c.backbone!r}'s {schedule.name} "
+                 f"schedule; choose one of {schedule.targets}.")
+    if not isinstance(c.distill.fake_updates_per_student, int) or c.distill.fake_updates_per_student < 0:
+        p.append(f"distill.fake_updates_per_student={c.distill.fake_updates_per_student!r} must be an integer >= 0.")
+    if c.dmd.simulation not in config_lib.SIMULATIONS:
+        p.append(f"dmd.simulation={c.dmd.simulation!r}; choose one of {config_lib.SIMULATIONS}.")
+    if schedule is not None:
+        p.extend(schedule.problems(c))
+    for name in ("teacher.cfg_scale", "dmd.real_cfg_scale"):
+        sec, key = name.split(".")
+        if c[sec][key] < 1.0:
+            p.append(f"{name}={c[sec][key]} must be >= 1 (1 = no guidance).")
+    if not isinstance(c.batch_size, int) or c.batch_size < 1:
+        p.append(f"batch_size={c.batch_size!r} must be a positive integer.")
+    if c.num_rounds < 1:
+        p.append(f"num_rounds={c.num_rounds} must be >= 1.")
+    for name in ("student", "fake"):
+        o = c.optim[name]
+        if o.lr <= 0 or o.weight_decay < 0 or o.grad_clip <= 0:
+            p.append(f"optim.{name}: lr ({o.lr}) and grad_clip ({o.grad_clip}) must be > 0, weight_decay "
+                     f"({o.weight_decay}) >= 0.")
+    for rule in c.mesh.rules:
+        ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+        targets = () if not ok or rule[1] is None else (rule[1],) if isinstance(rule[1], str) else tuple(rule[1])
+        if not ok or any(t not in mesh_lib.MESH_AXES for t in targets):
+            p.append(f"mesh.rules entry {rule!r} must be (logical_axis, mesh_axis | None | (mesh_axes, ...)) with "
+                     f"mesh axes from {mesh_lib.MESH_AXES}.")
+    if c.text.dtype not in ("float32", "bfloat16"):
+        p.append(f"text.dtype={c.text.dtype!r}; choose 'bfloat16' or 'float32' (T5 overflows in float16).")
+    if not isinstance(c.text.max_sequence_length, int) or not 1 <= c.text.max_sequence_length <= 512:
+        p.append(f"text.max_sequence_length={c.text.max_sequence_length!r} must be an integer in 1..512 "
+                 "(T5's tokens; SD3: 256).")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
+        if c[key] < 1:
+            p.append(f"{key}={c[key]} must be >= 1.")
+    return p + eval_lib.problems(c)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError listing every invalid value, before any weight is read or step compiled."""
+    problems = config_problems(c)
+    if problems:
+        raise config_lib.ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def check_can_start(c: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+    """Raises ConfigError listing every problem of the run (config, sources and, given one, the
+    workdir) at once, before anything is loaded or written."""
+    problems = run_problems(c, workdir)
+    if problems:
+        raise config_lib.ConfigError("the run cannot start:\n  - " + "\n  - ".join(problems))
 
 
 # ---------------------------------------------------------------------------- dry run

@@ -1,0 +1,150 @@
+"""An embedding cache as a data source (`data.kind="embeddings"`): conditionings read from `.npy`
+files written once by `python -m dpdmd_jax.data.embedding_cache`, so the text encoders are never
+loaded. One file per field of the backbone's conditioning plus `uncond_<field>.npy` (the embedding
+of ""), stored in the encoders' output dtype (bfloat16 as its raw 16 bits), memory-mapped when read,
+so each host reads only its rows. `meta.json` records the prompts' source, the model and the shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from dpdmd_jax.core import Cond, NoPrompts, RoundBatch
+
+_STORED = {"bfloat16": np.uint16}  # dtypes .npy cannot name, stored as their raw bits
+
+
+def _fields(cond_type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cond_type)]
+
+
+def write_cache(out: str, prompts, text_encoder, cond_type, *, meta: dict, batch: int = 32,
+                dtype: str = "bfloat16") -> str:
+    """Encodes every prompt (in batches of `batch`) into the cache folder `out`."""
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} exists; embedding caches are never overwritten: choose another --out")
+    tmp = out + ".incomplete"
+    shutil.rmtree(tmp, ignore_errors=True)  # a previous interrupted attempt
+    os.makedirs(tmp)
+    n = len(prompts)
+    fields = _fields(cond_type)
+    store = np.dtype(_STORED.get(dtype, dtype))
+    empty = jax.device_get(text_encoder.empty())
+    arrays = {}
+    for f in fields:
+        row = getattr(empty, f)[0]
+        np.save(os.path.join(tmp, f"uncond_{f}.npy"), _to_store(row, dtype))
+        arrays[f] = np.lib.format.open_memmap(os.path.join(tmp, f"{f}.npy"), "w+", store, (n, *row.shape))
+    truncated = 0
+    for start in tqdm(range(0, n, batch), desc="encoding prompts", unit_scale=batch):
+        chunk = [prompts[i] for i in range(start, min(start + batch, n))]
+        k = len(chunk)
+        cond = jax.device_get(text_encoder.encode(chunk + chunk[-1:] * (batch - k)))  # one shape: one compile
+        truncated += int(text_encoder.tokenize(chunk)[1].sum())
+        for f in fields:
+            arrays[f][start:start + k] = _to_store(getattr(cond, f)[:k], dtype)
+    for a in arrays.values():
+        a.flush()
+    shapes = {f: list(a.shape) for f, a in arrays.items()}
+    with open(os.path.join(tmp, "meta.json"), "w") as fh:
+        json.dump({**meta, "num_prompts": n, "dtype": dtype, "fields": fields, "shapes": shapes,
+                   "truncated_prompts": truncated}, fh, indent=2)
+    os.replace(tmp, out)
+    return out
+
+
+def _to_store(x: np.ndarray, dtype: str) -> np.ndarray:
+    x = np.asarray(x).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    return x.view(np.uint16) if dtype == "bfloat16" else x
+
+
+def read_meta(cache_dir: str) -> dict:
+    path = os.path.join(cache_dir, "meta.json")
+    if not os.path.isfile(path):
+        hint = " (it was interrupted while being written; rerun the cache command)" if os.path.isdir(
+            cache_dir + ".incomplete") else ""
+        raise FileNotFoundError(f"{cache_dir} is not an embedding cache: no meta.json{hint}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def prompts_digest(prompts) -> str:
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.encode("utf-8") + b"\n")
+    return h.hexdigest()[:16]
+
+
+class EmbeddingSource:
+    """Conditionings read from an embedding cache, in the prompt sources' (seed, round) order."""
+
+    def __init__(self, c: ml_collections.ConfigDict, backbone, mesh=None, rules=None):
+        from dpdmd_jax.data.prompts import PromptOrder
+
+        del mesh, rules  # host arrays only: the trainer places them
+        self.meta = read_meta(c.data.cache_dir)
+        self.cond_type = backbone.cond_type
+        fields = _fields(self.cond_type)
+        if self.meta["fields"] != fields:
+            raise ValueError(f"{c.data.cache_dir} holds {self.meta['fields']}, backbone {c.backbone!r} needs {fields}")
+        spec = backbone.cond_spec(1)
+        for f in fields:
+            want = list(getattr(spec, f).shape[1:])
+            if self.meta["shapes"][f][1:] != want:
+                raise ValueError(f"{c.data.cache_dir}: {f} rows are {self.meta['shapes'][f][1:]}, the model takes "
+                                 f"{want}; the cache was made for another model")
+        load = lambda name: np.load(os.path.join(c.data.cache_dir, name), mmap_mode="r")
+        self.arrays = {f: load(f"{f}.npy") for f in fields}
+        self.empty = {f: self._decode(load(f"uncond_{f}.npy")) for f in fields}
+        self.order = PromptOrder(self.meta["num_prompts"], c.seed, c.distill.fake_updates_per_student + 1,
+                                 c.batch_size)
+
+    def __len__(self) -> int:
+        return self.meta["num_prompts"]
+
+    def _decode(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if self.meta["dtype"] == "bfloat16":
+            x = x.view(ml_dtypes.bfloat16)
+        return x.astype(np.float32)
+
+    def _rows(self, idx: np.ndarray):
+        flat = idx.reshape(-1)
+        order = np.argsort(flat)  # memory-mapped reads in file order
+        fields = {}
+        for f, a in self.arrays.items():
+            rows = np.empty((flat.size, *a.shape[1:]), np.float32)
+            rows[order] = self._decode(a[flat[order]])
+            fields[f] = rows.reshape(*idx.shape, *a.shape[1:])
+        return self.cond_type(**fields)
+
+    def round(self, r: int, rows: slice) -> RoundBatch:
+        return RoundBatch(cond=self._rows(self.order.indices(r, rows)), uncond=self.uncond(rows.stop - rows.start))
+
+    def encode(self, batch: RoundBatch) -> RoundBatch:
+        return batch
+
+    def uncond(self, n: int) -> Cond:
+        return self.cond_type(**{f: np.broadcast_to(e, (n, *e.shape)) for f, e in self.empty.items()})
+
+    def prompts(self):
+        raise NoPrompts("an embedding cache holds conditionings, not prompts; pass a prompt file")
+
+    def prompt_problems(self, prompts) -> list[str]:
+        return []
+
+    def encode_prompts(self, prompts) -> Cond:
+        raise NoPrompts("an embedding cache cannot encode new prompts; they need the pipeline's text encoders")
+
+    def eval_cond(self, n: int):
+        return self._rows(np.arange(min(n, len(self))))

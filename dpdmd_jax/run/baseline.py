@@ -1,0 +1,69 @@
+"""The toy default's comparison: after the DP-DMD run, plain DMD under the same settings, and the
+teacher, DMD and DP-DMD rows side by side (`config.compare_with_dmd`; `python -m dpdmd_jax.main`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+
+from dpdmd_jax.distill import anchor
+from dpdmd_jax.run.train import train
+from dpdmd_jax.run.workdir import absolute
+from dpdmd_jax.tables import markdown_table
+
+BASELINE_DIR = "dmd_baseline"
+
+
+def train_with_baseline(c: ml_collections.ConfigDict, workdir: str) -> dict:
+    """`train`; then, with `compare_with_dmd` (the toy default), plain DMD (lambda_div = 0, every
+    other setting the same) in workdir/dmd_baseline, and the teacher, DMD and DP-DMD rows of their
+    summaries side by side (printed, workdir/comparison.md, summary["dmd_baseline"]). The baseline is
+    an ordinary run: it resumes, and a finished one is only read back. It shares the teacher's
+    cached metrics, which depend on the seed and the teacher alone."""
+    summary = train(c, workdir)
+    if not c.get("compare_with_dmd") or c.distill.lambda_div == 0 or "preempted_at" in summary:
+        return summary
+    workdir = absolute(workdir)
+    base_dir = os.path.join(workdir, BASELINE_DIR)
+    base = c.copy_and_resolve_references()
+    base.distill.lambda_div, base.compare_with_dmd = 0.0, False
+    os.makedirs(base_dir, exist_ok=True)
+    teacher_cache = os.path.join(workdir, "teacher_metrics.json")
+    if os.path.exists(teacher_cache) and jax.process_index() == 0:
+        shutil.copyfile(teacher_cache, os.path.join(base_dir, "teacher_metrics.json"))
+    print(f"\nPlain DMD under the same settings (the baseline), in {base_dir}:", flush=True)
+    baseline = train(base, base_dir)
+    if "preempted_at" in baseline:  # the job is not finished: the caller exits "pre-empted"
+        return {**summary, "preempted_at": baseline["preempted_at"], "preempted_in": base_dir}
+    if "student" not in summary or "student" not in baseline:
+        return summary
+    k = c.distill.anchor_k if c.distill.anchor_k != "auto" else f"{anchor.recorded_k(workdir)}, auto"
+    table = comparison_table(summary["teacher"], baseline["student"], summary["student"], anchor_k=k,
+                             rounds=summary.get("rounds"))
+    print("\n" + table)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "comparison.md"), "w") as f:
+            f.write(table + "\n")
+        summary["dmd_baseline"] = baseline["student"]
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+COMPARED = ("nfe", "diversity_layout", "diversity_pixel", "spread_cx", "spread_cy", "spread_size", "adherence",
+            "valid", "frechet_layout")
+
+
+def comparison_table(teacher: dict, dmd: dict, dp_dmd: dict, anchor_k: Any, rounds: int | None) -> str:
+    """Markdown: the teacher, the DMD baseline and the DP-DMD student, on the metrics all three have."""
+    keys = [k for k in COMPARED if all(k in row for row in (teacher, dmd, dp_dmd))]
+    named = (("teacher", teacher), ("DMD (lambda_div = 0)", dmd), (f"DP-DMD (K = {anchor_k})", dp_dmd))
+    rows = [[name, *(f"{row[k]:.0f}" if k == "nfe" else f"{row[k]:.3f}" for k in keys)] for name, row in named]
+    head = f"Teacher vs students after {rounds} rounds, same settings and evaluation noise (frechet: lower is better):"
+    return head + "\n\n" + markdown_table(["", *keys], rows)
+

@@ -1,0 +1,66 @@
+"""The sample command's job: build the run a config describes, take its student (a checkpoint of a
+training run) or its teacher, and sample prompts x seeds into a folder (`sampling.sampler`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from dpdmd_jax import data as data_lib
+from dpdmd_jax.core import Params
+from dpdmd_jax.run import setup as setup_lib
+from dpdmd_jax.run import workdir as workdir_lib
+from dpdmd_jax.run.preflight import workdir_problems
+from dpdmd_jax.sampling.folder import SampleError
+from dpdmd_jax.sampling.sampler import prompt_list, sample_with
+
+
+def load_student(run: setup_lib.Run, workdir: str | None, step: int | None) -> tuple[Params, str]:
+    """(student params, source description): a run's checkpoint, or model.source's weights."""
+    if not workdir:
+        if step is not None:
+            raise SampleError("--step needs --workdir (the run whose checkpoint to sample)")
+        return run.frozen.teacher, f"model.source={run.config.model.source}"
+    workdir = workdir_lib.absolute(workdir)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise SampleError(f"--workdir={workdir} holds no checkpoints/ folder: is it a training run's workdir?")
+    mngr = workdir_lib.checkpoint_manager(workdir, run.config)
+    steps = sorted(mngr.all_steps())
+    if not steps:
+        raise SampleError(f"{workdir} has no checkpoint yet; train first (python -m dpdmd_jax.main).")
+    chosen = steps[-1] if step is None else step
+    if chosen not in steps:
+        raise SampleError(f"--step={step}: {workdir} has checkpoints at steps {steps}, not {step}.")
+    like, shardings = setup_lib.init_train_state(run)
+    state = workdir_lib.restore(mngr, chosen, like, shardings)
+    mngr.close()
+    return state.student, f"{workdir}/checkpoints/{chosen}"
+
+
+def sample(c: ml_collections.ConfigDict, out: str, *, workdir: str | None = None, step: int | None = None,
+           sampler: str = "student", prompt_file: str | None = None, num_prompts: int | None = None, seeds: int = 9,
+           seed: int = 0, per_device_batch: int = 4, vae_dtype: str = "float32",
+           devices: Sequence[Any] | None = None) -> dict:
+    """Samples prompts x `seeds` images into `out` (resumably) on `devices` (default: all); returns a
+    summary dict (`preempted`: a SIGTERM stopped it early, and a re-run finishes)."""
+    if seeds < 1 or per_device_batch < 1:
+        raise SampleError(f"--seeds={seeds} and --per_device_batch={per_device_batch} must be >= 1")
+    if sampler == "teacher" and workdir:
+        raise SampleError("--sampler=teacher samples the config's model.source; drop --workdir")
+    out = workdir_lib.absolute(out)
+    problems = workdir_problems(out, flag="--out")  # before any model is loaded
+    if problems:
+        raise SampleError(" ".join(problems))
+    if workdir:  # the run's config must be this one (before any prompt-source change below)
+        workdir_lib.check_workdir_config(workdir_lib.absolute(workdir), c, write=False)
+    run = setup_lib.build(data_lib.for_prompt_file(c, prompt_file), devices)
+    prompts = prompt_list(run.data, prompt_file)[:num_prompts]
+    if not prompts:
+        raise SampleError("no prompts to sample")
+    params, source = load_student(run, workdir, step) if sampler == "student" else (
+        run.frozen.teacher, f"model.source={c.model.source}")
+    return sample_with(run, params, source, out, prompts, sampler=sampler, seeds=seeds, seed=seed,
+                       per_device_batch=per_device_batch, vae_dtype=vae_dtype, stop_on_sigterm=True)

@@ -1,0 +1,200 @@
+"""Assembling a run from its config: mesh and sharding rules, backbone and frozen teacher, data
+source, the anchor step K, the `Distiller`, the train state's shardings, batch placement and the
+jitted round. `build` returns a frozen `Run`; nothing here trains or writes checkpoints (`run.train`).
+
+On several hosts each process builds only its rows of every round's batch (`local_rows`), and
+`put_batch` assembles the global arrays from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dpdmd_jax import backbones
+from dpdmd_jax import config as config_lib
+from dpdmd_jax import data as data_lib
+from dpdmd_jax.core import Backbone, DataSource, Frozen, RoundBatch, TrainState
+from dpdmd_jax.distill import anchor
+from dpdmd_jax.distill.step import Distiller, init_state
+from dpdmd_jax.parallel import mesh as mesh_lib
+from dpdmd_jax.parallel.multihost import SyncedJit
+from dpdmd_jax.run.preflight import check_can_start
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a run's programs are made of; built once by `build`, read by the loop, the sampler
+    and the evaluators."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    rules: Any  # logical axis -> mesh axis (`parallel.mesh.mesh_rules`)
+    backbone: Backbone
+    distiller: Distiller
+    frozen: Frozen
+    teacher_model: nnx.Module
+    data: DataSource
+
+
+def build(c: ml_collections.ConfigDict, devices=None, checked: bool = False, workdir: str | None = None) -> Run:
+    """Validates (unless the caller already ran `preflight.check_can_start`: `checked`), builds the
+    mesh (over `devices`, default all), loads the teacher onto it and assembles the run. The anchor
+    step K of distill.anchor_k="auto" is resolved for a training run (`workdir`, whose config.json
+    must be written: `run.workdir.check_workdir_config`); readers (sampling, export) leave it open."""
+    if not checked:
+        check_can_start(c)
+    try:
+        mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"mesh: {e} (--config.mesh.data / .fsdp / .tensor)") from e
+    try:
+        mesh_lib.check_batch_divisible(c.batch_size, mesh, "batch_size")
+    except ValueError as e:
+        raise config_lib.ConfigError(f"{e} (--config.batch_size)") from e
+    rules = mesh_lib.mesh_rules(c)
+    backbone = backbones.get(c)
+    teacher = backbone.load(mesh, rules)
+    graphdef, params, buffers = nnx.split(teacher, nnx.Param, ...)
+    frozen = Frozen(teacher=params, buffers=buffers)
+    data = data_lib.make_source(c, backbone, mesh, rules)
+    k = resolve_anchor_k(c, mesh, data, Distiller(c, backbone, graphdef, anchor_k=None), frozen, workdir)
+    return Run(c, mesh, rules, backbone, Distiller(c, backbone, graphdef, anchor_k=k), frozen, teacher, data)
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def batch_shardings(mesh: Mesh, batch: RoundBatch) -> RoundBatch:
+    round_sh = lambda x: NamedSharding(mesh, PartitionSpec(None, mesh_lib.BATCH_AXES, *([None] * (x.ndim - 2))))
+    return RoundBatch(
+        cond=jax.tree.map(round_sh, batch.cond),
+        uncond=jax.tree.map(lambda x: mesh_lib.batch_sharding(mesh, x.ndim), batch.uncond),
+    )
+
+
+def local_rows(run: Run) -> slice:
+    """The rows of each round's global batch this process builds."""
+    return mesh_lib.process_batch_rows(run.mesh, run.config.batch_size)
+
+
+def _put_batch(mesh: Mesh, batch_size: int, local: RoundBatch) -> RoundBatch:
+    def put(x, sharding, axis):
+        shape = list(x.shape)
+        shape[axis] = batch_size
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x), tuple(shape))
+
+    sh = batch_shardings(mesh, local)
+    return RoundBatch(cond=jax.tree.map(lambda x, s: put(x, s, 1), local.cond, sh.cond),
+                      uncond=jax.tree.map(lambda x, s: put(x, s, 0), local.uncond, sh.uncond))
+
+
+def put_batch(run: Run, local: RoundBatch) -> RoundBatch:
+    """This process's rows (host arrays) -> global arrays: each process supplies only the rows its
+    devices hold, so no host ever builds the whole batch."""
+    return _put_batch(run.mesh, run.config.batch_size, local)
+
+
+def _round_batch(c: ml_collections.ConfigDict, mesh: Mesh, data: DataSource, r: int) -> RoundBatch:
+    rows = mesh_lib.process_batch_rows(mesh, c.batch_size)
+    return data.encode(_put_batch(mesh, c.batch_size, data.round(r, rows)))
+
+
+def round_batch(run: Run, r: int) -> RoundBatch:
+    """Round r's global batch, of which this process built only its own rows (then encoded on
+    device, for sources that return token ids)."""
+    return _round_batch(run.config, run.mesh, run.data, r)
+
+
+def batch_spec(run: Run) -> RoundBatch:
+    """Shapes of a round's global batch, from the backbone (no data is built)."""
+    c, spec = run.config, run.backbone.cond_spec(run.config.batch_size)
+    rows = c.distill.fake_updates_per_student + 1
+    return RoundBatch(cond=jax.tree.map(lambda s: jax.ShapeDtypeStruct((rows, *s.shape), s.dtype), spec),
+                      uncond=spec)
+
+
+# ---------------------------------------------------------------------------- state and the round
+
+
+def state_shardings(run: Run, state: TrainState) -> TrainState:
+    """Params sharded by their logical axes; optimizer moments like the params they belong to
+    (found by optax from the optimizer's own structure); every other leaf replicated."""
+    param_sh = mesh_lib.state_shardings(run.frozen.teacher, run.mesh, run.rules)
+    rep = mesh_lib.replicated(run.mesh)
+    opt_sh = lambda tx, opt_state: optax.tree_map_params(
+        tx, lambda _, sharding: sharding, opt_state, param_sh, transform_non_params=lambda _: rep)
+    d = run.distiller
+    return TrainState(
+        step=rep, rng=rep, student=param_sh, fake=param_sh,
+        opt_student=opt_sh(d.tx_student, state.opt_student), opt_fake=opt_sh(d.tx_fake, state.opt_fake),
+    )
+
+
+def init_train_state(run: Run) -> tuple[TrainState, TrainState]:
+    """(state, shardings): student and fake copied from the teacher directly on their shardings."""
+    make = lambda teacher: init_state(run.distiller, teacher, run.config.seed)
+    shardings = state_shardings(run, jax.eval_shape(make, run.frozen.teacher))
+    return SyncedJit(make, "init_state", out_shardings=shardings)(run.frozen.teacher), shardings
+
+
+def compile_round(run: Run, state_sh: TrainState) -> SyncedJit:
+    """The jitted round; on several processes its first call also waits for every host's compile."""
+    frozen_sh = jax.tree.map(lambda x: x.sharding, run.frozen)
+    return SyncedJit(
+        run.distiller.train_round,
+        "round",
+        in_shardings=(state_sh, frozen_sh, batch_shardings(run.mesh, batch_spec(run))),
+        out_shardings=(state_sh, None),
+        donate_argnums=(0,),
+    )
+
+
+# ---------------------------------------------------------------------------- the anchor step K
+
+
+def resolve_anchor_k(c: ml_collections.ConfigDict, mesh: Mesh, data: DataSource, teacher: Distiller, frozen: Frozen,
+                     workdir: str | None) -> int | None:
+    """The run's anchor step K: the config's; without a `workdir` (a reader) None for "auto"; the one
+    an earlier run in `workdir` chose and recorded in its config.json; or, for "auto", the one
+    `dpdmd_jax.distill.anchor` picks from a teacher pass (`teacher`: a Distiller whose K is open)
+    over round 0's first prompts, then printed and recorded in the workdir. None for plain DMD with
+    "auto": lambda_div = 0 never runs the anchor, so there is nothing to choose."""
+    if c.distill.anchor_k != "auto":
+        return int(c.distill.anchor_k)
+    if c.distill.lambda_div == 0 or workdir is None:
+        return None
+    recorded = anchor.recorded_k(workdir)
+    if recorded is not None:  # a resumed run: the same K, no second teacher pass
+        print(f"distill.anchor_k=auto: K={recorded}, as chosen and recorded in {workdir}/config.json")
+        return recorded
+    a, m = c.distill.auto_anchor, c.distill.fake_updates_per_student
+
+    def curve(frozen, cond, uncond):
+        pick = lambda x: jnp.repeat(x[: a.prompts], a.seeds, axis=0)  # a prompt's seeds adjacent
+        cond, uncond = jax.tree.map(lambda x: pick(x[m]), cond), jax.tree.map(pick, uncond)
+        eps = jax.random.normal(jax.random.key(c.seed), (a.prompts * a.seeds, *teacher.latent_shape), jnp.float32)
+        return anchor.target_curve(teacher, frozen, eps, cond, uncond, a.seeds)
+
+    print(f"distill.anchor_k=auto: two teacher passes ({a.prompts} prompts x {a.seeds} seeds, "
+          f"{len(teacher.teacher_grid) - 1} steps) to choose K ...", flush=True)
+    batch = _round_batch(c, mesh, data, 0)
+    fn = SyncedJit(curve, "anchor_curve", out_shardings=mesh_lib.replicated(mesh))
+    ratios = np.asarray(jax.device_get(fn(frozen, batch.cond, batch.uncond)))
+    k = anchor.choose_k(ratios, a.fraction)
+    levels = teacher.teacher_grid[1:]
+    print(anchor.curve_table(levels, ratios, k))
+    print(f"distill.anchor_k=auto: K={k}, the first K whose target carries >= {a.fraction:g} of the final samples' "
+          f"within-prompt variation (recorded in {workdir}/config.json)", flush=True)
+    if jax.process_index() == 0:
+        anchor.record(workdir, k, dict(criterion=a.criterion, fraction=a.fraction, prompts=a.prompts, seeds=a.seeds,
+                                       levels=levels.tolist(), carried=ratios.tolist()))
+    return k

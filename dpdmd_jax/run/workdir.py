@@ -1,0 +1,138 @@
+"""A run's folder: its recorded config (`config.json`), Orbax checkpoints, and the guarantee that a
+failed start leaves it as it was found.
+
+Checkpoints are written asynchronously (keep-N) and restored onto any mesh; a step already saved is
+never written again. Every later run (and every reader: sample, export) is checked against the
+recorded config, so a workdir never silently mixes two experiments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from dpdmd_jax.config import ConfigError
+from dpdmd_jax.core import TrainingError, TrainState
+from dpdmd_jax.distill.anchor import RECORD as ANCHOR_RECORD
+from dpdmd_jax.run_config import RECORD
+
+def absolute(workdir: str) -> str:
+    return os.path.abspath(os.path.expanduser(workdir))
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The rounds saved in `workdir`/checkpoints (Orbax names each step's folder by its number)."""
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(s) for s in os.listdir(folder) if s.isdigit()) if os.path.isdir(folder) else []
+
+
+# ---------------------------------------------------------------------------- the recorded config
+
+
+# Values a run records in its own config.json (no config sets them): kept when config.json is
+# rewritten, and not compared with the config of a later run.
+_RECORDED = ("distill.auto_anchor.chosen_k",)
+_RESUMABLE_CHANGES = {*_RECORDED, "compare_with_dmd", "num_rounds", "log_every",
+                      "checkpoint_every", "keep_checkpoints", "max_nonfinite", "evals", "mesh", "model.scan_layers",
+                      "model.remat_policy"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) and key not in _RESUMABLE_CHANGES else {key: v})
+    return out
+
+
+def check_workdir_config(workdir: str, c: ml_collections.ConfigDict, write: bool = True) -> None:
+    """First run writes config.json; later runs must match it (except loop/layout knobs), so a
+    workdir never silently mixes two experiments, and rewrite it keeping what the run recorded
+    there (`_RECORDED`). `write=False` (readers such as the sampler) only compares."""
+    path = os.path.join(workdir, RECORD)
+    current = json.loads(c.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        a, b = _flat(saved), _flat(current)
+        diff = sorted(k for k in set(a) | set(b) if k not in _RESUMABLE_CHANGES and a.get(k) != b.get(k))
+        if diff:
+            changes = ", ".join(f"{k}: {a.get(k)} -> {b.get(k)}" for k in diff[:8])
+            # A reader (sample, export) wants this run's checkpoints as they are: the fix is to read
+            # the recorded config, not to start a new experiment.
+            advice = ("These fields say what its checkpoints mean: drop --config to use the run's recorded config "
+                      "(its config.json), and any --config.* override of these fields." if not write else
+                      "Resume with the same settings, or start this experiment in a new --workdir.")
+            raise ConfigError(f"{workdir} holds a run with a different config ({changes}). {advice}")
+        for key in _RECORDED:
+            if key in a:
+                *parents, leaf = key.split(".")
+                node = current
+                for name in parents:
+                    node = node.setdefault(name, {})
+                node[leaf] = a[key]
+    if write and jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(current, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def undo_failed_start(workdir: str):
+    """A start that fails before its first checkpoint leaves the workdir as it found it: a folder this
+    run created is removed, and so is a config.json it wrote (else the corrected command would be
+    refused as "a different config"). Anything an earlier run wrote is never touched."""
+    created = not os.path.exists(workdir)
+    had_config = os.path.exists(os.path.join(workdir, RECORD))
+    try:
+        yield
+    except Exception:
+        if jax.process_index() == 0 and not checkpoint_steps(workdir):
+            if created:
+                shutil.rmtree(workdir, ignore_errors=True)
+            elif not had_config:
+                for name in (RECORD, ANCHOR_RECORD):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(workdir, name))
+        raise
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: str, c: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=c.keep_checkpoints, enable_async_checkpointing=True, create=True
+    )
+    directory = os.path.join(absolute(workdir), "checkpoints")  # Orbax needs absolute paths
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, state: TrainState, meta: dict, force: bool = False) -> None:
+    """Saves `state` as checkpoint meta["step"] (no device read) unless that step exists."""
+    step = meta["step"] if "step" in meta else int(state.step)
+    if step in mngr.all_steps():
+        return
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              force=force)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, state_like, shardings) -> TrainState:
+    """Restores onto `shardings` (any mesh): arrays are read straight into their new layout."""
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings)
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    except Exception as e:  # corrupt / incompatible checkpoint: say which and what to do
+        raise TrainingError(
+            f"could not restore checkpoint step {step} from {mngr.directory} ({type(e).__name__}: {e}). "
+            "If it is corrupt, delete that step's folder to resume from the previous one; if the model "
+            "changed, use a new --workdir."
+        ) from e
+    return restored.state
