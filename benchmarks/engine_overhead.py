@@ -33,19 +33,19 @@ def child(rounds: int, lockstep: bool = False) -> None:
     import jax
 
     from configs import toy as toy_config
-    from dpdmd_jax.distill import trainer
+    from dpdmd_jax.run import setup as setup_lib
 
     c = toy_config.get_config()
-    setup = trainer.build(c)
-    state, shardings = trainer.init_train_state(setup)
+    setup = setup_lib.build(c)
+    state, shardings = setup_lib.init_train_state(setup)
     # The interface-based trainer builds each process's rows and takes batch shapes from the
     # backbone; the earlier one took host batches and an example batch.
-    new_api = hasattr(trainer, "round_batch")
-    batch = (lambda r: trainer.round_batch(setup, r)) if new_api else (
-        lambda r: trainer.put_batch(setup.mesh, setup.data.round(r)))
+    new_api = hasattr(setup_lib, "round_batch")
+    batch = (lambda r: setup_lib.round_batch(setup, r)) if new_api else (
+        lambda r: setup_lib.put_batch(setup.mesh, setup.data.round(r)))
     b0 = batch(0)
     t0 = time.perf_counter()
-    jitted = trainer.compile_round(setup, shardings) if new_api else trainer.compile_round(setup, shardings, b0)
+    jitted = setup_lib.compile_round(setup, shardings) if new_api else setup_lib.compile_round(setup, shardings, b0)
     compiled = jitted.lower(state, setup.frozen, b0).compile()
     t_compile = time.perf_counter() - t0
     state, m = compiled(state, setup.frozen, b0)

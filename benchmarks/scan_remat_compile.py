@@ -30,7 +30,7 @@ def main() -> None:
     from benchmarks.common import host, table
     from configs import sd35, sdxl
     from dpdmd_jax.config import override
-    from dpdmd_jax.distill import trainer
+    from dpdmd_jax.run import setup as setup_lib
     from dpdmd_jax.tools.tiny_pipeline import make_tiny_pipeline
 
     root = os.path.join(work, "pipe")
@@ -42,12 +42,11 @@ def main() -> None:
             "model.source": root, "data.kind": "random", "evals": {}, "teacher.steps": 2, "distill.anchor_k": 1,
             "model.scan_layers": scan, "model.remat_policy": remat})
         t0 = time.time()
-        setup = trainer.build(c, devices=jax.devices()[:1])
-        setup.distiller.anchor_k = 1
+        setup = setup_lib.build(c, devices=jax.devices()[:1])
         t1 = time.time()
-        state, shardings = trainer.init_train_state(setup)
+        state, shardings = setup_lib.init_train_state(setup)
         t2 = time.time()
-        fn, batch = trainer.compile_round(setup, shardings), trainer.round_batch(setup, 0)
+        fn, batch = setup_lib.compile_round(setup, shardings), setup_lib.round_batch(setup, 0)
         fn.compile(state, setup.frozen, batch)
         t3 = time.time()
         _, metrics = fn(state, setup.frozen, batch)

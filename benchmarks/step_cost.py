@@ -16,7 +16,7 @@ jits and measures, each separately:
     evaluation: cond and uncond batched), forward+backward at B (grads w.r.t. params); and the
     teacher anchor alone (K guided teacher steps);
   * `Distiller.critic_update`, `Distiller.generator_update` and `Distiller.train_round` (through
-    `trainer.compile_round`, state donated as in training) for DP-DMD (lambda_div = 0.05) and plain
+    `setup_lib.compile_round`, state donated as in training) for DP-DMD (lambda_div = 0.05) and plain
     DMD (lambda_div = 0).
 
 Per function: compile time (lower + compile wall, one run), median wall time over interleaved
@@ -65,7 +65,8 @@ import numpy as np
 from configs import toy as toy_config
 from dpdmd_jax.core import SD3Cond
 from dpdmd_jax.distill import step as step_lib
-from dpdmd_jax.distill import trainer
+from dpdmd_jax import core
+from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.models import layers
 from dpdmd_jax.toy.teacher import TOY_ARCH
 
@@ -132,7 +133,7 @@ def with_lambda(c, lam: float):
     return c
 
 
-def random_batch(c, context_len: int, seed: int = 0) -> step_lib.RoundBatch:
+def random_batch(c, context_len: int, seed: int = 0) -> core.RoundBatch:
     """A RoundBatch of random conditionings ([M + 1, B, L, D] and [M + 1, B, P]; uncond [B, ...])."""
     rng = np.random.default_rng(seed)
     a, b, rows = c.model.arch, c.batch_size, c.distill.fake_updates_per_student + 1
@@ -140,7 +141,7 @@ def random_batch(c, context_len: int, seed: int = 0) -> step_lib.RoundBatch:
     cond = SD3Cond(f(rows, b, context_len, a["joint_attention_dim"]), f(rows, b, a["pooled_projection_dim"]))
     uncond = SD3Cond(np.zeros((b, context_len, a["joint_attention_dim"]), np.float32),
                      np.zeros((b, a["pooled_projection_dim"]), np.float32))
-    return step_lib.RoundBatch(cond=cond, uncond=uncond)
+    return core.RoundBatch(cond=cond, uncond=uncond)
 
 
 # ----------------------------------------------------------------------------- loop unrolling (FLOP count)
@@ -225,13 +226,13 @@ def measure_size(name: str, args, log) -> dict:
         f"{a['sample_size']}^2x{a['in_channels']} (patch {a['patch_size']}), context "
         f"{context_len or 'toy'} x {a['joint_attention_dim']}, batch {b}, M={c.distill.fake_updates_per_student} "
         f"K={c.distill.anchor_k} T={c.teacher.steps} N={len(c.student.sigmas)}")
-    setup = trainer.build(c, devices=jax.devices()[:1])
+    setup = setup_lib.build(c, devices=jax.devices()[:1])
     n_params = sum(x.size for x in jax.tree.leaves(setup.frozen.teacher))
-    state, state_sh = trainer.init_train_state(setup)
+    state, state_sh = setup_lib.init_train_state(setup)
     if context_len is None:
-        batch = trainer.round_batch(setup, 0)
+        batch = setup_lib.round_batch(setup, 0)
     else:
-        batch = trainer.put_batch(setup, random_batch(c, context_len))
+        batch = setup_lib.put_batch(setup, random_batch(c, context_len))
     frozen = setup.frozen
     m = c.distill.fake_updates_per_student
     cond_critic = jax.tree.map(lambda x: x[0], batch.cond)
@@ -298,7 +299,7 @@ def measure_size(name: str, args, log) -> dict:
         gen_flops = add(f"generator update {tag}", jax.jit(dv.generator_update, donate_argnums=(0,)),
                         dv.generator_update, (holder["state"], frozen, cond_gen, uncond, key), calls_of(cv, "gen"),
                         True, extra=loop_extra(cv, "gen", unit))
-        add(f"round {tag} (lambda={lam:g})", trainer.compile_round(sv, state_sh), None,
+        add(f"round {tag} (lambda={lam:g})", setup_lib.compile_round(sv, state_sh), None,
             (holder["state"], frozen, batch), calls_of(cv, "round"), True, flops=m * corrected["critic"] + gen_flops)
 
     repeats = args.repeats or {"toy": 5 if args.quick else 9, "mid": 1 if args.quick else 3}[name]

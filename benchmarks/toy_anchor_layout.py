@@ -163,7 +163,8 @@ def auto_choice(args, shift: float | None) -> int:
 
     from configs import toy
     from dpdmd_jax.config import apply_flow_shift
-    from dpdmd_jax.distill import trainer
+    from dpdmd_jax.run import setup as setup_lib
+    from dpdmd_jax.run import workdir as workdir_lib
 
     c = toy.get_config("unet" if args.family == "unet" else None)
     c.distill.anchor_k = "auto"
@@ -173,10 +174,9 @@ def auto_choice(args, shift: float | None) -> int:
     c.distill.target = "denoise" if args.family == "unet" else (args.target or "line")
     if args.teacher:
         c.model.source = args.teacher
-    setup = trainer.build(c)
     with tempfile.TemporaryDirectory() as workdir:
-        trainer.check_workdir_config(workdir, c)
-        return trainer.choose_anchor_k(setup, workdir)
+        workdir_lib.check_workdir_config(workdir, c)
+        return setup_lib.build(c, workdir=workdir).distiller.anchor_k
 
 
 if __name__ == "__main__":

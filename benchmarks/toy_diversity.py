@@ -110,7 +110,8 @@ def setting_of(c) -> dict:
 def run_one(name: str, overrides: dict, seed: int, rounds: int, out: str, teacher: str | None) -> dict:
     """Trains (or resumes) one arm/seed and returns its summary; a finished run is only read back, after
     checking that it ran this arm's setting."""
-    from dpdmd_jax.distill import anchor, trainer
+    from dpdmd_jax.distill import anchor
+    from dpdmd_jax.run import train as run_train
 
     workdir = workdir_of(out, name, seed)
     summary_path = os.path.join(workdir, "summary.json")
@@ -128,7 +129,7 @@ def run_one(name: str, overrides: dict, seed: int, rounds: int, out: str, teache
             return summary
     _share_teacher_metrics(out, seed, workdir)
     t0 = time.time()
-    summary = trainer.train(c, workdir)
+    summary = run_train.train(c, workdir)
     summary["wall_s"] = time.time() - t0
     summary["setting"] = setting_of(c)
     if c.distill.anchor_k == "auto" and c.distill.lambda_div:  # the K the run chose, for tables and plots
@@ -220,16 +221,17 @@ def save_grids(out: str, arms: dict) -> None:
     """Seed-0 student sample grid of each arm (from its TensorBoard-free sampler) as PNG."""
     from PIL import Image
 
-    from dpdmd_jax.distill import trainer
+    from dpdmd_jax.run import setup as setup_lib
+    from dpdmd_jax.run import workdir as workdir_lib
     from dpdmd_jax.eval.toy import ToyGrid
 
     for name, overrides in arms.items():
         workdir = workdir_of(out, name, 0)
         c = make_config(overrides, 0, 1, ARGS.teacher)
-        setup = trainer.build(c)
-        like, shardings = trainer.init_train_state(setup)
-        mngr = trainer.checkpoint_manager(workdir, c)
-        state = trainer.restore(mngr, mngr.latest_step(), like, shardings)
+        setup = setup_lib.build(c)
+        like, shardings = setup_lib.init_train_state(setup)
+        mngr = workdir_lib.checkpoint_manager(workdir, c)
+        state = workdir_lib.restore(mngr, mngr.latest_step(), like, shardings)
         grid = ToyGrid(setup, workdir).grid(state)
         arm_dir = os.path.basename(os.path.dirname(workdir))
         Image.fromarray((grid * 255).astype(np.uint8)).save(os.path.join(out, f"grid_{arm_dir}.png"))

@@ -125,7 +125,7 @@ class Schedule(Protocol):
         """The levels DMD and critic noise is drawn from, uniformly."""
 
     def problems(self, c: ml_collections.ConfigDict) -> list[str]:
-        """Config values this schedule cannot use, one sentence each (for `config.validate`)."""
+        """Config values this schedule cannot use, one sentence each (for `run.preflight.config_problems`)."""
 
 
 class Backbone(Protocol):

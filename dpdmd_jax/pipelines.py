@@ -18,8 +18,11 @@ from typing import Any
 from jax.sharding import Mesh
 
 from dpdmd_jax.parallel.mesh import DEFAULT_RULES
+from dpdmd_jax.text.sd3 import check_pipeline, load_sd3_text_encoder
 from dpdmd_jax.weights.pipeline import SD3_COMPONENTS, component_problems, resolve_pipeline
 from dpdmd_jax.weights.safetensors_io import CheckpointError
+from dpdmd_jax.weights.sd3 import load_mmdit
+from dpdmd_jax.weights.vae import load_vae
 
 
 @dataclasses.dataclass
@@ -39,9 +42,6 @@ def load_sd3_pipeline(path: str | os.PathLike, mesh: Mesh, rules=DEFAULT_RULES, 
     placed on its sharding on `mesh`. Defaults: bf16 transformer and encoders, fp32 VAE (decoding
     in fp16/bf16 loses detail, and the SDXL VAE overflows fp16). `transformer_overrides` are the
     MMDiT's execution knobs (scan_layers, remat_policy, attention_impl)."""
-    from dpdmd_jax.text.sd3 import check_pipeline, load_sd3_text_encoder
-    from dpdmd_jax.weights.sd3 import load_mmdit
-    from dpdmd_jax.weights.vae import load_vae
 
     components = [c for c in SD3_COMPONENTS if use_t5 or not c.endswith("_3")]
     root = resolve_pipeline(path, components)

@@ -25,10 +25,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+
+from dpdmd_jax import cli
+from dpdmd_jax.config import base_config
 
 RECORD = "config.json"
 
@@ -76,7 +80,6 @@ def _lay_over(node: ml_collections.ConfigDict, record: dict) -> None:
 
 def from_record(record: dict) -> ml_collections.ConfigDict:
     """The config a run recorded (`config.json`'s JSON), with the types JSON lost restored."""
-    from dpdmd_jax.config import base_config
 
     c = base_config()
     _lay_over(c, record)
@@ -120,9 +123,7 @@ def use_recorded_config() -> None:
     """In a command's `__main__`, before `cli.run`: `sys.argv = with_recorded_config(sys.argv)` (absl
     and ml_collections read the command line from `sys.argv`); an unreadable record stops the
     command with one line and exit code 2."""
-    import sys
 
-    from dpdmd_jax import cli
 
     try:
         sys.argv[:] = with_recorded_config(sys.argv)

@@ -66,7 +66,8 @@ def test_workdir_makes_the_record_the_default_config_and_overrides_apply_on_top(
     assert c.distill.anchor_k == "auto" and c.distill.stop_grad_first_step is True
     assert c.data.latent_size == (4, 4) and c.mesh.fsdp == 2
     # A layout knob may differ from the run's; a field that says what the checkpoint means may not.
-    workdir_lib.check_workdir_config(workdir, _parse(["s", f"--workdir={workdir}", "--config.mesh.fsdp=2"]), write=False)
+    layout = _parse(["s", f"--workdir={workdir}", "--config.mesh.fsdp=2"])
+    workdir_lib.check_workdir_config(workdir, layout, write=False)
     with pytest.raises(ConfigError, match=r"different config \(distill.anchor_k: 2 -> 3\).*drop --config"):
         workdir_lib.check_workdir_config(workdir, _parse(["s", f"--workdir={workdir}", "--config.distill.anchor_k=3"]),
                                      write=False)

@@ -16,8 +16,9 @@ A backbone is one module with a class registered under a name:
         def cond_spec(self, batch) -> cond_type of jax.ShapeDtypeStruct: ...
         def has_vae(self) -> bool: ...                   # samples decoded by load_vae / decode?
 
-(the interface is `core.Backbone`) and `--config.backbone=my_package.my_module:my_dit` imports the module and picks it (a built-in
-is named alone: `--config.backbone=mmdit`; the built-ins are listed in `_BUILTIN`, not registered).
+(the interface is `core.Backbone`) and `--config.backbone=my_package.my_module:my_dit` imports the
+module and picks it (a built-in is named alone: `--config.backbone=mmdit`; the built-ins are listed
+in `_BUILTIN`, not registered).
 `docs/DESIGN.md` ("Adding a backbone") walks through one.
 """
 

@@ -8,16 +8,35 @@ denoiser alone, its folder), `text.source` overrides where the encoders and the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from dpdmd_jax.models.vae import from_model_latent
 from dpdmd_jax.parallel import mesh as mesh_lib
+from dpdmd_jax.weights.pipeline import component_folder, component_problems, resolve_pipeline
+from dpdmd_jax.weights.safetensors_io import CheckpointError
+from dpdmd_jax.weights.vae import load_vae, read_config
 
 TEXT_KINDS = ("prompts", "diffusiondb")  # data sources that need the text encoders
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+    """Where a backbone's teacher comes from (`model.source`): a diffusers folder, the shipped toy
+    teacher, or random weights for tests. Each backbone picks one strategy once
+    (`PipelineBackbone.weight_source`), and nothing else asks what the source string says."""
+
+    builtin: bool  # not a pipeline folder: no text encoders or VAE of its own (text.source may lend them)
+    arch: Callable[[], Any]  # the denoiser's architecture config
+    load: Callable[[Mesh, Any], Any]  # (mesh, rules) -> the teacher, each parameter on its sharding
+    context_len: int | None = None  # tokens of the conditioning its own text encoder makes (the toy's)
 
 
 class PipelineBackbone:
@@ -27,10 +46,21 @@ class PipelineBackbone:
     def __init__(self, config: ml_collections.ConfigDict):
         self.c = config
         self.source = config.model.source
+        self.weights = self.weight_source(config)
+
+    def weight_source(self, config: ml_collections.ConfigDict) -> WeightSource:
+        raise NotImplementedError
 
     def builtin_source(self) -> bool:
         """Sources that are not folders (toy / random weights)."""
-        return False
+        return self.weights.builtin
+
+    @functools.cached_property
+    def arch(self):
+        return self.weights.arch()
+
+    def load(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES):
+        return self.weights.load(mesh, rules)
 
     def text_check(self, root: str) -> list[str]:
         raise NotImplementedError
@@ -39,15 +69,11 @@ class PipelineBackbone:
     def pipeline_root(self) -> str:
         """The local diffusers pipeline folder the text encoders and the VAE come from
         (`text.source`, else `model.source`; a hub id is fetched where the network allows)."""
-        from dpdmd_jax.weights.pipeline import resolve_pipeline
-
         return resolve_pipeline(self.c.text.source or self.source, self.components)
 
     def check_source(self) -> list[str]:
         """Cheap checks of `model.source` (its config) and, when the data are prompts, of the
         pipeline's text side, before anything is loaded."""
-        from dpdmd_jax.weights.safetensors_io import CheckpointError
-
         builtin = self.builtin_source()
         if not builtin:
             try:
@@ -70,8 +96,6 @@ class PipelineBackbone:
 
     def weights_problems(self) -> list[str]:
         """The denoiser's folder must hold its weights, not only its config.json."""
-        from dpdmd_jax.weights.pipeline import component_folder
-
         folder = component_folder(self.source, next(iter(self.components)))  # the denoiser
         if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
             return [f"model.source={self.source!r}: {folder} has no .safetensors weights (diffusers' "
@@ -83,10 +107,6 @@ class PipelineBackbone:
         return any(e.get("type") == "samples" for e in self.c.get("evals", {}).values())
 
     def vae_problems(self) -> list[str]:
-        from dpdmd_jax.weights.pipeline import component_problems
-        from dpdmd_jax.weights.safetensors_io import CheckpointError
-        from dpdmd_jax.weights.vae import read_config
-
         if self.builtin_source() and not self.c.text.source:
             return [f"evals of type 'samples' decode with a pipeline's VAE, and model.source={self.source!r} has "
                     "none: set --config.text.source to a pipeline folder, or drop those evals (--config.evals={})."]
@@ -108,12 +128,8 @@ class PipelineBackbone:
         return not self.builtin_source() or bool(self.c.text.source)
 
     def load_vae(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES, dtype: str = "float32"):
-        from dpdmd_jax.weights.vae import load_vae
-
         return load_vae(os.path.join(self.pipeline_root, "vae"), dtype=dtype, mesh=mesh, rules=rules)
 
     def decode(self, vae, z: jax.Array) -> jax.Array:
         """Latents (as the denoiser sees them) -> images NHWC in [-1, 1]."""
-        from dpdmd_jax.models.vae import from_model_latent
-
         return vae.decode(from_model_latent(vae.cfg, z))

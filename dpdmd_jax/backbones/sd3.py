@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -15,11 +14,15 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dpdmd_jax import core
-from dpdmd_jax.backbones.pipeline import PipelineBackbone
+from dpdmd_jax.backbones.pipeline import PipelineBackbone, WeightSource
 from dpdmd_jax.diffusion.schedules import RectifiedFlow
 from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig
 from dpdmd_jax.parallel import mesh as mesh_lib
+from dpdmd_jax.text.sd3 import check_pipeline, load_sd3_text_encoder
+from dpdmd_jax.toy.teacher import CONTEXT_LEN as TOY_CONTEXT_LEN
+from dpdmd_jax.toy.teacher import load_toy_teacher, toy_config
 from dpdmd_jax.weights.pipeline import SD3_COMPONENTS
+from dpdmd_jax.weights.sd3 import load_mmdit, read_config, resolve_folder
 
 # CLIP's 77 tokens ++ T5's 256 (SD3's max_sequence_length), the pipeline's context length.
 CLIP_LEN = 77
@@ -31,54 +34,40 @@ def exec_overrides(c: ml_collections.ConfigDict) -> dict[str, Any]:
                 remat_policy=m.remat_policy, attention_impl=m.attention_impl)
 
 
+def weight_source(c: ml_collections.ConfigDict) -> WeightSource:
+    """`model.source`: "toy" (the shipped toy teacher), "random" (a random MMDiT of `model.arch`, for
+    tests; the toy's text encoder shapes) or a diffusers folder."""
+    overrides, source = exec_overrides(c), c.model.source
+    if source == "toy":
+        return WeightSource(True, toy_config, lambda mesh, rules: load_toy_teacher(mesh=mesh, rules=rules, **overrides),
+                            TOY_CONTEXT_LEN)
+    if source.startswith("random"):
+        def load(mesh, rules):
+            model = MMDiT(MMDiTConfig(**dict(c.model.arch), **overrides), rngs=nnx.Rngs(c.seed))
+            state = nnx.state(model)
+            nnx.update(model, jax.device_put(state, mesh_lib.state_shardings(state, mesh, rules)))
+            return model
+
+        return WeightSource(True, lambda: MMDiTConfig(**dict(c.model.arch)), load, TOY_CONTEXT_LEN)
+    return WeightSource(False, lambda: read_config(resolve_folder(source)),
+                        lambda mesh, rules: load_mmdit(source, mesh=mesh, rules=rules, **overrides))
+
+
 class SD3Backbone(PipelineBackbone):
     schedule = RectifiedFlow()
     cond_type = core.SD3Cond
     components = SD3_COMPONENTS
     family = "SD3/SD3.5"
-
-    def builtin_source(self) -> bool:
-        return self.source == "toy" or self.source.startswith("random")
-
-    @functools.cached_property
-    def arch(self) -> MMDiTConfig:
-        if self.source == "toy":
-            from dpdmd_jax.toy.teacher import toy_config
-
-            return toy_config()
-        if self.source.startswith("random"):
-            return MMDiTConfig(**dict(self.c.model.arch))
-        from dpdmd_jax.weights.sd3 import read_config, resolve_folder
-
-        return read_config(resolve_folder(self.source))
+    weight_source = staticmethod(weight_source)
 
     def text_check(self, root: str) -> list[str]:
-        from dpdmd_jax.text.sd3 import check_pipeline
-
         return check_pipeline(root, self.c.text.use_t5)
 
     def load_text_encoder(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES):
         """CLIP-L, OpenCLIP-bigG and T5-XXL of the pipeline, sharded on `mesh` (`text.sd3`)."""
-        from dpdmd_jax.text.sd3 import load_sd3_text_encoder
-
         t = self.c.text
         return load_sd3_text_encoder(self.pipeline_root, mesh, rules, dtype=t.dtype,
                                      max_sequence_length=t.max_sequence_length, use_t5=t.use_t5)
-
-    def load(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES) -> MMDiT:
-        overrides = exec_overrides(self.c)
-        if self.source == "toy":
-            from dpdmd_jax.toy.teacher import load_toy_teacher
-
-            return load_toy_teacher(mesh=mesh, rules=rules, **overrides)
-        if self.source.startswith("random"):
-            model = MMDiT(MMDiTConfig(**dict(self.c.model.arch), **overrides), rngs=nnx.Rngs(self.c.seed))
-            state = nnx.state(model)
-            nnx.update(model, jax.device_put(state, mesh_lib.state_shardings(state, mesh, rules)))
-            return model
-        from dpdmd_jax.weights.sd3 import load_mmdit
-
-        return load_mmdit(self.source, mesh=mesh, rules=rules, **overrides)
 
     def apply(self, model: MMDiT, z: jax.Array, level: jax.Array, cond: core.SD3Cond) -> jax.Array:
         return model(z, self.schedule.model_time(level), cond.context, cond.pooled)
@@ -87,9 +76,7 @@ class SD3Backbone(PipelineBackbone):
         return (*self.c.data.latent_size, self.arch.in_channels)
 
     def cond_spec(self, batch: int) -> core.SD3Cond:
-        length = CLIP_LEN + self.c.text.max_sequence_length
-        if self.source == "toy" or self.source.startswith("random"):
-            from dpdmd_jax.toy.teacher import CONTEXT_LEN as length  # the toy "text encoder"'s tokens
+        length = self.weights.context_len or CLIP_LEN + self.c.text.max_sequence_length
         f32 = jax.numpy.float32
         return core.SD3Cond(
             context=jax.ShapeDtypeStruct((batch, length, self.arch.joint_attention_dim), f32),

@@ -9,20 +9,35 @@ it when `force_zeros_for_empty_prompt` is set.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.sharding import Mesh
 
 from dpdmd_jax import core
-from dpdmd_jax.backbones.pipeline import PipelineBackbone
+from dpdmd_jax.backbones.pipeline import PipelineBackbone, WeightSource
 from dpdmd_jax.diffusion.schedules import VPEpsilon
 from dpdmd_jax.parallel import mesh as mesh_lib
+from dpdmd_jax.text.sdxl import check_pipeline, load_sdxl_text_encoder
+from dpdmd_jax.toy.teacher import CONTEXT_LEN as TOY_CONTEXT_LEN
+from dpdmd_jax.toy.teacher import TEACHER_DIRS, toy_unet_config
 from dpdmd_jax.weights.pipeline import SDXL_COMPONENTS
+from dpdmd_jax.weights.unet import load_unet, read_config, resolve_folder
 
 CLIP_LEN = 77
 VAE_FACTOR = 8  # SDXL's VAE: 4 blocks, 3 downsamplings
+
+
+def weight_source(c: ml_collections.ConfigDict) -> WeightSource:
+    """`model.source`: "toy" (the shipped epsilon toy teacher) or a diffusers folder."""
+    m, source = c.model, c.model.source
+    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+    if source == "toy":
+        return WeightSource(True, toy_unet_config, lambda mesh, rules: load_unet(
+            TEACHER_DIRS["unet"], mesh=mesh, rules=rules, progress=False, **kw), TOY_CONTEXT_LEN)
+    return WeightSource(False, lambda: read_config(resolve_folder(source)),
+                        lambda mesh, rules: load_unet(source, mesh=mesh, rules=rules, **kw))
 
 
 class SDXLBackbone(PipelineBackbone):
@@ -30,46 +45,18 @@ class SDXLBackbone(PipelineBackbone):
     cond_type = core.SDXLCond
     components = tuple(SDXL_COMPONENTS)
     family = "SDXL"
-
-    def builtin_source(self) -> bool:
-        return self.source == "toy"
-
-    @functools.cached_property
-    def arch(self):
-        if self.source == "toy":
-            from dpdmd_jax.toy.teacher import toy_unet_config
-
-            return toy_unet_config()
-        from dpdmd_jax.weights.unet import read_config, resolve_folder
-
-        return read_config(resolve_folder(self.source))
+    weight_source = staticmethod(weight_source)
 
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(int(s) * VAE_FACTOR for s in self.c.data.latent_size)
 
     def text_check(self, root: str) -> list[str]:
-        from dpdmd_jax.text.sdxl import check_pipeline
-
         return check_pipeline(root)
 
     def load_text_encoder(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES):
-        from dpdmd_jax.text.sdxl import load_sdxl_text_encoder
-
         return load_sdxl_text_encoder(self.pipeline_root, mesh, rules, image_size=self.image_size,
                                       dtype=self.c.text.dtype)
-
-    def load(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES):
-        from dpdmd_jax.weights.unet import load_unet
-
-        m = self.c.model
-        if self.source == "toy":
-            from dpdmd_jax.toy.teacher import TEACHER_DIRS
-
-            return load_unet(TEACHER_DIRS["unet"], dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, rules=rules,
-                             scan_layers=m.scan_layers, remat_policy=m.remat_policy, progress=False)
-        return load_unet(self.source, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, rules=rules,
-                         scan_layers=m.scan_layers, remat_policy=m.remat_policy)
 
     def apply(self, model, z: jax.Array, level: jax.Array, cond: core.SDXLCond) -> jax.Array:
         return model(z, self.schedule.model_time(level), cond.context, cond.text_embeds, cond.time_ids)
@@ -81,9 +68,7 @@ class SDXLBackbone(PipelineBackbone):
         a = self.arch
         pooled = a.projection_class_embeddings_input_dim - 6 * a.addition_time_embed_dim
         f32 = jnp.float32
-        length = CLIP_LEN
-        if self.source == "toy":
-            from dpdmd_jax.toy.teacher import CONTEXT_LEN as length  # the toy "text encoder"'s tokens
+        length = self.weights.context_len or CLIP_LEN
         return core.SDXLCond(context=jax.ShapeDtypeStruct((batch, length, a.cross_attention_dim), f32),
-                                  text_embeds=jax.ShapeDtypeStruct((batch, pooled), f32),
-                                  time_ids=jax.ShapeDtypeStruct((batch, 6), f32))
+                             text_embeds=jax.ShapeDtypeStruct((batch, pooled), f32),
+                             time_ids=jax.ShapeDtypeStruct((batch, 6), f32))

@@ -19,9 +19,12 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Sequence
+
 import ml_collections
 
 from dpdmd_jax.core import Backbone, DataSource
+from dpdmd_jax.data.embeddings import read_meta
+from dpdmd_jax.data.prompts import PromptFileError, TextSource, read_prompt_file, text_file_prompts
 
 SOURCES = {
     "toy": "dpdmd_jax.data.toy:ToySource",  # the toy's class prompts
@@ -35,7 +38,6 @@ OWN_VOCABULARY = ("toy",)  # sources that encode their own fixed set of prompts 
 
 def problems(c: ml_collections.ConfigDict) -> list[str]:
     """Cheap checks of the data config and inputs, one sentence each, before anything is loaded."""
-    from dpdmd_jax.data.prompts import PromptFileError, read_prompt_file
 
     if c.data.kind not in SOURCES:
         return [f"data.kind={c.data.kind!r}; choose one of {tuple(SOURCES)}."]
@@ -58,8 +60,6 @@ def problems(c: ml_collections.ConfigDict) -> list[str]:
                 return [f"the DiffusionDB prompts are not built in data.tfds_dir={c.data.tfds_dir!r} and "
                         f"data.manual_dir={manual!r} is not a folder; {how}"]
     if c.data.kind == "embeddings":
-        from dpdmd_jax.data.embeddings import read_meta
-
         try:
             read_meta(c.data.cache_dir)
         except FileNotFoundError as e:
@@ -70,8 +70,6 @@ def problems(c: ml_collections.ConfigDict) -> list[str]:
 def prompt_sequence(c: ml_collections.ConfigDict) -> Sequence[str]:
     """The prompts of a text source (`prompts` or `diffusiondb`), as a random-access sequence."""
     if c.data.kind == "prompts":
-        from dpdmd_jax.data.prompts import text_file_prompts
-
         return text_file_prompts(c)
     if c.data.kind == "diffusiondb":
         from dpdmd_jax.data import diffusiondb
@@ -93,7 +91,6 @@ def for_prompt_file(c: ml_collections.ConfigDict, prompt_file: str | None) -> ml
 
 
 def text_source(c: ml_collections.ConfigDict, backbone: Backbone, mesh, rules):
-    from dpdmd_jax.data.prompts import TextSource
 
     if not hasattr(backbone, "load_text_encoder"):
         raise ValueError(f"backbone {c.backbone!r} has no text encoders; data.kind={c.data.kind!r} needs them")
