@@ -6,7 +6,7 @@ r"""Evaluate sample folders (made by `python -m dpdmd_jax.sample`): diversity an
 
 Per folder, `eval.json` and `eval.md` in it; with several folders, `comparison.md` / `.json` in
 `--out`. Metrics:
-  * `diversity_clip`: the paper's diversity (`eval.diversity`) on the CLIP ViT vision tower's CLS
+  * `diversity_clip`: the paper's diversity (`dpdmd_jax.diversity`) on the CLIP ViT vision tower's CLS
     token before its post-LayerNorm (`last_hidden_state[:, 0]`, the method's evaluation);
   * `diversity_dino`: on the DINO tower's `pooler_output` (DINOv3 ViT-L/16 in the method's code;
     DINOv2 folders work too: transformers 5.24 has both `Dinov2Model` and `DINOv3ViTModel`);

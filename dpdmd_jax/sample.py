@@ -17,14 +17,10 @@ Prompts: `--prompt_file` (one per line), else the config's data source (its prom
 DiffusionDB TFDS prompts); the toy's prompts are its class names ("red square", ...), all six by
 default. `--num_prompts` keeps the first N. Each prompt gets `--seeds` R images.
 
-Determinism: each image's noise comes from its own key (prompt index, seed), so it does not depend on
-the batch, the device count or the order images are made in (`dpdmd_jax.sampling.sampler`).
-
-Several processes (hosts, or several on one machine) run the same command with
+Each image's noise comes from its own key (prompt index, seed): the same image whatever the batch,
+device count or order (`dpdmd_jax.sampling.sampler`). Several processes run the same command with
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (TPU pods, SLURM and MPI need no
-flags), as `dpdmd_jax.main` does; they make the same images as one process with as many devices.
-Every process reads the checkpoint (--workdir); process 0 alone reads and writes `--out`, and tells
-the others which images are left, so every process runs the same batches.
+flags) and make the same images as one process; process 0 alone reads and writes `--out`.
 
 Output (`--out`, `dpdmd_jax.sampling.folder`): `images/p{p:05d}_s{s:03d}.png`, `grids/p{p:05d}.png`,
 `samples.jsonl` (one row per image) and `run.json` (what made them). A re-run skips the images already

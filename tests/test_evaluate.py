@@ -22,7 +22,7 @@ from dpdmd_jax.eval import folder as eval_folder
 from dpdmd_jax.run import sample as run_sample
 from dpdmd_jax.config import override
 from dpdmd_jax.eval import preprocess
-from dpdmd_jax.eval.diversity import clip_score, diversity, prompt_diversity
+from dpdmd_jax.diversity import clip_score, diversity, prompt_diversity
 
 
 def _loop_diversity(features) -> float:
@@ -212,7 +212,7 @@ def test_pipeline_samples_name_each_metric_not_computed_and_why(toy_samples, tow
     pipe = _as_pipeline_samples(toy_samples, tmp_path / "pipe")
     # No tower for text-to-image samples: the tower-free pixel diversity only, and each tower metric
     # named with the flag it needs, from the API and the command line (exit 0: something was computed).
-    from dpdmd_jax.eval.diversity import diversity
+    from dpdmd_jax.diversity import diversity
 
     bare = eval_folder.evaluate([pipe])["pipe"]
     assert bare["computed"] == ["diversity_pixel"]

@@ -49,7 +49,7 @@ def problems(c: ml_collections.ConfigDict) -> list[str]:
         except PromptFileError as e:
             return [f"data.prompt_file: {e}; point it at a UTF-8 text file with one prompt per line."]
     if c.data.kind == "diffusiondb":
-        from dpdmd_jax.data import diffusiondb
+        from dpdmd_jax.data import diffusiondb  # TFDS imports TensorFlow (seconds): only for this source
 
         if not c.data.tfds_dir:
             return ["data.kind='diffusiondb' needs --config.data.tfds_dir (where the TFDS dataset is, or is built)."]
@@ -72,7 +72,7 @@ def prompt_sequence(c: ml_collections.ConfigDict) -> Sequence[str]:
     if c.data.kind == "prompts":
         return text_file_prompts(c)
     if c.data.kind == "diffusiondb":
-        from dpdmd_jax.data import diffusiondb
+        from dpdmd_jax.data import diffusiondb  # TFDS imports TensorFlow (seconds): only for this source
 
         if not diffusiondb.is_prepared(c.data.tfds_dir):
             diffusiondb.prepare(c.data.tfds_dir, c.data.manual_dir)

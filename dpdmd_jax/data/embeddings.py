@@ -19,7 +19,9 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from dpdmd_jax.core import Cond, NoPrompts, RoundBatch
+from dpdmd_jax.core import Cond, RoundBatch
+from dpdmd_jax.data.base import HostSource
+from dpdmd_jax.data.prompts import PromptOrder
 
 _STORED = {"bfloat16": np.uint16}  # dtypes .npy cannot name, stored as their raw bits
 
@@ -85,12 +87,12 @@ def prompts_digest(prompts) -> str:
     return h.hexdigest()[:16]
 
 
-class EmbeddingSource:
+class EmbeddingSource(HostSource):
     """Conditionings read from an embedding cache, in the prompt sources' (seed, round) order."""
 
-    def __init__(self, c: ml_collections.ConfigDict, backbone, mesh=None, rules=None):
-        from dpdmd_jax.data.prompts import PromptOrder
+    no_prompts = "an embedding cache holds conditionings, not prompts"
 
+    def __init__(self, c: ml_collections.ConfigDict, backbone, mesh=None, rules=None):
         del mesh, rules  # host arrays only: the trainer places them
         self.meta = read_meta(c.data.cache_dir)
         self.cond_type = backbone.cond_type
@@ -131,20 +133,8 @@ class EmbeddingSource:
     def round(self, r: int, rows: slice) -> RoundBatch:
         return RoundBatch(cond=self._rows(self.order.indices(r, rows)), uncond=self.uncond(rows.stop - rows.start))
 
-    def encode(self, batch: RoundBatch) -> RoundBatch:
-        return batch
-
     def uncond(self, n: int) -> Cond:
         return self.cond_type(**{f: np.broadcast_to(e, (n, *e.shape)) for f, e in self.empty.items()})
-
-    def prompts(self):
-        raise NoPrompts("an embedding cache holds conditionings, not prompts; pass a prompt file")
-
-    def prompt_problems(self, prompts) -> list[str]:
-        return []
-
-    def encode_prompts(self, prompts) -> Cond:
-        raise NoPrompts("an embedding cache cannot encode new prompts; they need the pipeline's text encoders")
 
     def eval_cond(self, n: int):
         return self._rows(np.arange(min(n, len(self))))

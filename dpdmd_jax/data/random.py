@@ -8,10 +8,13 @@ import ml_collections
 import numpy as np
 
 from dpdmd_jax import core
-from dpdmd_jax.core import Cond, NoPrompts, RoundBatch
+from dpdmd_jax.core import Cond, RoundBatch
+from dpdmd_jax.data.base import HostSource
 
 
-class RandomSource:
+class RandomSource(HostSource):
+    no_prompts = "data.kind='random' draws conditionings, not prompts"
+
     def __init__(self, c: ml_collections.ConfigDict, backbone: core.Backbone, mesh=None, rules=None):
         self.seed, self.batch = c.seed, c.batch_size
         self.rows = c.distill.fake_updates_per_student + 1
@@ -22,21 +25,6 @@ class RandomSource:
         rng = np.random.default_rng([self.seed, r])
         cond = jax.tree.map(lambda s: rng.standard_normal((self.rows, *s.shape), np.float32)[:, rows], self.spec)
         return RoundBatch(cond=cond, uncond=self.uncond(rows.stop - rows.start))
-
-    def encode(self, batch: RoundBatch) -> RoundBatch:
-        return batch
-
-    def prompts(self):
-        raise NoPrompts("data.kind='random' draws conditionings, not prompts; pass a prompt file")
-
-    def prompt_problems(self, prompts) -> list[str]:
-        return []
-
-    def encode_prompts(self, prompts) -> Cond:
-        raise NoPrompts("data.kind='random' has no text encoder; use a prompt source (data.kind='prompts')")
-
-    def eval_cond(self, n: int) -> Cond:
-        return self.prompts()
 
     def uncond(self, n: int) -> Cond:
         return jax.tree.map(lambda s: np.zeros((n, *s.shape[1:]), s.dtype), self.spec)

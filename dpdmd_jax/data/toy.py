@@ -9,11 +9,12 @@ from collections.abc import Sequence
 
 from dpdmd_jax import core
 from dpdmd_jax.core import Cond, RoundBatch
+from dpdmd_jax.data.base import HostSource
 from dpdmd_jax.toy import data as toy_data
 from dpdmd_jax.toy import teacher as toy_teacher
 
 
-class ToySource:
+class ToySource(HostSource):
     """Class-conditioned toy prompts embedded by the toy's fixed "text encoder"
     (`toy.data.class_embedding`) into the backbone's conditioning (SD3Cond, or SDXLCond with the
     toy's time ids); the unconditional branch is its NULL class (zeros; SDXL keeps its time ids)."""
@@ -46,9 +47,6 @@ class ToySource:
     def round(self, r: int, rows: slice) -> RoundBatch:
         ids = self.class_ids(r)[:, rows]
         return RoundBatch(cond=self.embed(ids), uncond=self.uncond(ids.shape[1]))
-
-    def encode(self, batch: RoundBatch) -> RoundBatch:
-        return batch  # host embeddings: nothing left to do on device
 
     def prompts(self) -> list[str]:
         """The class names ("red square", ...), the only prompts the toy's text encoder knows."""

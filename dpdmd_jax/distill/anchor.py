@@ -32,14 +32,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
+from dpdmd_jax.core import Frozen, RoundBatch
 from dpdmd_jax.distill import losses
+from dpdmd_jax.parallel import mesh as mesh_lib
+from dpdmd_jax.parallel.multihost import SyncedJit
 
 CRITERIA = ("carried",)
 RECORD = "anchor_auto.json"
@@ -137,3 +142,42 @@ def curve_table(levels: np.ndarray, ratios: np.ndarray, k: int) -> str:
     for i, (level, r) in enumerate(zip(levels, ratios), start=1):
         lines.append(f"{i:4d} {level:7.3f}   {r:.3f}{'   <- chosen' if i == k else ''}")
     return "\n".join(lines)
+
+
+def resolve_k(c: ml_collections.ConfigDict, workdir: str | None, teacher: Any, frozen: Frozen, mesh: Mesh,
+              round0: Callable[[], RoundBatch]) -> int | None:
+    """The run's anchor step K: the config's; without a `workdir` (a reader) None for "auto"; the one
+    an earlier run in `workdir` chose and recorded in its config.json; or, for "auto", the one
+    `target_curve` picks from a teacher pass (`teacher`: a Distiller whose K is open) over round 0's
+    first prompts (`round0()`, the global batch), then printed and recorded in the workdir. None for
+    plain DMD with "auto": lambda_div = 0 never runs the anchor, so there is nothing to choose."""
+    if c.distill.anchor_k != "auto":
+        return int(c.distill.anchor_k)
+    if c.distill.lambda_div == 0 or workdir is None:
+        return None
+    recorded = recorded_k(workdir)
+    if recorded is not None:  # a resumed run: the same K, no second teacher pass
+        print(f"distill.anchor_k=auto: K={recorded}, as chosen and recorded in {workdir}/config.json")
+        return recorded
+    a, m = c.distill.auto_anchor, c.distill.fake_updates_per_student
+
+    def curve(frozen, cond, uncond):
+        pick = lambda x: jnp.repeat(x[: a.prompts], a.seeds, axis=0)  # a prompt's seeds adjacent
+        cond, uncond = jax.tree.map(lambda x: pick(x[m]), cond), jax.tree.map(pick, uncond)
+        eps = jax.random.normal(jax.random.key(c.seed), (a.prompts * a.seeds, *teacher.latent_shape), jnp.float32)
+        return target_curve(teacher, frozen, eps, cond, uncond, a.seeds)
+
+    print(f"distill.anchor_k=auto: two teacher passes ({a.prompts} prompts x {a.seeds} seeds, "
+          f"{len(teacher.teacher_grid) - 1} steps) to choose K ...", flush=True)
+    batch = round0()
+    fn = SyncedJit(curve, "anchor_curve", out_shardings=mesh_lib.replicated(mesh))
+    ratios = np.asarray(jax.device_get(fn(frozen, batch.cond, batch.uncond)))
+    k = choose_k(ratios, a.fraction)
+    levels = teacher.teacher_grid[1:]
+    print(curve_table(levels, ratios, k))
+    print(f"distill.anchor_k=auto: K={k}, the first K whose target carries >= {a.fraction:g} of the final samples' "
+          f"within-prompt variation (recorded in {workdir}/config.json)", flush=True)
+    if jax.process_index() == 0:
+        record(workdir, k, dict(criterion=a.criterion, fraction=a.fraction, prompts=a.prompts, seeds=a.seeds,
+                               levels=levels.tolist(), carried=ratios.tolist()))
+    return k

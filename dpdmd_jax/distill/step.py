@@ -66,7 +66,7 @@ class Distiller:
         self.latent_shape = tuple(backbone.latent_shape())  # (H, W, C)
         self.teacher_grid = self.schedule.teacher_grid(config.teacher)
         # K: the config's, or for distill.anchor_k="auto" the one the run chose before building this
-        # (`run.setup.resolve_anchor_k`); None leaves it open (the teacher pass that chooses it, readers).
+        # (`distill.anchor.resolve_k`); None leaves it open (the teacher pass that chooses it, readers).
         auto = config.distill.anchor_k == "auto"
         self.anchor_k = anchor_k if anchor_k is not None or auto else int(config.distill.anchor_k)
         self.student_grid = self.schedule.student_grid(config.student)
@@ -100,7 +100,7 @@ class Distiller:
         k = self.anchor_k
         if k is None:
             raise ValueError("distill.anchor_k='auto' has not been resolved: build the Distiller with the K "
-                             "`run.setup.resolve_anchor_k` chose (dpdmd_jax.distill.anchor)")
+                             "`distill.anchor.resolve_k` chose (dpdmd_jax.distill.anchor)")
         teacher = self._predictor(jax.lax.stop_gradient(frozen.teacher), frozen.buffers)
         z_tk = sampler.sample(teacher, self.schedule, eps, self.teacher_grid[: k + 1], cond, uncond,
                               self.c.teacher.cfg_scale)

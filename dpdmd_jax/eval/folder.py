@@ -19,7 +19,7 @@ from flax import nnx
 from PIL import Image
 
 from dpdmd_jax.eval import preprocess
-from dpdmd_jax.eval.diversity import clip_score, diversity
+from dpdmd_jax.diversity import clip_score, diversity
 from dpdmd_jax.models.dino import DINOv3ViTModel
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.sampling.folder import read_rows

@@ -17,6 +17,8 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dpdmd_jax.core import RoundBatch
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -132,6 +134,28 @@ def process_batch_rows(mesh: Mesh, batch: int) -> slice:
         raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {held}; order the mesh's "
                          "devices by process (the default) so that each host feeds one block")
     return slice(lo, hi)
+
+
+def round_shardings(mesh: Mesh, batch: RoundBatch) -> RoundBatch:
+    """A round's batch: conditionings [M + 1, B, ...] split over the batch axes on B, the
+    unconditional conditioning [B, ...] on its first axis."""
+    on_b = lambda x: NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2))))
+    return RoundBatch(cond=jax.tree.map(on_b, batch.cond),
+                      uncond=jax.tree.map(lambda x: batch_sharding(mesh, x.ndim), batch.uncond))
+
+
+def put_round(mesh: Mesh, batch_size: int, local: RoundBatch) -> RoundBatch:
+    """This process's rows of a round (host arrays) -> global arrays: each process supplies only the
+    rows its devices hold, so no host ever builds the whole batch."""
+
+    def put(x, sharding, axis):
+        shape = list(x.shape)
+        shape[axis] = batch_size
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x), tuple(shape))
+
+    sh = round_shardings(mesh, local)
+    return RoundBatch(cond=jax.tree.map(lambda x, s: put(x, s, 1), local.cond, sh.cond),
+                      uncond=jax.tree.map(lambda x, s: put(x, s, 0), local.uncond, sh.uncond))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

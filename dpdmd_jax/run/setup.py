@@ -12,12 +12,10 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from dpdmd_jax import backbones
 from dpdmd_jax import config as config_lib
@@ -66,19 +64,15 @@ def build(c: ml_collections.ConfigDict, devices=None, checked: bool = False, wor
     graphdef, params, buffers = nnx.split(teacher, nnx.Param, ...)
     frozen = Frozen(teacher=params, buffers=buffers)
     data = data_lib.make_source(c, backbone, mesh, rules)
-    k = resolve_anchor_k(c, mesh, data, Distiller(c, backbone, graphdef, anchor_k=None), frozen, workdir)
+    k = anchor.resolve_k(c, workdir, Distiller(c, backbone, graphdef, anchor_k=None), frozen, mesh,
+                         lambda: _round_batch(c, mesh, data, 0))
     return Run(c, mesh, rules, backbone, Distiller(c, backbone, graphdef, anchor_k=k), frozen, teacher, data)
 
 
 # ---------------------------------------------------------------------------- batches
 
 
-def batch_shardings(mesh: Mesh, batch: RoundBatch) -> RoundBatch:
-    round_sh = lambda x: NamedSharding(mesh, PartitionSpec(None, mesh_lib.BATCH_AXES, *([None] * (x.ndim - 2))))
-    return RoundBatch(
-        cond=jax.tree.map(round_sh, batch.cond),
-        uncond=jax.tree.map(lambda x: mesh_lib.batch_sharding(mesh, x.ndim), batch.uncond),
-    )
+batch_shardings = mesh_lib.round_shardings
 
 
 def local_rows(run: Run) -> slice:
@@ -86,26 +80,14 @@ def local_rows(run: Run) -> slice:
     return mesh_lib.process_batch_rows(run.mesh, run.config.batch_size)
 
 
-def _put_batch(mesh: Mesh, batch_size: int, local: RoundBatch) -> RoundBatch:
-    def put(x, sharding, axis):
-        shape = list(x.shape)
-        shape[axis] = batch_size
-        return jax.make_array_from_process_local_data(sharding, np.asarray(x), tuple(shape))
-
-    sh = batch_shardings(mesh, local)
-    return RoundBatch(cond=jax.tree.map(lambda x, s: put(x, s, 1), local.cond, sh.cond),
-                      uncond=jax.tree.map(lambda x, s: put(x, s, 0), local.uncond, sh.uncond))
-
-
 def put_batch(run: Run, local: RoundBatch) -> RoundBatch:
-    """This process's rows (host arrays) -> global arrays: each process supplies only the rows its
-    devices hold, so no host ever builds the whole batch."""
-    return _put_batch(run.mesh, run.config.batch_size, local)
+    """This process's rows (host arrays) -> global arrays (`parallel.mesh.put_round`)."""
+    return mesh_lib.put_round(run.mesh, run.config.batch_size, local)
 
 
 def _round_batch(c: ml_collections.ConfigDict, mesh: Mesh, data: DataSource, r: int) -> RoundBatch:
     rows = mesh_lib.process_batch_rows(mesh, c.batch_size)
-    return data.encode(_put_batch(mesh, c.batch_size, data.round(r, rows)))
+    return data.encode(mesh_lib.put_round(mesh, c.batch_size, data.round(r, rows)))
 
 
 def round_batch(run: Run, r: int) -> RoundBatch:
@@ -156,45 +138,3 @@ def compile_round(run: Run, state_sh: TrainState) -> SyncedJit:
         out_shardings=(state_sh, None),
         donate_argnums=(0,),
     )
-
-
-# ---------------------------------------------------------------------------- the anchor step K
-
-
-def resolve_anchor_k(c: ml_collections.ConfigDict, mesh: Mesh, data: DataSource, teacher: Distiller, frozen: Frozen,
-                     workdir: str | None) -> int | None:
-    """The run's anchor step K: the config's; without a `workdir` (a reader) None for "auto"; the one
-    an earlier run in `workdir` chose and recorded in its config.json; or, for "auto", the one
-    `dpdmd_jax.distill.anchor` picks from a teacher pass (`teacher`: a Distiller whose K is open)
-    over round 0's first prompts, then printed and recorded in the workdir. None for plain DMD with
-    "auto": lambda_div = 0 never runs the anchor, so there is nothing to choose."""
-    if c.distill.anchor_k != "auto":
-        return int(c.distill.anchor_k)
-    if c.distill.lambda_div == 0 or workdir is None:
-        return None
-    recorded = anchor.recorded_k(workdir)
-    if recorded is not None:  # a resumed run: the same K, no second teacher pass
-        print(f"distill.anchor_k=auto: K={recorded}, as chosen and recorded in {workdir}/config.json")
-        return recorded
-    a, m = c.distill.auto_anchor, c.distill.fake_updates_per_student
-
-    def curve(frozen, cond, uncond):
-        pick = lambda x: jnp.repeat(x[: a.prompts], a.seeds, axis=0)  # a prompt's seeds adjacent
-        cond, uncond = jax.tree.map(lambda x: pick(x[m]), cond), jax.tree.map(pick, uncond)
-        eps = jax.random.normal(jax.random.key(c.seed), (a.prompts * a.seeds, *teacher.latent_shape), jnp.float32)
-        return anchor.target_curve(teacher, frozen, eps, cond, uncond, a.seeds)
-
-    print(f"distill.anchor_k=auto: two teacher passes ({a.prompts} prompts x {a.seeds} seeds, "
-          f"{len(teacher.teacher_grid) - 1} steps) to choose K ...", flush=True)
-    batch = _round_batch(c, mesh, data, 0)
-    fn = SyncedJit(curve, "anchor_curve", out_shardings=mesh_lib.replicated(mesh))
-    ratios = np.asarray(jax.device_get(fn(frozen, batch.cond, batch.uncond)))
-    k = anchor.choose_k(ratios, a.fraction)
-    levels = teacher.teacher_grid[1:]
-    print(anchor.curve_table(levels, ratios, k))
-    print(f"distill.anchor_k=auto: K={k}, the first K whose target carries >= {a.fraction:g} of the final samples' "
-          f"within-prompt variation (recorded in {workdir}/config.json)", flush=True)
-    if jax.process_index() == 0:
-        anchor.record(workdir, k, dict(criterion=a.criterion, fraction=a.fraction, prompts=a.prompts, seeds=a.seeds,
-                                       levels=levels.tolist(), carried=ratios.tolist()))
-    return k

@@ -29,6 +29,8 @@ from dpdmd_jax.text import tokenizers as tok_lib
 from dpdmd_jax.weights import loader
 from dpdmd_jax.weights.pipeline import component_problems
 from dpdmd_jax.weights.safetensors_io import CheckpointError
+from dpdmd_jax.weights.clip import load_clip_text
+from dpdmd_jax.weights.t5 import load_t5_encoder
 
 NAMED_PROMPTS = 20  # truncated prompts named per encoder, then no more warnings
 
@@ -156,9 +158,6 @@ def check_components(root: str, components: Sequence[Component]) -> list[str]:
 def load_components(root: str, components: Sequence[Component], mesh: Mesh, rules, *, dtype: str,
                     progress: bool) -> tuple[dict[str, Any], dict[str, nnx.Module]]:
     """(tokenizers, encoders) of `components`, each encoder sharded on `mesh`; checked first."""
-    from dpdmd_jax.weights.clip import load_clip_text
-    from dpdmd_jax.weights.t5 import load_t5_encoder
-
     problems = check_components(root, components)
     if problems:
         raise CheckpointError("\n  - ".join([f"{root}: the text encoders cannot be loaded:", *problems]))

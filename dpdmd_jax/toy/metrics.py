@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpdmd_jax.eval.diversity import diversity
+from dpdmd_jax.diversity import diversity
 from dpdmd_jax.toy import data
 
 SQUARE_FILL_THRESHOLD = 0.9  # a square fills 1.0 of its bounding box, a circle pi/4 (~0.79-0.83)
@@ -92,7 +92,7 @@ def detect(images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def pairwise_cosine_diversity(features: np.ndarray) -> float:
-    """Paper's diversity (`eval.diversity.diversity`): 1 - mean pairwise cosine similarity among the
+    """Paper's diversity (`dpdmd_jax.diversity.diversity`): 1 - mean pairwise cosine similarity among the
     R samples of each prompt (pairs i != j), averaged over prompts. features: [P, R, F], R >= 2."""
     return diversity(features)
 

@@ -29,6 +29,7 @@ from dpdmd_jax.diffusion.schedules import RectifiedFlow, Schedule, VPEpsilon
 from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig
 from dpdmd_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dpdmd_jax.toy import data, metrics
+from dpdmd_jax.weights import sd3, unet
 
 FLOW = RectifiedFlow()
 VP = VPEpsilon()
@@ -191,8 +192,6 @@ def load_toy_teacher(path: str | os.PathLike | None = None, family: str = "mmdit
 
     `overrides` go to `load_mmdit` / `load_unet` (dtype, mesh, scan_layers, remat_policy, ...).
     """
-    from dpdmd_jax.weights import sd3, unet
-
     folder = os.fspath(path) if path is not None else TEACHER_DIRS[_check_family(family)]
     weights = unet if family == "unet" else sd3
     if not (os.path.isfile(os.path.join(folder, "config.json"))
@@ -209,8 +208,6 @@ def load_toy_teacher(path: str | os.PathLike | None = None, family: str = "mmdit
 
 def save_toy_model(model: ToyModel, out_dir: str, overwrite: bool = False) -> str:
     """Exports a toy model as its diffusers folder (fp32)."""
-    from dpdmd_jax.weights import sd3, unet
-
     save = unet.save_unet if family_of(model) == "unet" else sd3.save_mmdit
     return save(model, out_dir, dtype="float32", overwrite=overwrite)
 

@@ -20,12 +20,19 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 from absl import app, flags
 
+from dpdmd_jax.config import base_config
+from dpdmd_jax.weights import loader, sd3
+from dpdmd_jax.weights.export import ExportError, write_student_pipeline
+from dpdmd_jax.weights.pipeline import resolve_pipeline
 from dpdmd_jax.weights.safetensors_io import CheckpointError
+from dpdmd_jax.weights.sd3 import WEIGHTS_NAME, resolve_folder
 
 FLAGS = flags.FLAGS
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -41,7 +48,7 @@ def define_flags() -> None:
 
 def read_pt_state_dict(path: str) -> dict[str, Any]:
     """{key: torch.Tensor} of a `.pt` state dict, read with weights_only=True."""
-    import torch
+    import torch  # torch is for conversion only (requirements-dev), not a runtime dependency
 
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} does not exist")
@@ -67,10 +74,6 @@ def read_pt_state_dict(path: str) -> dict[str, Any]:
 def check_against_config(state: dict[str, Any], transformer_folder: str, what: str) -> None:
     """Names every missing, unexpected and mis-shaped key of `state` for the transformer that
     `transformer_folder`'s config.json describes (shape-only model, nothing allocated)."""
-    from types import SimpleNamespace
-
-    from dpdmd_jax.weights import loader, sd3
-
     cfg = sd3.read_config(transformer_folder)
     _, abstract_state = sd3.abstract_mmdit(cfg)
     sources = sd3.key_map(cfg, abstract_state)
@@ -79,12 +82,7 @@ def check_against_config(state: dict[str, Any], transformer_folder: str, what: s
 
 def import_pt(pt: str, pipeline: str, out: str, link: str = "copy") -> str:
     """Writes `pipeline` with the transformer of `pt` and the 4-step student scheduler to `out`."""
-    from safetensors.torch import save_file
-
-    from dpdmd_jax.config import base_config
-    from dpdmd_jax.weights.export import write_student_pipeline
-    from dpdmd_jax.weights.pipeline import resolve_pipeline
-    from dpdmd_jax.weights.sd3 import WEIGHTS_NAME, resolve_folder
+    from safetensors.torch import save_file  # torch, as above
 
     root = resolve_pipeline(pipeline)
     transformer = resolve_folder(root)
@@ -92,8 +90,6 @@ def import_pt(pt: str, pipeline: str, out: str, link: str = "copy") -> str:
     check_against_config(state, transformer, pt)
 
     def write(folder: str) -> None:
-        import shutil
-
         os.makedirs(folder)
         shutil.copyfile(os.path.join(transformer, "config.json"), os.path.join(folder, "config.json"))
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, WEIGHTS_NAME))
@@ -104,8 +100,6 @@ def import_pt(pt: str, pipeline: str, out: str, link: str = "copy") -> str:
 
 def main(argv):
     del argv
-    from dpdmd_jax.weights.export import ExportError
-
     try:
         out = import_pt(FLAGS.pt, FLAGS.pipeline, FLAGS.out)
     except (CheckpointError, ExportError) as e:
