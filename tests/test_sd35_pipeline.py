@@ -162,12 +162,12 @@ def test_export_loads_in_diffusers_and_its_4_step_call_is_our_sampler(prompt_run
 
     c, workdir = prompt_run["config"], str(prompt_run["workdir"])
     setup = setup_lib.build(c)  # one build serves the export, our sampler and the sample folder
-    out = run_export.export_student(c, workdir, str(tmp_path / "export"), setup=setup)
+    out = run_export.export_student(c, workdir, str(tmp_path / "export"), run=setup)
     with open(os.path.join(out, "dpdmd_student.json")) as f:
         meta = json.load(f)
     assert meta["call"] == {"num_inference_steps": 4, "guidance_scale": 1.0} and meta["source"].endswith("/3")
     with pytest.raises(weights_export.ExportError, match="never overwrite"):
-        run_export.export_student(c, workdir, out, setup=setup)
+        run_export.export_student(c, workdir, out, run=setup)
     pipe = StableDiffusion3Pipeline.from_pretrained(out)
     pipe.scheduler.set_timesteps(4)
     np.testing.assert_allclose(pipe.scheduler.sigmas.numpy(), setup.distiller.student_grid, atol=1e-6)

@@ -91,7 +91,7 @@ def test_sdxl_config_trains_checkpoints_resumes_and_writes_grids(tmp_path):
     from dpdmd_jax.weights.unet import key_map
 
     setup = setup_lib.build(c)
-    out = run_export.export_student(c, str(workdir), str(tmp_path / "export"), link="symlink", setup=setup)
+    out = run_export.export_student(c, str(workdir), str(tmp_path / "export"), link="symlink", run=setup)
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     assert type(pipe.scheduler).__name__ == "LCMScheduler" and os.path.islink(os.path.join(out, "vae"))
     pipe.scheduler.set_timesteps(4)
