@@ -72,9 +72,6 @@ def build(c: ml_collections.ConfigDict, devices=None, checked: bool = False, wor
 # ---------------------------------------------------------------------------- batches
 
 
-batch_shardings = mesh_lib.round_shardings
-
-
 def local_rows(run: Run) -> slice:
     """The rows of each round's global batch this process builds."""
     return mesh_lib.process_batch_rows(run.mesh, run.config.batch_size)
@@ -134,7 +131,7 @@ def compile_round(run: Run, state_sh: TrainState) -> SyncedJit:
     return SyncedJit(
         run.distiller.train_round,
         "round",
-        in_shardings=(state_sh, frozen_sh, batch_shardings(run.mesh, batch_spec(run))),
+        in_shardings=(state_sh, frozen_sh, mesh_lib.round_shardings(run.mesh, batch_spec(run))),
         out_shardings=(state_sh, None),
         donate_argnums=(0,),
     )
