@@ -46,7 +46,8 @@ def main(argv):
                                           config_flags.get_override_values(FLAGS["config"]))
         print(f"Config (field, value, origin):\n{preflight.config_table(FLAGS.config, sources)}\n")
         print(f"Would load and write:\n{preflight.plan(FLAGS.config, workdir)}\n")
-        problems = preflight.run_problems(FLAGS.config, workdir)
+        multi = FLAGS.coordinator_address is not None  # the other processes' devices are not known yet
+        problems = preflight.run_problems(FLAGS.config, workdir, check_mesh=not multi)
         if problems:
             raise cli.UsageError("the run cannot start:\n  - " + "\n  - ".join(problems))
         print("Dry run: every check passed; nothing was compiled or written.")

@@ -55,11 +55,29 @@ def source_problems(c: ml_collections.ConfigDict) -> list[str]:
     return data_lib.problems(c) + backbone.check_source()
 
 
-def run_problems(c: ml_collections.ConfigDict, workdir: str | None = None) -> list[str]:
-    """Every problem of a run of `c` in `workdir`, one sentence each (empty: it can start)."""
+def mesh_problems(c: ml_collections.ConfigDict, devices=None) -> list[str]:
+    """Whether the mesh sizes fit `devices` (default: all of this run's) and the batch splits over them."""
+    try:
+        mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
+    except ValueError as e:
+        return [f"mesh: {e} (--config.mesh.data / .fsdp / .tensor)"]
+    try:
+        mesh_lib.check_batch_divisible(c.batch_size, mesh, "batch_size")
+    except ValueError as e:
+        return [f"{e} (--config.batch_size)"]
+    return []
+
+
+def run_problems(c: ml_collections.ConfigDict, workdir: str | None = None, check_mesh: bool = True,
+                 devices=None) -> list[str]:
+    """Every problem of a run of `c` in `workdir`, one sentence each (empty: it can start). The mesh is
+    checked against `devices` (default: all JAX sees; `check_mesh=False`: a dry run before the processes of a
+    multi-process run have joined, when only this process's devices are known)."""
     problems = config_problems(c)
     if not any(p.startswith(("backbone=", "model.source is empty")) for p in problems):
         problems += source_problems(c)
+    if check_mesh and isinstance(c.batch_size, int) and c.batch_size > 0:
+        problems += mesh_problems(c, devices)
     if workdir is not None:
         here = workdir_problems(workdir)
         if not here and os.path.isdir(workdir):
@@ -143,10 +161,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise config_lib.ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
 
 
-def check_can_start(c: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+def check_can_start(c: ml_collections.ConfigDict, workdir: str | None = None, devices=None) -> None:
     """Raises ConfigError listing every problem of the run (config, sources and, given one, the
     workdir) at once, before anything is loaded or written."""
-    problems = run_problems(c, workdir)
+    problems = run_problems(c, workdir, devices=devices)
     if problems:
         raise config_lib.ConfigError("the run cannot start:\n  - " + "\n  - ".join(problems))
 

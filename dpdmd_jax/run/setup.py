@@ -49,7 +49,7 @@ def build(c: ml_collections.ConfigDict, devices=None, checked: bool = False, wor
     step K of distill.anchor_k="auto" is resolved for a training run (`workdir`, whose config.json
     must be written: `run.workdir.check_workdir_config`); readers (sampling, export) leave it open."""
     if not checked:
-        check_can_start(c)
+        check_can_start(c, devices=devices)
     try:
         mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
     except ValueError as e:
