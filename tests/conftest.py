@@ -23,3 +23,39 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 # (the precision is in every dot's HLO: a jax.config.update here alone would make their compiles
 # miss the persistent cache entries of the in-process ones, and the other way round).
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+import pytest  # noqa: E402  (after the environment above: nothing here imports jax at module level)
+
+
+# Fixtures shared by tests of several tiers: session-scoped, so the tests of every tier that read
+# them in one pytest process (one xdist worker) build them once. `run_dir` and `toy_samples` are
+# torch-free (the unit tier uses them); `tiny_sd3_pipeline` needs torch (parity, integration).
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    """The tiny VP run the sampler tests read (tests/unit/test_sample.py's `train_run`); no test
+    writes into it."""
+    from tests.unit.test_sample import train_run
+
+    return train_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def toy_samples(tmp_path_factory):
+    """A toy sample folder of the tiny VP teacher (tests/unit/test_evaluate.py's `make_toy_samples`);
+    `evaluate` writes its eval.json / eval.md into it, as it did when one module held these tests."""
+    from tests.unit.test_evaluate import make_toy_samples
+
+    return make_toy_samples(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tmp_path_factory):
+    """(root, pipeline): the tiny random SD3 pipeline folder of `dpdmd_jax.tools.tiny_pipeline` and the
+    diffusers StableDiffusion3Pipeline it was saved from (parity and integration tiers: needs torch).
+    Tests read it; the ones that break a pipeline copy it first."""
+    from dpdmd_jax.tools.tiny_pipeline import make_tiny_pipeline
+
+    root = str(tmp_path_factory.mktemp("tiny_sd3") / "pipe")
+    return root, make_tiny_pipeline(root)

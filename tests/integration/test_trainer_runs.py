@@ -1,0 +1,204 @@
+"""The trainer end to end: sharded rounds equal single-device ones (student, fake and Adam state
+really sharded), the tiny VP test backbone trains through `run_train.train`, checkpoints restore onto
+another mesh and export to diffusers, the CLI resumes after SIGKILL with identical metrics, SIGTERM
+saves the current round, CLI errors are one paragraph, a corrupt checkpoint and a changed config are
+reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dpdmd_jax.run import train as run_train
+from dpdmd_jax.run import setup as setup_lib
+from dpdmd_jax.run import workdir as workdir_lib
+from tests.helpers import REPO
+from tests.unit.test_trainer import smoke
+
+
+def run_rounds(c, devices, rounds=2):
+    setup = setup_lib.build(c, devices=devices)
+    state, shardings = setup_lib.init_train_state(setup)
+    fn = setup_lib.compile_round(setup, shardings)
+    history = []
+    for r in range(rounds):
+        state, metrics = fn(state, setup.frozen, setup_lib.round_batch(setup, r))
+        history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    return setup, state, history
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    return run_rounds(smoke(**{"mesh.fsdp": 1}), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [dict(data=1, fsdp=8, tensor=1), dict(data=2, fsdp=4, tensor=1)])
+def test_sharded_rounds_equal_single_device(single_device_run, mesh):
+    _, ref_state, ref_hist = single_device_run
+    setup, state, hist = run_rounds(smoke(**{f"mesh.{k}": v for k, v in mesh.items()}), jax.devices())
+    kernel = state.student["context_embedder"]["kernel"].get_value()
+    assert not kernel.sharding.is_fully_replicated  # student/fake/optimizer really are sharded
+    # Adam's moments take their parameter's sharding (optax.tree_map_params), counters are replicated.
+    mu = state.opt_student.inner_state[1][0].mu["context_embedder"]["kernel"].get_value()
+    assert mu.sharding.is_equivalent_to(kernel.sharding, kernel.ndim)
+    assert state.opt_student.notfinite_count.sharding.is_fully_replicated
+    for a, b in zip(hist, ref_hist, strict=True):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-7, err_msg=k)
+    for name in ("student", "fake"):
+        for x, y in zip(jax.tree.leaves(getattr(state, name)), jax.tree.leaves(getattr(ref_state, name)), strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=2e-6)
+
+
+def test_vp_backbone_trains_through_the_same_trainer(tmp_path):
+    """The tiny VP test backbone (epsilon prediction, x0 target, SDXL-shaped conditioning from the
+    random data source) runs through `run_train.train` unchanged: finite losses, a checkpoint."""
+    c = smoke(**{"backbone": "tiny_vp", "distill.target": "denoise", "data.kind": "random", "num_rounds": 2,
+                 "evals": {}})
+    run_train.train(c, str(tmp_path))
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r[k]) for r in rows for k in ("loss", "loss_dmd", "loss_div", "loss_fake"))
+    assert rows[0]["loss_div"] > 0 and 20 <= rows[0]["dmd_level"] <= 980
+    assert workdir_lib.checkpoint_manager(str(tmp_path), c).latest_step() == 2
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """`smoke(num_rounds=2)`, the CLI's `--config=configs/toy.py:smoke` run, trained once in this process
+    for the tests that need a finished run (mesh.fsdp=-1 is all 8 devices: fsdp=8 here). Each test
+    works on its own copy."""
+    workdir = tmp_path_factory.mktemp("finished_run")
+    run_train.train(smoke(num_rounds=2), str(workdir))
+    return workdir
+
+
+def test_checkpoint_restores_onto_another_mesh(finished_run, tmp_path):
+    c = smoke(**{"num_rounds": 2, "mesh.fsdp": 8})
+    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)  # c trained (on the 8-device fsdp mesh)
+    mngr = workdir_lib.checkpoint_manager(str(tmp_path), c)
+    assert mngr.latest_step() == 2
+    saved_setup = setup_lib.build(c)
+    like, sh = setup_lib.init_train_state(saved_setup)
+    saved = workdir_lib.restore(mngr, 2, like, sh)
+    other = smoke(**{"num_rounds": 2, "mesh.data": 2, "mesh.fsdp": 4})
+    setup = setup_lib.build(other)
+    like, shardings = setup_lib.init_train_state(setup)
+    restored = workdir_lib.restore(mngr, 2, like, shardings)
+    assert int(restored.step) == 2
+    for x, y, s in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(shardings), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert x.sharding.is_equivalent_to(s, x.ndim)
+    kernel = restored.fake["context_embedder"]["kernel"].get_value()
+    assert dict(kernel.sharding.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+    # Export (no pipeline behind a random / toy teacher): the student's transformer folder, loaded by
+    # diffusers with the student's weights, and a scheduler whose 4 steps are the student's grid.
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from dpdmd_jax.run import export as run_export
+
+    out = run_export.export_student(c, str(tmp_path), str(tmp_path / "export"))
+    assert sorted(os.listdir(out)) == ["dpdmd_student.json", "scheduler", "transformer"]
+    ref = SD3Transformer2DModel.from_pretrained(os.path.join(out, "transformer"))
+    np.testing.assert_array_equal(ref.context_embedder.weight.detach().numpy().T,
+                                  np.asarray(saved.student["context_embedder"]["kernel"].get_value()))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    scheduler.set_timesteps(4)
+    np.testing.assert_allclose(scheduler.sigmas.numpy(), saved_setup.distiller.student_grid, atol=1e-6)
+
+
+def _main(workdir, *flags, wait=True):
+    cmd = [sys.executable, "-m", "dpdmd_jax.main", "--config=configs/toy.py:smoke", f"--workdir={workdir}", *flags]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _wait_for(predicate, proc, timeout=1500):
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.stderr.read()[-2000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+LONG = ["--config.num_rounds=12", "--config.checkpoint_every=3"]
+
+
+def test_sigkill_resume_gives_identical_metrics(tmp_path):
+    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+    ref = _main(ref_dir, *LONG)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    # The end-of-run message: what was written, where, and the next commands.
+    assert f"Done: 12 rounds in {ref_dir}" in ref.stdout and f"{ref_dir}/checkpoints (latest: 12)" in ref.stdout
+    assert f"python -m dpdmd_jax.sample --workdir={ref_dir}" in ref.stdout
+    proc = _main(killed_dir, *LONG, wait=False)
+    _wait_for(lambda: os.path.isdir(killed_dir / "checkpoints" / "3"), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(m["step"] for m in _metrics(killed_dir))
+    assert killed_at < 12, "the run finished before it could be killed"
+    resumed = _main(killed_dir, *LONG)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from checkpoint step" in resumed.stdout
+    assert _metrics(killed_dir) == _metrics(ref_dir)  # bit-identical, every logged round once
+
+
+def test_sigterm_saves_current_round(tmp_path):
+    """Also runs from a relative --workdir, as the README does (Orbax wants absolute paths)."""
+    relative = os.path.relpath(tmp_path, REPO)
+    proc = _main(relative, "--config.num_rounds=100000", "--config.checkpoint_every=100000", wait=False)
+    _wait_for(lambda: os.path.exists(tmp_path / "metrics.jsonl") and len(_metrics(tmp_path)) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]  # dpdmd_jax.cli.EXIT_PREEMPTED: a scheduler requeues on it
+    assert "run the same command again to resume" in err
+    last = max(m["step"] for m in _metrics(tmp_path))
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert steps == [last] and "SIGTERM received" in out
+
+
+def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
+    bad = _main(tmp_path / "a", "--config.distill.anchor_k=99")
+    assert bad.returncode == 2
+    assert "distill.anchor_k=99 must lie in 1..teacher.steps=4" in bad.stderr and "Traceback" not in bad.stderr
+    assert not os.path.exists(tmp_path / "a" / "config.json")  # stopped before the workdir was touched
+    sd35 = subprocess.run([sys.executable, "-m", "dpdmd_jax.main", "--config=configs/sd35.py",
+                           f"--workdir={tmp_path / 'b'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert sd35.returncode == 2 and "model.source is empty" in sd35.stderr and "Traceback" not in sd35.stderr
+    assert not os.path.exists(tmp_path / "b")
+
+
+def test_corrupt_checkpoint_and_changed_config_are_reported(finished_run, tmp_path, capsys):
+    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)  # the CLI's run, trained in this process
+    capsys.readouterr()
+    run_train.train(smoke(num_rounds=2), str(tmp_path))  # a rerun of the finished run says so
+    assert f"{tmp_path} already finished at round 2 (num_rounds=2)" in capsys.readouterr().out
+    changed = _main(tmp_path, "--config.num_rounds=2", "--config.distill.lambda_div=0.5")
+    assert changed.returncode == 2 and "holds a run with a different config" in changed.stderr
+    state_dir = tmp_path / "checkpoints" / "2" / "state"
+    for root, _, files in os.walk(state_dir):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    corrupt = _main(tmp_path, "--config.num_rounds=2")
+    assert corrupt.returncode == 2 and "could not restore checkpoint step 2" in corrupt.stderr
+    assert "Traceback" not in corrupt.stderr
