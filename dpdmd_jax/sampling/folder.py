@@ -149,7 +149,6 @@ def to_unit(images) -> Any:
     return np.clip((np.asarray(images, np.float32) + 1) / 2, 0, 1)
 
 
-
 def read_prompts(path: str) -> list[str]:
     try:
         prompts, bad = read_prompt_file(path)
@@ -158,7 +157,6 @@ def read_prompts(path: str) -> list[str]:
     if bad:
         print(f"{path}: skipped {bad} lines that are not valid UTF-8; {len(prompts)} prompts remain")
     return prompts
-
 
 
 def plan(out: str, run: dict, jobs: Sequence[Job]) -> tuple[list[Job], int]:
@@ -198,7 +196,6 @@ def plan(out: str, run: dict, jobs: Sequence[Job]) -> tuple[list[Job], int]:
     if error is not None:
         raise error
     return [j for j, d in zip(jobs, done) if not d], n_rows
-
 
 
 def png_path(out: str, j: Job) -> str:

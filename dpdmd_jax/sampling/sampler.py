@@ -94,7 +94,6 @@ def make_sample_fn(run: SamplingRun, sampler: str, root_seed: int, vae: Any = No
     return functools.partial(fn, buffers, vae_state)
 
 
-
 def sample_with(run: SamplingRun, params: Any, source: str, out: str, prompts: Sequence[str], *,
                 sampler: str = "student", seeds: int = 9, seed: int = 0, per_device_batch: int = 4,
                 vae_dtype: str = "float32", progress: bool = True, stop_on_sigterm: bool = False) -> dict:
