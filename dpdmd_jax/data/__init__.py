@@ -91,7 +91,6 @@ def for_prompt_file(c: ml_collections.ConfigDict, prompt_file: str | None) -> ml
 
 
 def text_source(c: ml_collections.ConfigDict, backbone: Backbone, mesh, rules):
-
     if not hasattr(backbone, "load_text_encoder"):
         raise ValueError(f"backbone {c.backbone!r} has no text encoders; data.kind={c.data.kind!r} needs them")
     prompts = prompt_sequence(c)

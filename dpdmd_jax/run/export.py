@@ -26,9 +26,9 @@ def export_student(c: Any, workdir: str, out: str, *, step: int | None = None, d
     workdir_lib.check_workdir_config(workdir, c, write=False)  # first: the other checks assume the run's config
     if c.backbone not in DENOISERS:
         raise ExportError(f"backbone {c.backbone!r}: export writes diffusers pipelines of {tuple(DENOISERS)}")
-    if os.path.exists(os.path.abspath(os.path.expanduser(out))):
+    if os.path.exists(workdir_lib.absolute(out)):
         raise ExportError(f"--out={out} exists; exports never overwrite: choose a new folder or remove it.")
-    problems = workdir_problems(os.path.abspath(os.path.expanduser(out)), flag="--out")
+    problems = workdir_problems(workdir_lib.absolute(out), flag="--out")
     if problems:
         raise ExportError(" ".join(problems))
     if not c.model.source:

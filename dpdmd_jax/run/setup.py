@@ -18,7 +18,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dpdmd_jax import backbones
-from dpdmd_jax import config as config_lib
 from dpdmd_jax import data as data_lib
 from dpdmd_jax.core import Backbone, DataSource, Frozen, RoundBatch, TrainState
 from dpdmd_jax.distill import anchor
@@ -49,15 +48,8 @@ def build(c: ml_collections.ConfigDict, devices=None, checked: bool = False, wor
     step K of distill.anchor_k="auto" is resolved for a training run (`workdir`, whose config.json
     must be written: `run.workdir.check_workdir_config`); readers (sampling, export) leave it open."""
     if not checked:
-        check_can_start(c, devices=devices)
-    try:
-        mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
-    except ValueError as e:
-        raise config_lib.ConfigError(f"mesh: {e} (--config.mesh.data / .fsdp / .tensor)") from e
-    try:
-        mesh_lib.check_batch_divisible(c.batch_size, mesh, "batch_size")
-    except ValueError as e:
-        raise config_lib.ConfigError(f"{e} (--config.batch_size)") from e
+        check_can_start(c, devices=devices)  # the mesh and the batch split among the rest
+    mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
     rules = mesh_lib.mesh_rules(c)
     backbone = backbones.get(c)
     teacher = backbone.load(mesh, rules)

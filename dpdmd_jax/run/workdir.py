@@ -117,7 +117,7 @@ def checkpoint_manager(workdir: str, c: ml_collections.ConfigDict) -> ocp.Checkp
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, meta: dict, force: bool = False) -> None:
     """Saves `state` as checkpoint meta["step"] (no device read) unless that step exists."""
-    step = meta["step"] if "step" in meta else int(state.step)
+    step = meta["step"]
     if step in mngr.all_steps():
         return
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
