@@ -36,9 +36,10 @@ import pytest  # noqa: E402  (after the environment above: nothing here imports 
 def run_dir(tmp_path_factory):
     """The tiny VP run the sampler tests read (tests/unit/test_sample.py's `train_run`); no test
     writes into it."""
+    from tests.helpers import built_once
     from tests.unit.test_sample import train_run
 
-    return train_run(tmp_path_factory)
+    return str(built_once(tmp_path_factory, "run_dir", lambda folder: train_run(str(folder))))
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +56,10 @@ def tiny_sd3_pipeline(tmp_path_factory):
     """(root, pipeline): the tiny random SD3 pipeline folder of `dpdmd_jax.tools.tiny_pipeline` and the
     diffusers StableDiffusion3Pipeline it was saved from (parity and integration tiers: needs torch).
     Tests read it; the ones that break a pipeline copy it first."""
-    from dpdmd_jax.tools.tiny_pipeline import make_tiny_pipeline
+    from diffusers import StableDiffusion3Pipeline
 
-    root = str(tmp_path_factory.mktemp("tiny_sd3") / "pipe")
-    return root, make_tiny_pipeline(root)
+    from dpdmd_jax.tools.tiny_pipeline import make_tiny_pipeline
+    from tests.helpers import built_once
+
+    root = str(built_once(tmp_path_factory, "tiny_sd3_pipeline", lambda folder: make_tiny_pipeline(str(folder))))
+    return root, StableDiffusion3Pipeline.from_pretrained(root)

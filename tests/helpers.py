@@ -3,12 +3,34 @@ imports only these; the torch-based reference builders are in tests/torch_helper
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 # The repository root (tests/ is one level below it): the working directory of CLI subprocesses.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder `name`, built by `build(folder)` once per test session whichever pytest-xdist
+    worker asks first; the others wait for it under a file lock and read it. (A session fixture runs
+    once per worker, so an expensive one -- a trained run, a pipeline -- would be built twice.) The
+    folder is read-only by convention: a test that changes it works on a copy."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # basetemp/popen-gwN: the parent is this session's, shared by its workers
+    folder = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (base / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            build(folder)
+            (base / f"{name}.done").touch()
+    return folder
 
 
 def rel_err(ours, ref) -> float:

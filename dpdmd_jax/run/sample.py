@@ -34,10 +34,9 @@ def load_student(run: setup_lib.Run, workdir: str | None, step: int | None) -> t
     chosen = steps[-1] if step is None else step
     if chosen not in steps:
         raise SampleError(f"--step={step}: {workdir} has checkpoints at steps {steps}, not {step}.")
-    like, shardings = setup_lib.init_train_state(run)
-    state = workdir_lib.restore(mngr, chosen, like, shardings)
+    student = workdir_lib.restore_student(mngr, chosen, setup_lib.abstract_student(run))
     mngr.close()
-    return state.student, f"{workdir}/checkpoints/{chosen}"
+    return student, f"{workdir}/checkpoints/{chosen}"
 
 
 def sample(c: ml_collections.ConfigDict, out: str, *, workdir: str | None = None, step: int | None = None,

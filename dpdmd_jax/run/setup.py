@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from dpdmd_jax import backbones
 from dpdmd_jax import data as data_lib
-from dpdmd_jax.core import Backbone, DataSource, Frozen, RoundBatch, TrainState
+from dpdmd_jax.core import Backbone, DataSource, Frozen, Params, RoundBatch, TrainState
 from dpdmd_jax.distill import anchor
 from dpdmd_jax.distill.step import Distiller, init_state
 from dpdmd_jax.parallel import mesh as mesh_lib
@@ -110,11 +110,29 @@ def state_shardings(run: Run, state: TrainState) -> TrainState:
     )
 
 
+def abstract_student(run: Run) -> Params:
+    """The student's shapes, dtypes and shardings (nothing allocated): what a checkpoint's student is
+    restored onto."""
+    shapes, shardings = train_state_shapes(run)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes.student, shardings.student)
+
+
+def train_state_shapes(run: Run) -> tuple[TrainState, TrainState]:
+    """(abstract state, shardings): the train state's shapes, dtypes and layout, nothing allocated
+    (what a checkpoint is restored onto: a resume never holds a fresh state beside the restored one)."""
+    shapes = jax.eval_shape(_initial_state(run), run.frozen.teacher)
+    return shapes, state_shardings(run, shapes)
+
+
 def init_train_state(run: Run) -> tuple[TrainState, TrainState]:
     """(state, shardings): student and fake copied from the teacher directly on their shardings."""
-    make = lambda teacher: init_state(run.distiller, teacher, run.config.seed)
-    shardings = state_shardings(run, jax.eval_shape(make, run.frozen.teacher))
-    return SyncedJit(make, "init_state", out_shardings=shardings)(run.frozen.teacher), shardings
+    _, shardings = train_state_shapes(run)
+    return SyncedJit(_initial_state(run), "init_state", out_shardings=shardings)(run.frozen.teacher), shardings
+
+
+def _initial_state(run: Run):
+    return lambda teacher: init_state(run.distiller, teacher, run.config.seed)
 
 
 def compile_round(run: Run, state_sh: TrainState) -> SyncedJit:

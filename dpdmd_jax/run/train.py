@@ -11,6 +11,7 @@ rows of every round's batch, and a SIGTERM on any host makes all of them save th
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -23,19 +24,19 @@ from dpdmd_jax.run import workdir as workdir_lib
 from dpdmd_jax.run.preflight import check_can_start
 
 
-def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) the distillation described by `c` in `workdir`; returns the summary (what the
-    config's final evaluators report), or {"preempted_at": round} after a pre-emption."""
+def train(c: ml_collections.ConfigDict, workdir: str, devices: Sequence[jax.Device] | None = None) -> dict:
+    """Runs (or resumes) the distillation described by `c` in `workdir` on `devices` (default: all of
+    them); returns the summary (what the config's final evaluators report), or {"preempted_at": round}
+    after a pre-emption."""
     workdir = workdir_lib.absolute(workdir)
-    check_can_start(c, workdir)
+    check_can_start(c, workdir, devices)
     with workdir_lib.undo_failed_start(workdir):
-        return _train(c, workdir)
+        return _train(c, workdir, devices)
 
 
-def _train(c: ml_collections.ConfigDict, workdir: str) -> dict:
+def _train(c: ml_collections.ConfigDict, workdir: str, devices: Sequence[jax.Device] | None) -> dict:
     workdir_lib.check_workdir_config(workdir, c)  # before the anchor choice, which records K in it
-    run = setup_lib.build(c, checked=True, workdir=workdir)  # `train` ran check_can_start
-    state, shardings = setup_lib.init_train_state(run)
+    run = setup_lib.build(c, devices, checked=True, workdir=workdir)  # `train` ran check_can_start
     mngr = workdir_lib.checkpoint_manager(workdir, c)
     latest = mngr.latest_step()
     if latest is not None and latest >= c.num_rounds:
@@ -45,7 +46,10 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"Resuming from checkpoint step {latest} in {mngr.directory}", flush=True)
     if latest is not None:
         logging.info("resuming from %s step %d", mngr.directory, latest)
-        state = workdir_lib.restore(mngr, latest, state, shardings)
+        state_like, shardings = setup_lib.train_state_shapes(run)
+        state = workdir_lib.restore(mngr, latest, state_like, shardings)
+    else:
+        state, shardings = setup_lib.init_train_state(run)
     start = int(state.step)
     rows = setup_lib.local_rows(run)
     if jax.process_count() > 1:

@@ -18,9 +18,12 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from dpdmd_jax.config import ConfigError
-from dpdmd_jax.core import TrainingError, TrainState
+from dpdmd_jax.core import Params, TrainingError, TrainState
 from dpdmd_jax.distill.anchor import RECORD as ANCHOR_RECORD
 from dpdmd_jax.run_config import RECORD
+
+CHECKPOINTS = "checkpoints"  # workdir/checkpoints/<step>/: Orbax's folders
+
 
 def absolute(workdir: str) -> str:
     return os.path.abspath(os.path.expanduser(workdir))
@@ -28,7 +31,7 @@ def absolute(workdir: str) -> str:
 
 def checkpoint_steps(workdir: str) -> list[int]:
     """The rounds saved in `workdir`/checkpoints (Orbax names each step's folder by its number)."""
-    folder = os.path.join(workdir, "checkpoints")
+    folder = os.path.join(workdir, CHECKPOINTS)
     return sorted(int(s) for s in os.listdir(folder) if s.isdigit()) if os.path.isdir(folder) else []
 
 
@@ -91,6 +94,7 @@ def undo_failed_start(workdir: str):
     refused as "a different config"). Anything an earlier run wrote is never touched."""
     created = not os.path.exists(workdir)
     had_config = os.path.exists(os.path.join(workdir, RECORD))
+    had_checkpoints = os.path.exists(os.path.join(workdir, CHECKPOINTS))
     try:
         yield
     except Exception:
@@ -101,6 +105,8 @@ def undo_failed_start(workdir: str):
                 for name in (RECORD, ANCHOR_RECORD):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(workdir, name))
+                if not had_checkpoints:  # the checkpoint manager's folder, with no checkpoint in it
+                    shutil.rmtree(os.path.join(workdir, CHECKPOINTS), ignore_errors=True)
         raise
 
 
@@ -111,7 +117,7 @@ def checkpoint_manager(workdir: str, c: ml_collections.ConfigDict) -> ocp.Checkp
     options = ocp.CheckpointManagerOptions(
         max_to_keep=c.keep_checkpoints, enable_async_checkpointing=True, create=True
     )
-    directory = os.path.join(absolute(workdir), "checkpoints")  # Orbax needs absolute paths
+    directory = os.path.join(absolute(workdir), CHECKPOINTS)  # Orbax needs absolute paths
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
@@ -127,12 +133,25 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, meta: dict, force: bool
 def restore(mngr: ocp.CheckpointManager, step: int, state_like, shardings) -> TrainState:
     """Restores onto `shardings` (any mesh): arrays are read straight into their new layout."""
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings)
+    return _restore(mngr, step, ocp.args.StandardRestore(abstract))
+
+
+def restore_student(mngr: ocp.CheckpointManager, step: int, student_like: Params) -> Params:
+    """Only the student of checkpoint `step`, onto the shardings of `student_like` (abstract arrays):
+    what sampling and export need. The fake score and both optimizers' moments (four more copies of
+    the model) are neither read nor allocated."""
+    item = {"student": student_like}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    return _restore(mngr, step, args)["student"]
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, args: ocp.args.CheckpointArgs):
     try:
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return mngr.restore(step, args=ocp.args.Composite(state=args)).state
     except Exception as e:  # corrupt / incompatible checkpoint: say which and what to do
         raise TrainingError(
             f"could not restore checkpoint step {step} from {mngr.directory} ({type(e).__name__}: {e}). "
             "If it is corrupt, delete that step's folder to resume from the previous one; if the model "
             "changed, use a new --workdir."
         ) from e
-    return restored.state

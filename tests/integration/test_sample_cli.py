@@ -27,6 +27,9 @@ CLI_OVERRIDES = ["--config.backbone=tiny_vp", "--config.distill.target=denoise",
                  "--config.checkpoint_every=1", "--config.data.latent_size=(8, 8)"]
 
 
+DEVICES_PER_PROCESS = 2
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -37,16 +40,17 @@ def _launch_sampler(run_dir: str, out: str, port: int, process_id: int, log: str
     """One of two sampler processes of `run_dir`'s student; `flags` come last (absl: the last of a
     repeated flag wins)."""
     return launch_process(["--config=configs/toy.py:smoke", *CLI_OVERRIDES, f"--workdir={run_dir}", f"--out={out}",
-                           "--seeds=3", "--per_device_batch=1", *flags], port, process_id, log)
+                           "--seeds=3", "--per_device_batch=2", *flags], port, process_id, log)
 
 
 def launch_process(flags: list[str], port: int, process_id: int, log: str) -> subprocess.Popen:
-    """`python -m dpdmd_jax.sample FLAGS` as one of two processes on this machine, with 4 of the 8
-    virtual devices each; its stdout and stderr go to `log`.out / `log`.err (files: a pipe nobody
+    """`python -m dpdmd_jax.sample FLAGS` as one of two processes on this machine, with 2 virtual
+    devices each (so a batch of 8 is 2 per device; more device threads than the 2 cores made gloo's
+    collectives crawl); its stdout and stderr go to `log`.out / `log`.err (files: a pipe nobody
     reads could fill and block it)."""
     env = dict(os.environ, PYTHONPATH=REPO)
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
     cmd = [sys.executable, "-m", "dpdmd_jax.sample", *flags,
            f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={process_id}"]
     with open(log + ".out", "w") as stdout, open(log + ".err", "w") as stderr:

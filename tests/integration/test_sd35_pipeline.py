@@ -82,12 +82,11 @@ def test_pipeline_loader_places_every_component_on_the_mesh(tiny):
 # ---------------------------------------------------------------------------- training end to end
 
 
-@pytest.fixture(scope="module")
-def prompt_run(tiny, tmp_path_factory):
+def _prompt_run(tiny, base):
     """`configs/sd35.py:tiny` trained through the CLI for 2 rounds from a prompt file, then resumed
     to round 3 in this process."""
     root, _ = tiny
-    base = tmp_path_factory.mktemp("prompt_run")
+    os.makedirs(base)
     prompts = _prompt_file(base, [p.encode() for p in PROMPTS[:4]] + [b"caf\xe9 on the sea", LONG.encode()])
     workdir = base / "run"
     cmd = [sys.executable, "-m", "dpdmd_jax.main", "--config=configs/sd35.py:tiny", f"--workdir={workdir}",
@@ -103,7 +102,10 @@ def prompt_run(tiny, tmp_path_factory):
                 checkpoints_after_cli=checkpoints_after_cli, tags_after_cli=tags_after_cli)
 
 
-def test_sd35_config_trains_from_a_prompt_file_and_resumes(prompt_run):
+def test_sd35_config_trains_from_a_prompt_file_resumes_and_exports(tiny, tmp_path):
+    """One test, not one per step: the trained run is what the export checks read (a fixture shared by
+    two tests is built once per pytest-xdist worker, and the workers may both ask for it)."""
+    prompt_run = _prompt_run(tiny, tmp_path / "prompt_run")
     out = prompt_run["cli"]
     assert "skipped 1 lines that are not valid UTF-8; 5 prompts remain" in out.stdout
     assert "were truncated" in out.stderr  # the over-long prompt, counted in the log
@@ -113,9 +115,12 @@ def test_sd35_config_trains_from_a_prompt_file_and_resumes(prompt_run):
     # The resume to round 3 continued from the checkpoint and wrote only round 3.
     logged = _metrics(prompt_run["workdir"])
     assert [m["step"] for m in logged] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in logged)
+    _check_export(prompt_run, tmp_path)
 
 
-def test_export_loads_in_diffusers_and_its_4_step_call_is_our_sampler(prompt_run, tmp_path):
+def _check_export(prompt_run, tmp_path):
+    """The export loads in diffusers and its 4-step call is our sampler; the sampler writes the same
+    student's images from the workdir."""
     from diffusers import StableDiffusion3Pipeline
 
     from dpdmd_jax.run import export as run_export
@@ -155,13 +160,11 @@ def test_export_loads_in_diffusers_and_its_4_step_call_is_our_sampler(prompt_run
     assert s["rows"] == 4 and len(os.listdir(os.path.join(s["out"], "images"))) == 4
 
 
-@pytest.fixture(scope="module")
-def diffusiondb_run(tiny, tmp_path_factory):
+def _diffusiondb_run(tiny, base):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     root, _ = tiny
-    base = tmp_path_factory.mktemp("ddb")
     manual = base / "manual"
     manual.mkdir()
     rows = PROMPTS[:5] + PROMPTS[:3] + [None, "  "]  # repeats, a null and a blank, as in metadata.parquet
@@ -173,28 +176,26 @@ def diffusiondb_run(tiny, tmp_path_factory):
     return c, _metrics(workdir), workdir
 
 
-def _check_run_and_resume(c, workdir):
-    """Two rounds trained: a checkpoint and a VAE-decoded grid; then a resume to round 3."""
+def _check_run(workdir):
+    """Two rounds trained: a checkpoint and a VAE-decoded grid (resuming is the prompt-file run's
+    test: it is the same code for every prompt source)."""
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
     assert "student_samples" in _image_tags(workdir)
-    run_train.train(override(c.copy_and_resolve_references(), {"num_rounds": 3}), str(workdir))
-    assert [m["step"] for m in _metrics(workdir)] == [1, 2, 3]
 
 
-def test_diffusiondb_builder_keeps_distinct_prompts_and_trains(diffusiondb_run):
-    from dpdmd_jax.data import diffusiondb
+def test_diffusiondb_builder_and_an_embedding_cache_train_alike(tiny, tmp_path, monkeypatch):
+    """The DiffusionDB builder keeps the distinct prompts and trains; an embedding cache of the same
+    prompts trains to the same numbers without loading the text encoders. (One test: the second run
+    is checked against the first.)"""
+    from dpdmd_jax.backbones.sd3 import SD3Backbone
+    from dpdmd_jax.data import diffusiondb, embedding_cache
 
-    c, logged, workdir = diffusiondb_run
+    (tmp_path / "ddb").mkdir()
+    c, logged, workdir = _diffusiondb_run(tiny, tmp_path / "ddb")
     assert sorted(diffusiondb.Prompts(c.data.tfds_dir)) == sorted(p.strip() for p in PROMPTS[:5])
     assert [m["step"] for m in logged] == [1, 2] and all(np.isfinite(m["loss"]) for m in logged)
-    _check_run_and_resume(c, workdir)
+    _check_run(workdir)
 
-
-def test_embedding_cache_trains_like_the_encoders_without_loading_them(diffusiondb_run, tmp_path, monkeypatch):
-    from dpdmd_jax.backbones.sd3 import SD3Backbone
-    from dpdmd_jax.data import embedding_cache
-
-    c, logged, _ = diffusiondb_run
     cache = str(tmp_path / "cache")
     embedding_cache.build_cache(c, cache, batch=8)  # the config's prompts, through its text encoders
     assert embedding_cache.read_meta(cache)["num_prompts"] == 5
@@ -211,7 +212,7 @@ def test_embedding_cache_trains_like_the_encoders_without_loading_them(diffusion
     for a, b in zip(_metrics(workdir), logged, strict=True):  # same prompts, same order, same numbers
         for k in ("loss", "loss_dmd", "loss_div", "loss_fake"):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=k)
-    _check_run_and_resume(cached, workdir)
+    _check_run(workdir)
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -21,7 +21,7 @@ import pytest
 from dpdmd_jax.run import train as run_train
 from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import workdir as workdir_lib
-from tests.helpers import REPO
+from tests.helpers import REPO, built_once
 from tests.unit.test_trainer import smoke
 
 
@@ -74,12 +74,11 @@ def test_vp_backbone_trains_through_the_same_trainer(tmp_path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """`smoke(num_rounds=2)`, the CLI's `--config=configs/toy.py:smoke` run, trained once in this process
+    """`smoke(num_rounds=2)`, the CLI's `--config=configs/toy.py:smoke` run, trained once per session
     for the tests that need a finished run (mesh.fsdp=-1 is all 8 devices: fsdp=8 here). Each test
     works on its own copy."""
-    workdir = tmp_path_factory.mktemp("finished_run")
-    run_train.train(smoke(num_rounds=2), str(workdir))
-    return workdir
+    train = lambda folder: run_train.train(smoke(num_rounds=2), str(folder))
+    return built_once(tmp_path_factory, "finished_run", train)
 
 
 def test_checkpoint_restores_onto_another_mesh(finished_run, tmp_path):
@@ -140,26 +139,28 @@ def _wait_for(predicate, proc, timeout=1500):
         time.sleep(0.05)
 
 
-LONG = ["--config.num_rounds=12", "--config.checkpoint_every=3"]
+LONG = ["--config.num_rounds=8", "--config.checkpoint_every=2"]
 
 
 def test_sigkill_resume_gives_identical_metrics(tmp_path):
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
-    ref = _main(ref_dir, *LONG)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    # The end-of-run message: what was written, where, and the next commands.
-    assert f"Done: 12 rounds in {ref_dir}" in ref.stdout and f"{ref_dir}/checkpoints (latest: 12)" in ref.stdout
-    assert f"python -m dpdmd_jax.sample --workdir={ref_dir}" in ref.stdout
     proc = _main(killed_dir, *LONG, wait=False)
-    _wait_for(lambda: os.path.isdir(killed_dir / "checkpoints" / "3"), proc)
+    # The uninterrupted reference, trained in this process while the CLI starts (same program: the
+    # compile flags are the environment's).
+    run_train.train(smoke(num_rounds=8, checkpoint_every=2), str(ref_dir))
+    _wait_for(lambda: os.path.isdir(killed_dir / "checkpoints" / "2"), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(m["step"] for m in _metrics(killed_dir))
-    assert killed_at < 12, "the run finished before it could be killed"
+    assert killed_at < 8, "the run finished before it could be killed"
     resumed = _main(killed_dir, *LONG)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from checkpoint step" in resumed.stdout
     assert _metrics(killed_dir) == _metrics(ref_dir)  # bit-identical, every logged round once
+    # The end-of-run message: what was written, where, and the next commands.
+    out = resumed.stdout
+    assert f"Done: 8 rounds in {killed_dir}" in out and f"{killed_dir}/checkpoints (latest: 8)" in out
+    assert f"python -m dpdmd_jax.sample --workdir={killed_dir}" in out
 
 
 def test_sigterm_saves_current_round(tmp_path):
