@@ -97,7 +97,7 @@ def _prompt_run(tiny, base):
     checkpoints_after_cli = sorted(os.listdir(workdir / "checkpoints"))
     tags_after_cli = _image_tags(workdir)
     c = tiny_config(root, **{"data.prompt_file": prompts, "num_rounds": 3})
-    run_train.train(c, str(workdir))
+    run_train.train(override(c, {"evals": {}}), str(workdir))  # the resume (its grid: the CLI's, above)
     return dict(root=root, workdir=workdir, prompts=prompts, config=c, cli=out, metrics_after_cli=metrics_after_cli,
                 checkpoints_after_cli=checkpoints_after_cli, tags_after_cli=tags_after_cli)
 
