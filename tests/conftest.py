@@ -64,39 +64,3 @@ def tiny_sd3_pipeline(tmp_path_factory):
     root = str(built_once(tmp_path_factory, "tiny_sd3_pipeline", lambda folder: make_tiny_pipeline(str(folder))))
     return root, StableDiffusion3Pipeline.from_pretrained(root)
 
-
-# Longest tests first, dealt out to the xdist workers. pytest-xdist's `worksteal` hands each worker a
-# contiguous share of the collection and lets an idle worker steal the tail of another's queue; so
-# each share should start with its heavy tests and end with light ones (which then balance the
-# finish). Worker seconds measured with an empty compile cache (docs/benchmarks/scan-remat-compile.md);
-# a test not named here weighs what its tier does. A scheduling hint only: any order passes.
-_WEIGHT_S = {
-    "integration/test_sdxl_pipeline.py::test_sdxl_config_trains": 200,
-    "integration/test_multiprocess.py::test_two_processes_train": 150,
-    "integration/test_sd35_pipeline.py::test_sd35_config_trains": 150,
-    "integration/test_real_configs.py::test_shipped_round_gives_the_plain_rounds_losses[sdxl]": 117,
-    "integration/test_trainer_runs.py::test_sigkill_resume": 110,
-    "integration/test_sd35_pipeline.py::test_diffusiondb_builder": 90,
-    "integration/test_real_configs.py::test_shipped_round_gives_the_plain_rounds_losses[sd3]": 73,
-    "integration/test_real_configs.py::test_every_remat_policy_and_scan_trace_inside_the_rounds_loops[sdxl]": 71,
-    "integration/test_trainer_runs.py::test_sigterm_saves": 50,
-    "integration/test_real_configs.py::test_every_remat_policy_and_scan_trace_inside_the_rounds_loops[sd3]": 46,
-    "integration/test_sample_pipelines.py": 45,
-}
-_TIER_WEIGHT_S = {"integration": 15, "parity": 3, "unit": 1}
-
-
-def _weight(item) -> float:
-    node = item.nodeid.removeprefix("tests/")
-    for prefix, seconds in _WEIGHT_S.items():
-        if node.startswith(prefix):
-            return seconds
-    return _TIER_WEIGHT_S.get(node.split("/")[0], 1)
-
-
-def pytest_collection_modifyitems(config, items):
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers < 2:
-        return
-    ranked = sorted(items, key=lambda item: -_weight(item))  # stable: ties keep the collection's order
-    items[:] = [item for w in range(workers) for item in ranked[w::workers]]

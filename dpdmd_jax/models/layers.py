@@ -9,15 +9,51 @@ as the PyTorch references do.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Dtype = Any
 default_kernel_init = nnx.initializers.lecun_normal()
+
+
+# ---------------------------------------------------------------------------- activation sharding
+
+# (mesh, the mesh axes a batch's rows are split over) while a program is traced under `split_rows`.
+_ROWS: contextvars.ContextVar[tuple[Mesh, tuple[str, ...]] | None] = contextvars.ContextVar("rows", default=None)
+
+
+@contextlib.contextmanager
+def split_rows(mesh: Mesh, axes: Sequence[str]) -> Iterator[None]:
+    """While a program is traced inside, `shard_rows` splits activations' rows over `axes` of `mesh`.
+
+    The models constrain their activations so because XLA's sharding propagation would otherwise
+    follow the (FSDP-sharded) parameters, gather them, and have every device compute the model for
+    the whole global batch: the same numbers, but #devices times the FLOPs and the activations."""
+    token = _ROWS.set((mesh, tuple(a for a in axes if a in mesh.axis_names)))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+def shard_rows(x: jax.Array) -> jax.Array:
+    """`x`'s leading (batch) axis over the batch axes of `split_rows`'s mesh; `x` itself outside
+    `split_rows` or where the rows do not divide over those axes (one sample, say)."""
+    rows = _ROWS.get()
+    if rows is None:
+        return x
+    mesh, axes = rows
+    if math.prod(mesh.shape[a] for a in axes) in (0, 1) or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes)))
 
 
 def partitioned(init, axes: tuple[str | None, ...]):

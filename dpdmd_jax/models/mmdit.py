@@ -31,6 +31,7 @@ from dpdmd_jax.models.layers import (
     layer_norm,
     modulate,
     partitioned,
+    shard_rows,
     timestep_embedding,
 )
 
@@ -307,6 +308,7 @@ class JointTransformerBlock(nnx.Module):
         self.ff_context = None if context_pre_only else FeedForward(d, **kw)
 
     def __call__(self, x: jax.Array, c: jax.Array, temb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x, c = shard_rows(x), shard_rows(c)
         mod = self.norm1(temb)
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mod[:6]
         x_norm = layer_norm(x, _EPS)
@@ -327,10 +329,10 @@ class JointTransformerBlock(nnx.Module):
         x = x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x, _EPS), shift_mlp, scale_mlp))
 
         if self.context_pre_only:
-            return x, c  # the context stream ends here; `c` passes through unused
+            return shard_rows(x), c  # the context stream ends here; `c` passes through unused
         c = c + c_gate[:, None] * attn_c
         c = c + c_gate_mlp[:, None] * self.ff_context(modulate(layer_norm(c, _EPS), c_shift_mlp, c_scale_mlp))
-        return x, c
+        return shard_rows(x), shard_rows(c)
 
 
 def _maybe_remat(fn, policy_name: str):
@@ -407,7 +409,7 @@ class MMDiT(nnx.Module):
         if hh % cfg.patch_size or ww % cfg.patch_size:
             raise ValueError(f"latent size {hh}x{ww} is not divisible by patch_size={cfg.patch_size}")
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (b,))
-        x = self.pos_embed(latents)
+        x = shard_rows(self.pos_embed(shard_rows(latents)))
         t_freq = timestep_embedding(timesteps, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
         temb = self.timestep_embedder(t_freq.astype(dtype)) + self.text_embedder(pooled.astype(dtype))
         c = self.context_embedder(context.astype(dtype))
@@ -424,4 +426,4 @@ class MMDiT(nnx.Module):
         x = self.proj_out(modulate(layer_norm(x, _EPS), shift, scale))
         p, co = cfg.patch_size, cfg.out_channels
         h, w = hh // p, ww // p
-        return x.reshape(b, h, w, p, p, co).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, co)
+        return shard_rows(x.reshape(b, h, w, p, p, co).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, co))

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from dpdmd_jax.models.clip import LayerNorm
-from dpdmd_jax.models.layers import MLPEmbedder, attention, dense, timestep_embedding
+from dpdmd_jax.models.layers import MLPEmbedder, attention, dense, shard_rows, timestep_embedding
 from dpdmd_jax.models.mmdit import ATTENTION_IMPLS, REMAT_POLICIES
 from dpdmd_jax.models.vae import GroupNorm, conv, upsample_nearest_2x
 
@@ -255,11 +255,12 @@ class ResnetBlock2D(nnx.Module):
         self.conv_shortcut = conv(in_ch, out_ch, 1, **kw) if in_ch != out_ch else None
 
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        x = shard_rows(x)
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
         h = self.conv2(jax.nn.silu(self.norm2(h)))  # dropout 0
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        return skip + h  # output_scale_factor 1
+        return shard_rows(skip + h)  # output_scale_factor 1
 
 
 class Attention(nnx.Module):
@@ -314,9 +315,10 @@ class BasicTransformerBlock(nnx.Module):
         self.ff = FeedForward(cfg, dim, rngs=rngs)
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        x = shard_rows(x)
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        return shard_rows(x + self.ff(self.norm3(x)))
 
 
 class BlockStack(nnx.Module):
@@ -526,9 +528,9 @@ class UNet2DConditionModel(nnx.Module):
         b = sample.shape[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
         temb = self.time_embed(timesteps, text_embeds, time_ids)
-        context = encoder_hidden_states.astype(dtype)
+        context = shard_rows(encoder_hidden_states.astype(dtype))
 
-        x = self.conv_in(sample.astype(dtype))
+        x = shard_rows(self.conv_in(shard_rows(sample.astype(dtype))))
         skips = [x]
         for block in self.down_blocks:
             x, states = block(x, temb, context)
@@ -539,4 +541,4 @@ class UNet2DConditionModel(nnx.Module):
             mine, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[1:3] if skips and block.upsampler is not None else None
             x = block(x, mine, temb, context, size)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        return shard_rows(self.conv_out(jax.nn.silu(self.conv_norm_out(x))))

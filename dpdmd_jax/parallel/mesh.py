@@ -7,8 +7,9 @@ model dimension and over "tensor" on heads / MLP width. The batch is split over 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -18,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpdmd_jax.core import RoundBatch
+from dpdmd_jax.models.layers import split_rows
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -115,6 +117,18 @@ def state_shardings(state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
         return var.replace(sharding) if isinstance(var, nnx.Variable) else sharding
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def rows_split(mesh: Mesh, fn: Callable) -> Callable:
+    """`fn`, traced with the models' activations split over the batch axes of `mesh`
+    (`models.layers.split_rows`): each device computes only its rows of the batch."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with split_rows(mesh, BATCH_AXES):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

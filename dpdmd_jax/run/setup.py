@@ -139,7 +139,7 @@ def compile_round(run: Run, state_sh: TrainState) -> SyncedJit:
     """The jitted round; on several processes its first call also waits for every host's compile."""
     frozen_sh = jax.tree.map(lambda x: x.sharding, run.frozen)
     return SyncedJit(
-        run.distiller.train_round,
+        mesh_lib.rows_split(run.mesh, run.distiller.train_round),
         "round",
         in_shardings=(state_sh, frozen_sh, mesh_lib.round_shardings(run.mesh, batch_spec(run))),
         out_shardings=(state_sh, None),

@@ -2,17 +2,20 @@
 scan their layers and rematerialise (`model.scan_layers=True`, `model.remat_policy`), and `:tiny`
 keeps both (tests/unit/test_real_configs.py), so every end-to-end test of `:tiny`
 (tests/integration/test_sd35_pipeline.py, tests/integration/test_sdxl_pipeline.py: train through
-the CLI, checkpoint, resume, export) runs them.
+the CLI, checkpoint, grids, export) runs them.
 
 A round traced with them once failed: `nnx.merge` inside the round's loops made Variables of an
 outer trace level, which the scanned / rematerialised model's `nnx.scan` / `nnx.remat` refuse. Here
 each family's round runs plain and with the shipped setting and gives the same losses (scan and
-remat change how the round is computed, never what), and every remat policy, with and without scan,
-runs the pattern that failed (the model merged inside a `lax.scan`, under `grad` and `jit`) and
-gives the plain model's value and gradient. A tiny round compiles in ~25 s here, the pattern in a
-few, hence the split."""
+remat change how the round is computed, never what); the shipped setting trains, checkpoints and
+resumes; and every remat policy, with and without scan, runs the pattern that failed (the model
+merged inside a `lax.scan`, under `grad` and `jit`) and gives the plain model's value and gradient.
+A tiny round compiles in ~25 s here, the pattern in a few, hence the split."""
 
 from __future__ import annotations
+
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,8 @@ from configs import sd35 as sd35_config
 from configs import sdxl as sdxl_config
 from dpdmd_jax.config import override
 from dpdmd_jax.run import setup as setup_lib
+from dpdmd_jax.run import train as run_train
+from dpdmd_jax.run import workdir as workdir_lib
 from dpdmd_jax.models import mmdit, unet
 from dpdmd_jax.tools.tiny_pipeline import make_tiny_pipeline
 
@@ -49,9 +54,7 @@ def family(request, tmp_path_factory):
 
 def _setup(c, scan: bool, remat: str):
     c = override(c.copy_and_resolve_references(), {"model.scan_layers": scan, "model.remat_policy": remat})
-    setup = setup_lib.build(c, devices=jax.devices()[:1])  # sharded == one device is tests/test_trainer.py's
-    setup.distiller.anchor_k = c.distill.anchor_k
-    return setup
+    return setup_lib.build(c, devices=jax.devices()[:1])  # sharded == one device: test_trainer_runs.py
 
 
 def _loop_value_and_grad(setup, batch: int):
@@ -69,18 +72,28 @@ def _loop_value_and_grad(setup, batch: int):
     return jax.jit(jax.value_and_grad(loss))(frozen.teacher)
 
 
-def test_shipped_round_gives_the_plain_rounds_losses(family):
+def test_shipped_setting_trains_resumes_and_gives_the_plain_rounds_losses(family, tmp_path):
+    """The shipped setting through the trainer (one device): 2 rounds and a checkpoint, then a resume
+    to round 3 in a new build; its first round's losses are the plain round's."""
     name, c = family
-    shipped = (c.model.scan_layers, c.model.remat_policy)
-    results = {}
-    for setting in (PLAIN, shipped):
-        setup = _setup(c, *setting)
-        state, shardings = setup_lib.init_train_state(setup)
-        _, metrics = setup_lib.compile_round(setup, shardings)(state, setup.frozen, setup_lib.round_batch(setup, 0))
-        results[setting] = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    assert all(np.isfinite(results[PLAIN][k]) and results[PLAIN][k] != 0 for k in METRICS), results[PLAIN]
+    plain_setup = _setup(c, *PLAIN)
+    state, shardings = setup_lib.init_train_state(plain_setup)
+    _, metrics = setup_lib.compile_round(plain_setup, shardings)(state, plain_setup.frozen,
+                                                                  setup_lib.round_batch(plain_setup, 0))
+    plain = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    assert all(np.isfinite(plain[k]) and plain[k] != 0 for k in METRICS), plain
+
+    assert (c.model.scan_layers, c.model.remat_policy) == (True, "dots_no_batch")  # the shipped setting
+    workdir, one_device = str(tmp_path / "run"), jax.devices()[:1]
+    run_train.train(override(c.copy_and_resolve_references(), {"num_rounds": 2}), workdir, one_device)
+    assert workdir_lib.checkpoint_steps(workdir) == [2]
+    run_train.train(override(c.copy_and_resolve_references(), {"num_rounds": 3}), workdir, one_device)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert [m["step"] for m in logged] == [1, 2, 3] and workdir_lib.checkpoint_steps(workdir)[-1] == 3
+    assert all(np.isfinite(m[k]) for m in logged for k in METRICS)
     for k in METRICS:
-        np.testing.assert_allclose(results[shipped][k], results[PLAIN][k], rtol=2e-5, err_msg=f"{name}: {k}")
+        np.testing.assert_allclose(logged[0][k], plain[k], rtol=2e-5, err_msg=f"{name}: {k}")
 
 
 def test_every_remat_policy_and_scan_trace_inside_the_rounds_loops(family):
