@@ -68,7 +68,7 @@ from flax import nnx  # noqa: E402
 from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig  # noqa: E402
 from dpdmd_jax.weights import loader  # noqa: E402
 from dpdmd_jax.weights.sd3 import key_map, load_mmdit  # noqa: E402
-from tests.helpers import nhwc, rel_err, save_random_sd3, sd3_torch_kwargs  # noqa: E402
+from tests.torch_helpers import nhwc, rel_err, save_random_sd3, sd3_torch_kwargs  # noqa: E402
 
 # ----------------------------------------------------------------------------- configs
 

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dpdmd_jax.weights.unet import key_map, load_unet  # noqa: E402
-from tests.helpers import rel_err, save_random_unet, unet_torch_kwargs  # noqa: E402
+from tests.torch_helpers import rel_err, save_random_unet, unet_torch_kwargs  # noqa: E402
 
 _DOWN, _CA_DOWN, _UP, _CA_UP = "DownBlock2D", "CrossAttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"
 MID = dict(
