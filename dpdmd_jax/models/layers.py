@@ -51,7 +51,8 @@ def shard_rows(x: jax.Array) -> jax.Array:
     if rows is None:
         return x
     mesh, axes = rows
-    if math.prod(mesh.shape[a] for a in axes) in (0, 1) or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    n = math.prod(mesh.shape[a] for a in axes)
+    if n <= 1 or x.shape[0] % n:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes)))
 
