@@ -90,7 +90,8 @@ def make_sample_fn(run: SamplingRun, sampler: str, root_seed: int, vae: Any = No
             return jnp.clip(z, -1.0, 1.0)  # the toy: latents are images
         return jnp.clip(backbone.decode(nnx.merge(vae_graph, vae_state), z.astype(jnp.float32)), -1.0, 1.0)
 
-    fn = SyncedJit(sample_images, f"sample_{sampler}", out_shardings=mesh_lib.replicated(run.mesh))
+    fn = SyncedJit(mesh_lib.rows_split(run.mesh, sample_images), f"sample_{sampler}",
+                   out_shardings=mesh_lib.replicated(run.mesh))
     return functools.partial(fn, buffers, vae_state)
 
 
