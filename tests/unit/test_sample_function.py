@@ -5,6 +5,8 @@ tests/integration/test_sample_pipelines.py."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -33,6 +35,10 @@ def test_the_sample_function_closes_over_no_array(backbone):
         assert not closed, f"{sampler} sampler closes over arrays of shapes {closed}"
 
 
+def _global(mesh, x):
+    return mesh_lib.global_batch(mesh, np.asarray(x))
+
+
 def test_each_device_samples_only_its_rows():
     """On 8 devices the sampler's program does about 1/8 of the one-device program's FLOPs: the
     models' activations are split like the batch (`parallel.mesh.rows_split`), not computed whole
@@ -41,7 +47,7 @@ def test_each_device_samples_only_its_rows():
     flops = {}
     for n in (1, 8):
         setup = setup_lib.build(toy_config.get_config("smoke"), devices=jax.devices()[:n])
-        put = lambda x: mesh_lib.global_batch(setup.mesh, np.asarray(x))
+        put = functools.partial(_global, setup.mesh)
         cond = jax.tree.map(put, setup.data.embed(np.zeros(8, np.int32)))
         ids = put(np.arange(8, dtype=np.int32))
         for sampler in ("student", "teacher"):
