@@ -37,10 +37,9 @@ from dpdmd_jax.run import setup as setup_lib  # noqa: E402
 
 def compiled_round(c, devices):
     run = setup_lib.build(c, devices=devices)
-    state_like, shardings = setup_lib.train_state_shapes(run)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings)
+    _, shardings = setup_lib.train_state_shapes(run)
     batch = setup_lib.round_batch(run, 0)
-    return setup_lib.compile_round(run, shardings).compile(abstract, run.frozen, batch)
+    return setup_lib.compile_round(run, shardings).compile(setup_lib.abstract_train_state(run), run.frozen, batch)
 
 
 def main() -> None:

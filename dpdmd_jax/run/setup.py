@@ -110,12 +110,16 @@ def state_shardings(run: Run, state: TrainState) -> TrainState:
     )
 
 
-def abstract_student(run: Run) -> Params:
-    """The student's shapes, dtypes and shardings (nothing allocated): what a checkpoint's student is
-    restored onto."""
+def abstract_train_state(run: Run) -> TrainState:
+    """The train state as `jax.ShapeDtypeStruct`s carrying their shardings (nothing allocated): what
+    an ahead-of-time compile or a checkpoint restore takes."""
     shapes, shardings = train_state_shapes(run)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        shapes.student, shardings.student)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def abstract_student(run: Run) -> Params:
+    """The student of `abstract_train_state`: what a checkpoint's student is restored onto."""
+    return abstract_train_state(run).student
 
 
 def train_state_shapes(run: Run) -> tuple[TrainState, TrainState]:

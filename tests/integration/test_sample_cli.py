@@ -67,10 +67,14 @@ def _wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
                 break
             time.sleep(0.2)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_left(procs)
+
+
+def _kill_left(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def test_two_processes_resume_and_sample_like_one(run_dir, tmp_path):
@@ -161,10 +165,7 @@ def _wait(procs: list[subprocess.Popen], timeout_s: float) -> None:
     except subprocess.TimeoutExpired:
         pass
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_left(procs)
 
 
 def test_sigterm_stops_the_sampler_after_a_batch_with_exit_75_and_a_rerun_finishes(run_dir, tmp_path):
