@@ -29,7 +29,9 @@ def get_config(arg: str | None = None):
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"  # fp32 master weights, bf16 compute
     c.model.scan_layers = True
-    c.model.remat_policy = "dots_no_batch"
+    # Full rematerialisation: the planner's verdict (BENCHMARKS.md, "Plans"): at 4 per chip on a v5p-8 the
+    # round needs 4.9 TB of temporaries per chip with dots_no_batch and 16 GiB with full (peak 35 of 95 GiB).
+    c.model.remat_policy = "full"
     c.data.kind = "prompts"
     c.data.latent_size = (128, 128)  # 1024^2 images
     c.batch_size = 32  # 4 per device x 8 devices

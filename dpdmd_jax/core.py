@@ -153,6 +153,13 @@ class Backbone(Protocol):
     def has_vae(self) -> bool:
         """Whether samples are decoded by a VAE (`load_vae`, `decode`); else latents are images."""
 
+    def abstract_teacher(self) -> Any:
+        """What `load` returns, shapes only (`weights.loader.abstract_model`): no weights read; the
+        planner (`run.plan`) compiles the run on it. Optional: a backbone without it cannot be planned."""
+
+    def abstract_text_encoders(self) -> dict[str, Any]:
+        """The text encoders a prompt source puts on device, shapes only (the planner counts them)."""
+
 
 class NoPrompts(ValueError):
     """A data source that cannot turn prompts into conditionings (random, or cached embeddings)."""

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from dpdmd_jax import cli
 from dpdmd_jax.config import base_config
@@ -41,18 +43,30 @@ class RecordError(ValueError):
     """A workdir's config.json is missing or unreadable; the message says what to do."""
 
 
-def record_path(workdir: str) -> str:
-    return os.path.join(os.path.abspath(os.path.expanduser(workdir)), RECORD)
+def is_uri(path: str) -> bool:
+    """Whether `path` names a remote store (gs://bucket/run, s3://...) rather than a local folder."""
+    return re.match(r"[A-Za-z][\w+.-]*://", os.fspath(path)) is not None
+
+
+def absolute(path: str) -> str:
+    """A local `path` made absolute (`~` expanded); a URI as it is: os.path.abspath would turn
+    gs://bucket/run into the local folder ./gs:/bucket/run. A multi-host run's workdir must be shared
+    by every host, so it is often such a URI; every file of a run is then reached through
+    `etils.epath` (what Orbax uses), never through open() / os.path."""
+    return os.fspath(path) if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def record_path(workdir: str) -> epath.Path:
+    return epath.Path(absolute(workdir)) / RECORD
 
 
 def read_record(workdir: str) -> dict:
     """The JSON the trainer recorded in `workdir`."""
     path = record_path(workdir)
-    if not os.path.exists(path):
+    if not path.exists():
         raise RecordError(f"--workdir={workdir} holds no {RECORD}: is it a training run's workdir?")
     try:
-        with open(path) as f:
-            record = json.load(f)
+        record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RecordError(f"{path} cannot be read ({e}); pass the run's --config=FILE instead.") from e
     if not isinstance(record, dict):
@@ -112,10 +126,10 @@ def with_recorded_config(argv: Sequence[str]) -> list[str]:
     the command, which knows whether it needs one). Call before the flags are parsed."""
     argv = list(argv)
     workdir = flag_value(argv, "workdir")
-    if flag_value(argv, "config") is not None or not workdir or not os.path.exists(record_path(workdir)):
+    if flag_value(argv, "config") is not None or not workdir or not record_path(workdir).exists():
         return argv
     read_record(workdir)  # an unreadable record: one line now, not a traceback from the flag parser
-    return [argv[0], f"--config={os.path.abspath(__file__)}:{os.path.abspath(os.path.expanduser(workdir))}",
+    return [argv[0], f"--config={os.path.abspath(__file__)}:{absolute(workdir)}",
             *argv[1:]]
 
 

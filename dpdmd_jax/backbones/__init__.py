@@ -15,6 +15,7 @@ A backbone is one module with a class registered under a name:
         def latent_shape(self) -> tuple[int, int, int]: ...
         def cond_spec(self, batch) -> cond_type of jax.ShapeDtypeStruct: ...
         def has_vae(self) -> bool: ...                   # samples decoded by load_vae / decode?
+        def abstract_teacher(self) -> nnx.Module: ...     # optional: shapes only (`python -m dpdmd_jax.plan`)
 
 (the interface is `core.Backbone`) and `--config.backbone=my_package.my_module:my_dit` imports the
 module and picks it (a built-in is named alone: `--config.backbone=mmdit`; the built-ins are listed

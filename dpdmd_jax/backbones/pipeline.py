@@ -16,15 +16,18 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import nnx
 from jax.sharding import Mesh
 
 from dpdmd_jax.models.vae import from_model_latent
 from dpdmd_jax.parallel import mesh as mesh_lib
+from dpdmd_jax.weights.loader import abstract_model
 from dpdmd_jax.weights.pipeline import component_folder, component_problems, resolve_pipeline
 from dpdmd_jax.weights.safetensors_io import CheckpointError
 from dpdmd_jax.weights.vae import load_vae, read_config
 
 TEXT_KINDS = ("prompts", "diffusiondb")  # data sources that need the text encoders
+PRESET = "preset:"  # model.source="preset:NAME": a named architecture with random weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +42,30 @@ class WeightSource:
     context_len: int | None = None  # tokens of the conditioning its own text encoder makes (the toy's)
 
 
+def preset_source(c: ml_collections.ConfigDict, model_class: type, config_class: type, presets: dict[str, dict],
+                  overrides: dict[str, Any]) -> WeightSource:
+    """`model.source="preset:NAME"`: the architecture of `presets[NAME]` with random weights from
+    `seed`, initialised directly on their shardings (full-size shapes without a checkpoint: plans,
+    benchmarks, smoke tests on real hardware). The text side and the VAE come from `text.source`."""
+    name = c.model.source[len(PRESET):]
+    arch = lambda: config_class(**presets[name])
+
+    def load(mesh: Mesh, rules):
+        build = lambda rngs: model_class(dataclasses.replace(arch(), **overrides), rngs=rngs)
+        graphdef, state = nnx.split(abstract_model(build, c.seed))
+        init = jax.jit(lambda: nnx.state(build(nnx.Rngs(c.seed))),
+                       out_shardings=mesh_lib.state_shardings(state, mesh, rules))
+        return nnx.merge(graphdef, init())
+
+    return WeightSource(True, arch, load)
+
+
 class PipelineBackbone:
     components: tuple[str, ...] = ()
     family: str = ""  # "SD3/SD3.5", "SDXL": for messages
+    model_class: type  # the denoiser (MMDiT, UNet2DConditionModel)
+    presets: dict[str, dict] = {}  # architectures `model.source="preset:NAME"` names
+    default_preset: str = ""  # what the planner assumes when model.source is empty
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.c = config
@@ -62,6 +86,22 @@ class PipelineBackbone:
     def load(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES):
         return self.weights.load(mesh, rules)
 
+    def exec_overrides(self) -> dict[str, Any]:
+        """How the run executes the denoiser (dtypes, scan, remat, ...): the config's, over the
+        architecture's defaults."""
+        raise NotImplementedError
+
+    def abstract_teacher(self) -> nnx.Module:
+        """The teacher as `load` builds it (architecture, dtypes, scan, remat), shapes only: no
+        weights read, nothing allocated (`run.plan`)."""
+        arch = dataclasses.replace(self.arch, **self.exec_overrides())
+        return abstract_model(lambda rngs: self.model_class(arch, rngs=rngs), self.c.seed)
+
+    def abstract_text_encoders(self) -> dict[str, nnx.Module]:
+        """The pipeline's text encoders in `text.dtype`, shapes only (their published architectures:
+        the planner counts what they hold on device)."""
+        raise NotImplementedError
+
     def text_check(self, root: str) -> list[str]:
         raise NotImplementedError
 
@@ -75,6 +115,9 @@ class PipelineBackbone:
         """Cheap checks of `model.source` (its config) and, when the data are prompts, of the
         pipeline's text side, before anything is loaded."""
         builtin = self.builtin_source()
+        if self.source.startswith(PRESET) and self.source[len(PRESET):] not in self.presets:
+            return [f"model.source={self.source!r}: no such {self.family} architecture; presets: "
+                    + ", ".join(f"{PRESET}{name}" for name in self.presets)]
         if not builtin:
             try:
                 self.arch  # noqa: B018  (reads config.json: the folder, or a hub snapshot of it)

@@ -14,9 +14,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dpdmd_jax import core
-from dpdmd_jax.backbones.pipeline import PipelineBackbone, WeightSource
+from dpdmd_jax.backbones.pipeline import PRESET, PipelineBackbone, WeightSource, preset_source
 from dpdmd_jax.diffusion.schedules import RectifiedFlow
-from dpdmd_jax.models.mmdit import MMDiT, MMDiTConfig
+from dpdmd_jax.models import clip, t5
+from dpdmd_jax.models.mmdit import PRESETS, MMDiT, MMDiTConfig
+from dpdmd_jax.weights.loader import abstract_model
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.text.sd3 import check_pipeline, load_sd3_text_encoder
 from dpdmd_jax.toy.teacher import CONTEXT_LEN as TOY_CONTEXT_LEN
@@ -36,8 +38,11 @@ def exec_overrides(c: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def weight_source(c: ml_collections.ConfigDict) -> WeightSource:
     """`model.source`: "toy" (the shipped toy teacher), "random" (a random MMDiT of `model.arch`, for
-    tests; the toy's text encoder shapes) or a diffusers folder."""
+    tests; the toy's text encoder shapes), "preset:NAME" (an architecture of `models.mmdit.PRESETS`,
+    random weights) or a diffusers folder."""
     overrides, source = exec_overrides(c), c.model.source
+    if source.startswith(PRESET):
+        return preset_source(c, MMDiT, MMDiTConfig, PRESETS, overrides)
     if source == "toy":
         return WeightSource(True, toy_config, lambda mesh, rules: load_toy_teacher(mesh=mesh, rules=rules, **overrides),
                             TOY_CONTEXT_LEN)
@@ -59,6 +64,23 @@ class SD3Backbone(PipelineBackbone):
     components = SD3_COMPONENTS
     family = "SD3/SD3.5"
     weight_source = staticmethod(weight_source)
+    model_class = MMDiT
+    presets = PRESETS
+    default_preset = "sd3.5-medium"
+
+    def exec_overrides(self) -> dict[str, Any]:
+        return exec_overrides(self.c)
+
+    def abstract_text_encoders(self) -> dict[str, nnx.Module]:
+        """CLIP-L and OpenCLIP-bigG (with projections) and, with `text.use_t5`, T5-XXL."""
+        dt = dict(dtype=self.c.text.dtype, param_dtype=self.c.text.dtype)
+        text = lambda name: abstract_model(lambda r: clip.CLIPTextModel(clip.CLIPTextConfig(**clip.PRESETS[name], **dt),
+                                                                        rngs=r))
+        models = {"CLIP-L": text("clip-l"), "OpenCLIP-bigG": text("clip-bigg")}
+        if self.c.text.use_t5:
+            models["T5-XXL"] = abstract_model(lambda r: t5.T5Encoder(t5.T5Config(**t5.PRESETS["t5-v1_1-xxl"], **dt),
+                                                                     rngs=r))
+        return models
 
     def text_check(self, root: str) -> list[str]:
         return check_pipeline(root, self.c.text.use_t5)

@@ -9,15 +9,20 @@ it when `force_zeros_for_empty_prompt` is set.
 
 from __future__ import annotations
 
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import nnx
 from jax.sharding import Mesh
 
 from dpdmd_jax import core
-from dpdmd_jax.backbones.pipeline import PipelineBackbone, WeightSource
+from dpdmd_jax.backbones.pipeline import PRESET, PipelineBackbone, WeightSource, preset_source
 from dpdmd_jax.diffusion.schedules import VPEpsilon
+from dpdmd_jax.models import clip
+from dpdmd_jax.models.unet import PRESETS, UNet2DConditionModel, UNetConfig
+from dpdmd_jax.weights.loader import abstract_model
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.text.sdxl import check_pipeline, load_sdxl_text_encoder
 from dpdmd_jax.toy.teacher import CONTEXT_LEN as TOY_CONTEXT_LEN
@@ -29,10 +34,17 @@ CLIP_LEN = 77
 VAE_FACTOR = 8  # SDXL's VAE: 4 blocks, 3 downsamplings
 
 
+def exec_overrides(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    m = c.model
+    return dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+
+
 def weight_source(c: ml_collections.ConfigDict) -> WeightSource:
-    """`model.source`: "toy" (the shipped epsilon toy teacher) or a diffusers folder."""
-    m, source = c.model, c.model.source
-    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+    """`model.source`: "toy" (the shipped epsilon toy teacher), "preset:NAME" (an architecture of
+    `models.unet.PRESETS`, random weights) or a diffusers folder."""
+    source, kw = c.model.source, exec_overrides(c)
+    if source.startswith(PRESET):
+        return preset_source(c, UNet2DConditionModel, UNetConfig, PRESETS, kw)
     if source == "toy":
         return WeightSource(True, toy_unet_config, lambda mesh, rules: load_unet(
             TEACHER_DIRS["unet"], mesh=mesh, rules=rules, progress=False, **kw), TOY_CONTEXT_LEN)
@@ -46,6 +58,19 @@ class SDXLBackbone(PipelineBackbone):
     components = tuple(SDXL_COMPONENTS)
     family = "SDXL"
     weight_source = staticmethod(weight_source)
+    model_class = UNet2DConditionModel
+    presets = PRESETS
+    default_preset = "sdxl-base"
+
+    def exec_overrides(self) -> dict[str, Any]:
+        return exec_overrides(self.c)
+
+    def abstract_text_encoders(self) -> dict[str, nnx.Module]:
+        """CLIP-L (hidden states only) and OpenCLIP-bigG with its projection."""
+        dt = dict(dtype=self.c.text.dtype, param_dtype=self.c.text.dtype)
+        text = lambda name, **kw: abstract_model(
+            lambda r: clip.CLIPTextModel(clip.CLIPTextConfig(**{**clip.PRESETS[name], **dt, **kw}), rngs=r))
+        return {"CLIP-L": text("clip-l", with_projection=False), "OpenCLIP-bigG": text("clip-bigg")}
 
     @property
     def image_size(self) -> tuple[int, int]:

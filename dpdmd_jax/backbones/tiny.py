@@ -17,6 +17,7 @@ from dpdmd_jax import core
 from dpdmd_jax.diffusion.schedules import RectifiedFlow, VPEpsilon
 from dpdmd_jax.models.tiny import TinyDenoiser
 from dpdmd_jax.parallel import mesh as mesh_lib
+from dpdmd_jax.weights.loader import abstract_model
 
 CHANNELS, CONTEXT_LEN, CONTEXT_DIM, POOLED_DIM, TIME_IDS = 3, 4, 16, 8, 6
 
@@ -38,6 +39,12 @@ class _Tiny:
         state = nnx.state(model)
         nnx.update(model, jax.device_put(state, mesh_lib.state_shardings(state, mesh, rules)))
         return model
+
+    def abstract_teacher(self) -> TinyDenoiser:
+        return abstract_model(lambda rngs: TinyDenoiser(CHANNELS, self.cond_dim, rngs=rngs), self.c.seed)
+
+    def abstract_text_encoders(self) -> dict:
+        return {}  # conditionings are random: no text encoder
 
     def apply(self, model, z, level, cond):
         return model(z, self.schedule.model_time(level), self.cond_vector(cond))

@@ -31,7 +31,6 @@ another teacher pass, so every round of a run uses the same anchor.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from dpdmd_jax.core import Frozen, RoundBatch
@@ -111,28 +111,27 @@ def problems(c: ml_collections.ConfigDict) -> list[str]:
 
 def recorded_k(workdir: str) -> int | None:
     """The K an earlier run in `workdir` chose automatically (config.json), if any."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "config.json"  # epath: the workdir may be gs:// (run/workdir.py)
+    if not path.exists():
         return None
-    with open(path) as f:
-        k = json.load(f).get("distill", {}).get("auto_anchor", {}).get("chosen_k")
+    k = json.loads(path.read_text()).get("distill", {}).get("auto_anchor", {}).get("chosen_k")
     return None if k is None else int(k)
 
 
-def _write_json(path: str, obj: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+def _write_json(path: epath.Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
 
 
 def record(workdir: str, k: int, curve: dict) -> None:
     """Records K in the workdir's config.json (`distill.auto_anchor.chosen_k`, which later rewrites of
     config.json keep), and the curve it was chosen from in anchor_auto.json; each file is replaced
     atomically."""
-    _write_json(os.path.join(workdir, RECORD), {**curve, "chosen_k": k})
-    path = os.path.join(workdir, "config.json")
-    with open(path) as f:
-        saved = json.load(f)
+    root = epath.Path(workdir)
+    _write_json(root / RECORD, {**curve, "chosen_k": k})
+    path = root / "config.json"
+    saved = json.loads(path.read_text())
     saved["distill"]["auto_anchor"]["chosen_k"] = k
     _write_json(path, saved)
 

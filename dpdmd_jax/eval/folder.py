@@ -3,6 +3,8 @@ paper's diversity on CLIP and DINO features, the CLIP score, pixel diversity, an
 metrics. `evaluate` is what `python -m dpdmd_jax.evaluate` runs (its docstring lists the metrics).
 Missing or unreadable PNGs are reported, skipped and counted; every metric that could not be
 computed is named with the reason.
+
+A folder may be a URI (gs://bucket/...): its files are read and written through `etils.epath`.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
-from PIL import Image
 
 from dpdmd_jax.eval import preprocess
 from dpdmd_jax.diversity import clip_score, diversity
 from dpdmd_jax.models.dino import DINOv3ViTModel
 from dpdmd_jax.parallel import mesh as mesh_lib
-from dpdmd_jax.sampling.folder import read_rows
+from dpdmd_jax.run_config import absolute
+from dpdmd_jax.sampling.folder import read_png, read_rows
 from dpdmd_jax.tables import markdown_table
 from dpdmd_jax.text.tokenizers import load_tokenizer, tokenize
 from dpdmd_jax.toy import data as toy_data
@@ -40,18 +43,17 @@ class EvaluateError(ValueError):
 
 def read_run(folder: str) -> dict[str, Any]:
     """A sample folder's run.json (what made the samples)."""
-    path = os.path.join(folder, "run.json")
-    if not os.path.isfile(path):
+    path = epath.Path(folder) / "run.json"
+    if not path.is_file():
         raise EvaluateError(f"{folder} has no run.json: is it a folder written by `python -m dpdmd_jax.sample`?")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def read_folder(folder: str) -> dict[str, Any]:
     """run.json, the rows of samples.jsonl, and per prompt its readable images (uint8 [H, W, 3]);
     missing and corrupt PNGs are listed, not fatal."""
     run = read_run(folder)
-    rows = sorted(read_rows(os.path.join(folder, "samples.jsonl")).values(),
+    rows = sorted(read_rows(str(epath.Path(folder) / "samples.jsonl")).values(),
                   key=lambda r: (r["prompt_index"], r["seed"]))
     if not rows:
         raise EvaluateError(f"{folder}/samples.jsonl lists no images")
@@ -59,14 +61,13 @@ def read_folder(folder: str) -> dict[str, Any]:
     prompts: dict[int, str] = {}
     missing, corrupt, shape = [], [], None
     for r in rows:
-        path = os.path.join(folder, "images", r["file"])
+        path = epath.Path(folder) / "images" / r["file"]
         prompts[r["prompt_index"]] = r["prompt"]
-        if not os.path.isfile(path):
+        if not path.exists():  # one request per image on an object store (a folder here: unreadable below)
             missing.append(r["file"])
             continue
         try:
-            with Image.open(path) as im:
-                x = np.asarray(im.convert("RGB"))
+            x = read_png(str(path))
         except Exception:  # truncated, not a PNG, ...: PIL raises several types
             corrupt.append(r["file"])
             continue
@@ -246,11 +247,10 @@ def evaluate_folder(folder: str, towers: Towers | None = None) -> dict[str, Any]
         computed += wanted
     result["computed"] = computed
     result["not_computed"] = not_computed
-    name = os.path.basename(folder.rstrip("/"))
-    with open(os.path.join(folder, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(folder, "eval.md"), "w") as f:
-        f.write(table({name: result}) + "\n\n" + "\n".join(metric_notes({name: result})) + "\n")
+    name = epath.Path(folder).name
+    notes = "\n".join(metric_notes({name: result}))
+    (epath.Path(folder) / "eval.json").write_text(json.dumps(result, indent=2))
+    (epath.Path(folder) / "eval.md").write_text(f"{table({name: result})}\n\n{notes}\n")
     return result
 
 
@@ -320,14 +320,14 @@ def evaluate(folders: Sequence[str], names: Sequence[str] | None = None, *, clip
     readable images), once every folder was read (their eval.json / eval.md, with the reasons, are
     written first): an error rather than a notice (exit code 2 from the command line), so scripts
     that chain `evaluate` do not carry on with no numbers."""
-    folders = [os.path.abspath(os.path.expanduser(f)) for f in folders]
-    names = list(names) if names else [os.path.basename(f.rstrip("/")) for f in folders]
+    folders = [absolute(f) for f in folders]  # a gs:// URI as it is
+    names = list(names) if names else [epath.Path(f).name for f in folders]
     if len(names) != len(folders):
         raise EvaluateError(f"{len(names)} --names for {len(folders)} --samples folders")
     for f in folders:
-        if not os.path.isdir(f):
+        if not epath.Path(f).is_dir():
             raise EvaluateError(f"--samples: {f} is not a folder")
-    for what, path in (("--clip", clip), ("--dino", dino)):
+    for what, path in (("--clip", clip), ("--dino", dino)):  # model folders: local inputs, read by the loaders
         if path and not os.path.isfile(os.path.join(path, "config.json")):
             raise EvaluateError(f"{what}={path} is not a transformers model folder (no config.json)")
     for f in folders:
@@ -341,12 +341,10 @@ def evaluate(folders: Sequence[str], names: Sequence[str] | None = None, *, clip
     notes = metric_notes(results)
     print(text + "\n\n" + "\n".join(notes))
     if len(folders) > 1:
-        out = os.path.abspath(os.path.expanduser(out or folders[0]))
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "comparison.md"), "w") as f:
-            f.write(text + "\n\n" + "\n".join(notes) + "\n")
-        with open(os.path.join(out, "comparison.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        out_dir = epath.Path(absolute(out or folders[0]))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "comparison.md").write_text(text + "\n\n" + "\n".join(notes) + "\n")
+        (out_dir / "comparison.json").write_text(json.dumps(results, indent=2))
     if not any(r["computed"] for r in results.values()):
         reasons = sorted({f"{m} ({why})" for r in results.values() for m, why in r["not_computed"].items()})
         raise EvaluateError(f"no metric was computed for any folder: {'; '.join(reasons)}")

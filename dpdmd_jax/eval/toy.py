@@ -4,11 +4,11 @@ the 4-step student next to the T-step teacher (written to workdir/summary.json).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from dpdmd_jax.core import TrainState
 from dpdmd_jax.eval.grid import image_grid
@@ -74,18 +74,17 @@ class ToyMetrics:
 
     def run(self, step: int, state: TrainState, writer: Any) -> dict:
         c = self.sampling_run.config
-        cache = os.path.join(self.workdir, "teacher_metrics.json")
-        if os.path.exists(cache):
-            with open(cache) as f:
-                teacher = json.load(f)
+        root = epath.Path(self.workdir)  # epath: the workdir may be gs:// (run/workdir.py)
+        cache = root / "teacher_metrics.json"
+        if cache.exists():
+            teacher = json.loads(cache.read_text())
         else:
             teacher = self._metrics(self.sampling_run.frozen.teacher, f"model.source={c.model.source}", "teacher",
-                                    os.path.join(self.workdir, "eval", "teacher"))
-            with open(cache, "w") as f:
-                json.dump(teacher, f, indent=2)
+                                    str(root / "eval" / "teacher"))
+            cache.write_text(json.dumps(teacher, indent=2))
         rounds = int(state.step)
         student = self._metrics(state.student, f"{self.workdir} round {rounds}", "student",
-                                os.path.join(self.workdir, "eval", f"student_{rounds}"))
+                                str(root / "eval" / f"student_{rounds}"))
         summary = {
             "rounds": rounds,
             "teacher": {"cfg_scale": c.teacher.cfg_scale, **teacher},
@@ -93,12 +92,11 @@ class ToyMetrics:
             "spread_ratio": toy_metrics.spread_ratio(student, teacher),
             "skipped_updates": int(state.skipped),
         }
-        with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        (root / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"\nToy metrics after {summary['rounds']} rounds (R={self.seeds} seeds per prompt):")
         print(f"{'':10s}" + "".join(f"{k:>17s}" for k in ["nfe", *self.KEYS]))
         for name in ("teacher", "student"):
             row = summary[name]
             print(f"{name:10s}" + "".join(f"{row[k]:17.4f}" for k in ["nfe", *self.KEYS]))
-        print(f"summary written to {os.path.join(self.workdir, 'summary.json')}")
+        print(f"summary written to {root / 'summary.json'}")
         return summary

@@ -40,8 +40,25 @@ def barrier(name: str, timeout_s: int = COMPILE_BARRIER_TIMEOUT_S) -> None:
 
 
 # Launchers that start one process per host say how many there are; jax.distributed.initialize()
-# without arguments then finds the coordinator in their environment (TPU pods need no call).
+# without arguments then finds the coordinator in their environment.
 _PROCESS_COUNT_ENV = ("JAX_PROCESS_COUNT", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+_COORDINATOR_ENV = ("COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")  # MEGASCALE_*: TPU multislice (GKE)
+
+
+def on_tpu_vm() -> bool:
+    """A Cloud TPU VM or GKE TPU node: JAX found TPU chips and libtpu when it was imported (its own
+    detection; no public API says so). Every worker of a slice runs the same command, and
+    jax.distributed.initialize() finds the others in the TPU metadata (one host: a 1-process job)."""
+    from jax._src import cloud_tpu_init
+
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def launched_by_cluster() -> bool:
+    """Whether a launcher started this process as one of several (SLURM, Open MPI, a TPU slice,
+    a multislice coordinator)."""
+    return (any(int(os.environ.get(v, "1")) > 1 for v in _PROCESS_COUNT_ENV)
+            or any(v in os.environ for v in _COORDINATOR_ENV) or on_tpu_vm())
 
 
 def define_flags() -> None:
@@ -112,9 +129,9 @@ def initialize_from_flags(flag_values: Any, notice_every_s: float = 10.0) -> Non
         with waiting_notice(f"process {i} of {n}: waiting for all {n} processes to join the coordinator at {address}",
                             notice_every_s):
             jax.distributed.initialize(address, n, i)
-    elif any(int(os.environ.get(v, "1")) > 1 for v in _PROCESS_COUNT_ENV) or "COORDINATOR_ADDRESS" in os.environ:
+    elif launched_by_cluster():
         with waiting_notice("waiting for the other processes of this launch to join the coordinator", notice_every_s):
-            jax.distributed.initialize()  # jax reads the launcher's environment (SLURM, Open MPI, ...)
+            jax.distributed.initialize()  # jax reads the launcher's environment (SLURM, Open MPI, TPU metadata)
 
 
 def _signature(args: tuple) -> tuple:

@@ -4,12 +4,11 @@ teacher, DMD and DP-DMD rows side by side (`config.compare_with_dmd`; `python -m
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
 from dpdmd_jax.distill import anchor
 from dpdmd_jax.run.train import train
@@ -29,17 +28,18 @@ def train_with_baseline(c: ml_collections.ConfigDict, workdir: str) -> dict:
     if not c.get("compare_with_dmd") or c.distill.lambda_div == 0 or "preempted_at" in summary:
         return summary
     workdir = absolute(workdir)
-    base_dir = os.path.join(workdir, BASELINE_DIR)
+    root = epath.Path(workdir)  # epath: the workdir may be gs:// (run/workdir.py)
+    base_dir = root / BASELINE_DIR
     base = c.copy_and_resolve_references()
     base.distill.lambda_div, base.compare_with_dmd = 0.0, False
-    os.makedirs(base_dir, exist_ok=True)
-    teacher_cache = os.path.join(workdir, "teacher_metrics.json")
-    if os.path.exists(teacher_cache) and jax.process_index() == 0:
-        shutil.copyfile(teacher_cache, os.path.join(base_dir, "teacher_metrics.json"))
+    base_dir.mkdir(parents=True, exist_ok=True)
+    teacher_cache = root / "teacher_metrics.json"
+    if teacher_cache.exists() and jax.process_index() == 0:
+        teacher_cache.copy(base_dir / "teacher_metrics.json", overwrite=True)
     print(f"\nPlain DMD under the same settings (the baseline), in {base_dir}:", flush=True)
-    baseline = train(base, base_dir)
+    baseline = train(base, str(base_dir))
     if "preempted_at" in baseline:  # the job is not finished: the caller exits "pre-empted"
-        return {**summary, "preempted_at": baseline["preempted_at"], "preempted_in": base_dir}
+        return {**summary, "preempted_at": baseline["preempted_at"], "preempted_in": str(base_dir)}
     if "student" not in summary or "student" not in baseline:
         return summary
     k = c.distill.anchor_k if c.distill.anchor_k != "auto" else f"{anchor.recorded_k(workdir)}, auto"
@@ -47,11 +47,9 @@ def train_with_baseline(c: ml_collections.ConfigDict, workdir: str) -> dict:
                              rounds=summary.get("rounds"))
     print("\n" + table)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "comparison.md"), "w") as f:
-            f.write(table + "\n")
+        (root / "comparison.md").write_text(table + "\n")
         summary["dmd_baseline"] = baseline["student"]
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        (root / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

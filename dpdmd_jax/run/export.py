@@ -3,15 +3,16 @@ pipeline folder (`weights.export`)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from etils import epath
 from flax import nnx
 
 from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import workdir as workdir_lib
 from dpdmd_jax.run.preflight import workdir_problems
 from dpdmd_jax.run.sample import load_student
+from dpdmd_jax.run_config import is_uri
 from dpdmd_jax.sampling.folder import SampleError
 from dpdmd_jax.weights.export import DENOISERS, ExportError, toy_scheduler, write_student_pipeline
 from dpdmd_jax.weights.sd3 import save_mmdit
@@ -26,7 +27,10 @@ def export_student(c: Any, workdir: str, out: str, *, step: int | None = None, d
     workdir_lib.check_workdir_config(workdir, c, write=False)  # first: the other checks assume the run's config
     if c.backbone not in DENOISERS:
         raise ExportError(f"backbone {c.backbone!r}: export writes diffusers pipelines of {tuple(DENOISERS)}")
-    if os.path.exists(workdir_lib.absolute(out)):
+    if is_uri(out):  # weights.export writes and renames a local folder (a URI would become ./gs:/...)
+        raise ExportError(f"--out={out}: export writes a local folder; export there, then copy it (e.g. "
+                          "gcloud storage cp -r). --workdir may be gs://.")
+    if epath.Path(workdir_lib.absolute(out)).exists():
         raise ExportError(f"--out={out} exists; exports never overwrite: choose a new folder or remove it.")
     problems = workdir_problems(workdir_lib.absolute(out), flag="--out")
     if problems:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import tempfile
+import uuid
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from dpdmd_jax import backbones
 from dpdmd_jax import config as config_lib
@@ -26,18 +27,30 @@ from dpdmd_jax import eval as eval_lib
 from dpdmd_jax.distill import anchor
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.run.workdir import check_workdir_config, checkpoint_steps
+from dpdmd_jax.run_config import is_uri
 
 
 def workdir_problems(workdir: str, flag: str = "--workdir") -> list[str]:
-    """Whether `workdir` is (or can be made) a folder this process can write into."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    """Whether `workdir` is (or can be made) a folder this process can write into; a URI (gs://...)
+    through `etils.epath`, as the run will write it (run/workdir.py)."""
+    path = epath.Path(workdir)
+    if path.exists() and not path.is_dir():
         return [f"{flag}={workdir} exists and is a file, not a folder: choose another {flag}."]
-    existing = workdir
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
+    if is_uri(workdir):  # an object store has no folders to create: try writing an object where the run will
+        probe = path / f".write_test_{uuid.uuid4().hex}"
+        try:
+            probe.write_text("")
+            probe.unlink()
+        except Exception as e:  # the store's own errors (permissions, no bucket) are not all OSErrors
+            return [f"{flag}={workdir} cannot be written ({type(e).__name__}: {e}): check the bucket and your "
+                    f"credentials, or choose another {flag}."]
+        return []
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
         return [f"{flag}={workdir} cannot be created: {existing} is a file, not a folder. Choose another {flag}."]
-    try:  # os.access says yes to root on a read-only mount: try it
+    try:  # os.access says yes to root on a read-only mount: try it (a local folder: leaves no file, even if killed)
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
@@ -80,7 +93,7 @@ def run_problems(c: ml_collections.ConfigDict, workdir: str | None = None, check
         problems += mesh_problems(c, devices)
     if workdir is not None:
         here = workdir_problems(workdir)
-        if not here and os.path.isdir(workdir):
+        if not here and epath.Path(workdir).is_dir():
             try:
                 check_workdir_config(workdir, c, write=False)
             except config_lib.ConfigError as e:

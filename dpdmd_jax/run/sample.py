@@ -3,11 +3,11 @@ training run) or its teacher, and sample prompts x seeds into a folder (`samplin
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from dpdmd_jax import data as data_lib
 from dpdmd_jax.core import Params
@@ -25,7 +25,7 @@ def load_student(run: setup_lib.Run, workdir: str | None, step: int | None) -> t
             raise SampleError("--step needs --workdir (the run whose checkpoint to sample)")
         return run.frozen.teacher, f"model.source={run.config.model.source}"
     workdir = workdir_lib.absolute(workdir)
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not (epath.Path(workdir) / workdir_lib.CHECKPOINTS).is_dir():  # epath: the workdir may be gs://
         raise SampleError(f"--workdir={workdir} holds no checkpoints/ folder: is it a training run's workdir?")
     mngr = workdir_lib.checkpoint_manager(workdir, run.config)
     steps = sorted(mngr.all_steps())

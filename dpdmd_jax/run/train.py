@@ -10,12 +10,12 @@ rows of every round's batch, and a SIGTERM on any host makes all of them save th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
 from dpdmd_jax import eval as eval_lib
 from dpdmd_jax.distill import trainer
@@ -83,9 +83,9 @@ def end_of_run_message(c: ml_collections.ConfigDict, workdir: str, summary: dict
              f"  checkpoints   {workdir}/checkpoints (latest: {steps[-1] if steps else 'none'})",
              f"  metrics       {workdir}/metrics.jsonl; TensorBoard: tensorboard --logdir {workdir}/tb"]
     for name in ("summary.json", "comparison.md"):
-        if os.path.exists(os.path.join(workdir, name)):
+        if (epath.Path(workdir) / name).exists():  # epath: the workdir may be gs:// (run/workdir.py)
             lines.append(f"  {name:<13} {workdir}/{name}")
-    samples = os.path.join(workdir, "samples", "student")
+    samples = f"{workdir}/samples/student"
     lines += ["Next:",
               f"  python -m dpdmd_jax.sample --workdir={workdir} --out={samples}",
               f"  python -m dpdmd_jax.evaluate --samples={samples}",

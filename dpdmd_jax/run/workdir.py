@@ -4,35 +4,34 @@ failed start leaves it as it was found.
 Checkpoints are written asynchronously (keep-N) and restored onto any mesh; a step already saved is
 never written again. Every later run (and every reader: sample, export) is checked against the
 recorded config, so a workdir never silently mixes two experiments.
+
+A multi-host run's workdir is shared by every host: gs://bucket/run or a shared file system. Every
+file in it is therefore reached through `etils.epath` (Orbax's own path layer), never open() /
+os.path, which would read or write a local ./gs:/ folder instead (tests/unit/test_workdir_paths.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from dpdmd_jax.config import ConfigError
 from dpdmd_jax.core import Params, TrainingError, TrainState
 from dpdmd_jax.distill.anchor import RECORD as ANCHOR_RECORD
-from dpdmd_jax.run_config import RECORD
+from dpdmd_jax.run_config import RECORD, absolute
 
 CHECKPOINTS = "checkpoints"  # workdir/checkpoints/<step>/: Orbax's folders
 
 
-def absolute(workdir: str) -> str:
-    return os.path.abspath(os.path.expanduser(workdir))
-
-
 def checkpoint_steps(workdir: str) -> list[int]:
     """The rounds saved in `workdir`/checkpoints (Orbax names each step's folder by its number)."""
-    folder = os.path.join(workdir, CHECKPOINTS)
-    return sorted(int(s) for s in os.listdir(folder) if s.isdigit()) if os.path.isdir(folder) else []
+    folder = epath.Path(workdir) / CHECKPOINTS
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
 # ---------------------------------------------------------------------------- the recorded config
@@ -58,11 +57,10 @@ def check_workdir_config(workdir: str, c: ml_collections.ConfigDict, write: bool
     """First run writes config.json; later runs must match it (except loop/layout knobs), so a
     workdir never silently mixes two experiments, and rewrite it keeping what the run recorded
     there (`_RECORDED`). `write=False` (readers such as the sampler) only compares."""
-    path = os.path.join(workdir, RECORD)
+    path = epath.Path(workdir) / RECORD
     current = json.loads(c.to_json_best_effort())
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+    if path.exists():
+        saved = json.loads(path.read_text())
         a, b = _flat(saved), _flat(current)
         diff = sorted(k for k in set(a) | set(b) if k not in _RESUMABLE_CHANGES and a.get(k) != b.get(k))
         if diff:
@@ -81,10 +79,10 @@ def check_workdir_config(workdir: str, c: ml_collections.ConfigDict, write: bool
                     node = node.setdefault(name, {})
                 node[leaf] = a[key]
     if write and jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(current, f, indent=2)
-        os.replace(path + ".tmp", path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")  # never a half-written record under the final name
+        tmp.write_text(json.dumps(current, indent=2))
+        tmp.replace(path)
 
 
 @contextlib.contextmanager
@@ -92,22 +90,32 @@ def undo_failed_start(workdir: str):
     """A start that fails before its first checkpoint leaves the workdir as it found it: a folder this
     run created is removed, and so is a config.json it wrote (else the corrected command would be
     refused as "a different config"). Anything an earlier run wrote is never touched."""
-    created = not os.path.exists(workdir)
-    had_config = os.path.exists(os.path.join(workdir, RECORD))
-    had_checkpoints = os.path.exists(os.path.join(workdir, CHECKPOINTS))
+    root = epath.Path(workdir)
+    created = not root.exists()
+    had_config = (root / RECORD).exists()
+    had_checkpoints = (root / CHECKPOINTS).exists()
     try:
         yield
     except Exception:
         if jax.process_index() == 0 and not checkpoint_steps(workdir):
             if created:
-                shutil.rmtree(workdir, ignore_errors=True)
+                _remove(root)
             elif not had_config:
                 for name in (RECORD, ANCHOR_RECORD):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(workdir, name))
+                    _remove(root / name)
                 if not had_checkpoints:  # the checkpoint manager's folder, with no checkpoint in it
-                    shutil.rmtree(os.path.join(workdir, CHECKPOINTS), ignore_errors=True)
+                    _remove(root / CHECKPOINTS)
         raise
+
+
+def _remove(path: epath.Path) -> None:
+    """Removes a file or folder if it is there; best effort: the start's own error is the one to report
+    (and an object store's errors are not all OSErrors)."""
+    with contextlib.suppress(Exception):
+        if path.is_dir():
+            path.rmtree(missing_ok=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -117,7 +125,7 @@ def checkpoint_manager(workdir: str, c: ml_collections.ConfigDict) -> ocp.Checkp
     options = ocp.CheckpointManagerOptions(
         max_to_keep=c.keep_checkpoints, enable_async_checkpointing=True, create=True
     )
-    directory = os.path.join(absolute(workdir), CHECKPOINTS)  # Orbax needs absolute paths
+    directory = epath.Path(absolute(workdir)) / CHECKPOINTS  # Orbax needs absolute paths (or gs:// URIs)
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 

@@ -5,11 +5,16 @@ row), `samples.jsonl` (one row per image) and `run.json` (what made them). A fol
 append-only: PNGs are written to a temporary name and renamed, an existing file is never
 overwritten, a torn JSONL line (a kill while writing) is dropped, and an unreadable PNG is moved to
 `corrupt/` and made again. `plan` decides on process 0 which images are left and tells the others.
+
+The folder may be a URI (gs://bucket/...; often inside a multi-host run's shared workdir): every file
+is reached through `etils.epath`, and PIL reads and writes file objects it opens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -17,11 +22,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
 
 from dpdmd_jax.data.prompts import PromptFileError, read_prompt_file
 from dpdmd_jax.parallel.multihost import barrier
+from dpdmd_jax.run_config import is_uri
 
 class SampleError(ValueError):
     """Bad sampling input; the message says what to fix."""
@@ -49,7 +56,7 @@ def image_key(root_seed: int, p: Any, s: Any):
 
 def _json_lines(path: str):
     """(line, row) for each line of a JSONL file that parses; a torn line (killed while writing) is skipped."""
-    with open(path) as f:
+    with epath.Path(path).open() as f:
         for line in f:
             try:
                 yield line, json.loads(line)
@@ -57,26 +64,50 @@ def _json_lines(path: str):
                 continue
 
 
+def _exists(path: str) -> bool:
+    return epath.Path(path).exists()
+
+
 def read_rows(path: str) -> dict[str, dict]:
     """samples.jsonl -> {file name: row}; a torn last line (killed while writing) is ignored."""
-    return {row["file"]: row for _, row in _json_lines(path)} if os.path.exists(path) else {}
+    return {row["file"]: row for _, row in _json_lines(path)} if _exists(path) else {}
+
+
+def _fsync(f) -> None:
+    """A local file's bytes to the disk (before it is renamed, or a row is counted as written); an
+    object store's file has no descriptor, and its upload is whole once the file is closed."""
+    with contextlib.suppress(AttributeError, OSError):  # io.UnsupportedOperation is an OSError
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def append_rows(path: str, lines: Sequence[str]) -> None:
+    """Appends JSONL `lines` to samples.jsonl, on disk when this returns. A local file is appended to
+    (a kill leaves at most a torn last line, which `plan` drops); an object store (gs://) cannot
+    append, so there the file is written whole again, which is atomic there."""
+    if is_uri(path):
+        old = epath.Path(path).read_text() if _exists(path) else ""
+        epath.Path(path).write_text(old + "".join(lines))
+        return
+    with epath.Path(path).open("a") as f:
+        f.writelines(lines)
+        _fsync(f)
 
 
 def check_run(out: str, run: dict) -> None:
     """First call writes run.json; later ones must describe the same samples."""
-    path = os.path.join(out, "run.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+    path = epath.Path(out) / "run.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
         diff = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
         if diff:
             changes = "; ".join(f"{k}: {saved.get(k)!r} -> {run.get(k)!r}" for k in diff)
             raise SampleError(f"{out} holds samples made with other settings ({changes}); use another --out.")
         return
-    os.makedirs(out, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(run, f, indent=2)
-    os.replace(path + ".tmp", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(run, indent=2))
+    tmp.replace(path)
 
 
 # Every whole PNG ends with its IEND chunk (length 0, "IEND", CRC); PIL's verify() stops before its CRC.
@@ -87,13 +118,12 @@ def readable_png(path: str) -> bool:
     """Whether `path` is a whole PNG: every chunk's CRC checks out (PIL's verify, no decoding) and
     the file ends with the IEND chunk (a file cut short anywhere fails one or the other)."""
     try:
-        with Image.open(path) as image:
+        data = epath.Path(path).read_bytes()  # one read (a PNG is small), also from an object store
+        with Image.open(io.BytesIO(data)) as image:
             if image.format != "PNG":
                 return False
             image.verify()
-        with open(path, "rb") as f:
-            f.seek(-len(PNG_END), os.SEEK_END)
-            return f.read() == PNG_END
+        return data.endswith(PNG_END)
     except Exception:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
         return False
 
@@ -101,24 +131,21 @@ def readable_png(path: str) -> bool:
 def set_aside(out: str, path: str) -> str:
     """Moves an unreadable file to `out`/corrupt/ (kept, never deleted: it may be worth a look, and a
     file we misjudged is not lost); returns its new path."""
-    folder = os.path.join(out, "corrupt")
-    os.makedirs(folder, exist_ok=True)
-    name = os.path.basename(path)
-    dest, n = os.path.join(folder, name), 1
-    while os.path.exists(dest):
-        dest, n = os.path.join(folder, f"{name}.{n}"), n + 1
-    os.replace(path, dest)
+    folder = epath.Path(out) / "corrupt"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = epath.Path(path).name
+    dest, n = folder / name, 1
+    while dest.exists():
+        dest, n = folder / f"{name}.{n}", n + 1
+    epath.Path(path).replace(dest)
     print(f"{path} is not a readable PNG: moved to {dest}; it will be made again", flush=True)
-    return dest
+    return str(dest)
 
 
 def _torn(path: str) -> bool:
     """Whether a JSONL file's last line is cut short (no newline: a kill while it was written)."""
-    with open(path, "rb") as f:
-        if f.seek(0, os.SEEK_END) == 0:
-            return False
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
+    data = epath.Path(path).read_bytes()
+    return bool(data) and not data.endswith(b"\n")
 
 
 def rewrite_rows(path: str, drop: set[str]) -> None:
@@ -126,21 +153,22 @@ def rewrite_rows(path: str, drop: set[str]) -> None:
     without a torn last line (the next row appended to it would be lost with it), replaced atomically."""
     keep = [line if line.endswith("\n") else line + "\n"
             for line, row in _json_lines(path) if row.get("file") not in drop]
-    with open(path + ".tmp", "w") as f:
+    tmp = epath.Path(f"{path}.tmp")
+    with tmp.open("w") as f:
         f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+        _fsync(f)
+    tmp.replace(path)
 
 
 def write_png(path: str, image_01) -> bool:
     """Writes [H, W, 3] in [0, 1] as an 8-bit PNG via a temporary file; False if `path` exists
     (never overwritten)."""
-    if os.path.exists(path):
+    if _exists(path):
         return False
-    tmp = f"{path}.tmp{os.getpid()}"
-    Image.fromarray(np.round(np.clip(image_01, 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    tmp = epath.Path(f"{path}.tmp{os.getpid()}")
+    with tmp.open("wb") as f:
+        Image.fromarray(np.round(np.clip(image_01, 0, 1) * 255).astype(np.uint8)).save(f, format="PNG")
+    tmp.replace(path)
     return True
 
 
@@ -171,19 +199,19 @@ def plan(out: str, run: dict, jobs: Sequence[Job]) -> tuple[list[Job], int]:
         try:
             check_run(out, run)
             for sub in ("images", "grids"):
-                os.makedirs(os.path.join(out, sub), exist_ok=True)
-            rows_path = os.path.join(out, "samples.jsonl")
+                (epath.Path(out) / sub).mkdir(parents=True, exist_ok=True)
+            rows_path = str(epath.Path(out) / "samples.jsonl")
             rows = read_rows(rows_path)
             # A PNG we would skip (or keep) must be whole: one cut short by a disk fault or a partial
             # copy is set aside and made again, with its row.
             bad = {j.name + ".png" for j in jobs
-                   if os.path.exists(png_path(out, j)) and not readable_png(png_path(out, j))}
+                   if _exists(png_path(out, j)) and not readable_png(png_path(out, j))}
             for name in sorted(bad):
-                set_aside(out, os.path.join(out, "images", name))
+                set_aside(out, str(epath.Path(out) / "images" / name))
                 rows.pop(name, None)
-            if os.path.exists(rows_path) and (bad or _torn(rows_path)):
+            if _exists(rows_path) and (bad or _torn(rows_path)):
                 rewrite_rows(rows_path, bad)
-            done[:] = [j.name + ".png" in rows and os.path.exists(png_path(out, j)) for j in jobs]
+            done[:] = [j.name + ".png" in rows and _exists(png_path(out, j)) for j in jobs]
             n_rows = len(rows.keys() | {j.name + ".png" for j in jobs})
         except Exception as e:  # re-raised below, once the other processes know to stop too
             error = e
@@ -200,18 +228,24 @@ def plan(out: str, run: dict, jobs: Sequence[Job]) -> tuple[list[Job], int]:
 
 def png_path(out: str, j: Job) -> str:
     """Where image j of folder `out` is."""
-    return os.path.join(out, "images", j.name + ".png")
+    return str(epath.Path(out) / "images" / f"{j.name}.png")
 
 
 def write_grids(out: str, num_prompts: int, seeds: int) -> None:
     """grids/p{p}.png: the prompt's R images in a row, for every prompt whose images are all there
     (an existing grid is kept if it is a whole PNG, else set aside and made again)."""
     for p in range(num_prompts):
-        path = os.path.join(out, "grids", f"p{p:05d}.png")
+        path = str(epath.Path(out) / "grids" / f"p{p:05d}.png")
         files = [png_path(out, Job(p, s)) for s in range(seeds)]
-        if os.path.exists(path) and not readable_png(path):
+        if _exists(path) and not readable_png(path):
             set_aside(out, path)
-        if os.path.exists(path) or not all(os.path.exists(f) for f in files):
+        if _exists(path) or not all(_exists(f) for f in files):
             continue
-        row = np.concatenate([np.asarray(Image.open(f).convert("RGB")) for f in files], axis=1)
+        row = np.concatenate([read_png(f) for f in files], axis=1)
         write_png(path, row.astype(np.float32) / 255.0)
+
+
+def read_png(path: str) -> np.ndarray:
+    """An image file as uint8 [H, W, 3]; raises what PIL raises for an unreadable one."""
+    with epath.Path(path).open("rb") as f, Image.open(f) as image:
+        return np.asarray(image.convert("RGB"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
@@ -28,8 +28,9 @@ from dpdmd_jax.distill.step import Distiller
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.parallel import multihost
 from dpdmd_jax.parallel.multihost import SyncedJit
-from dpdmd_jax.sampling.folder import (Job, SampleError, image_key, plan, png_path, read_prompts, read_rows, to_unit,
-                                       write_grids, write_png)
+from dpdmd_jax.run_config import absolute
+from dpdmd_jax.sampling.folder import (Job, SampleError, append_rows, image_key, plan, png_path, read_prompts,
+                                       read_rows, to_unit, write_grids, write_png)
 
 
 class SamplingRun(Protocol):
@@ -103,11 +104,11 @@ def sample_with(run: SamplingRun, params: Any, source: str, out: str, prompts: S
     `stop_on_sigterm`: a SIGTERM stops it after the current batch (`multihost.Preemption`), with
     `preempted` set in the summary; leave it off inside a program that handles SIGTERM itself."""
     c = run.config
-    out = os.path.abspath(os.path.expanduser(out))
+    out = absolute(out)  # a gs:// URI as it is; its files go through etils.epath (sampling.folder)
     info = sampler_info(run, sampler)
     made_by = dict(source=source, seed=seed, backbone=c.backbone, data_kind=c.data.kind, **info)
     is_main = jax.process_index() == 0
-    rows_path = os.path.join(out, "samples.jsonl")
+    rows_path = str(epath.Path(out) / "samples.jsonl")
     jobs = [Job(p, s) for p in range(len(prompts)) for s in range(seeds)]
     todo, expected_rows = plan(out, made_by, jobs)
     if progress and is_main:
@@ -120,33 +121,31 @@ def sample_with(run: SamplingRun, params: Any, source: str, out: str, prompts: S
                dynamic_ncols=True)
     stop, made, stopped_after = multihost.Preemption(enabled=stop_on_sigterm), 0, None
     try:
-        with open(rows_path, "a") if is_main else open(os.devnull, "w") as log:
-            for i, start in enumerate(range(0, len(todo), batch)):
-                chunk = todo[start:start + batch]
-                padded = chunk + [chunk[0]] * (batch - len(chunk))  # fixed shapes: one compile
-                t0 = time.time()
-                idx = np.array([j.p for j in padded], np.int32)
-                cond = run.data.encode_prompts([prompts[i] for i in idx])
-                uncond = run.data.uncond(batch)
-                put = lambda x: mesh_lib.global_batch(run.mesh, np.asarray(x))
-                images = fn(params, put(idx), put(np.array([j.s for j in padded], np.int32)),
-                            jax.tree.map(put, cond), jax.tree.map(put, uncond))
-                images = to_unit(images.addressable_data(0))[: len(chunk)]
-                seconds = (time.time() - t0) / len(chunk)
-                if is_main:
-                    for j, image in zip(chunk, images):
-                        if not write_png(png_path(out, j), image):
-                            print(f"kept the existing {png_path(out, j)} (not overwritten)")
-                        row = dict(prompt=prompts[j.p], prompt_index=j.p, seed=j.s, file=j.name + ".png",
-                                   **info, source=source, seconds=round(seconds, 4))
-                        log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    os.fsync(log.fileno())
-                bar.update(len(chunk))
-                made += len(chunk)
-                if stop.reached(i):  # checked once the batch's PNGs and rows are whole on disk
-                    stopped_after = i
-                    break
+        for i, start in enumerate(range(0, len(todo), batch)):
+            chunk = todo[start:start + batch]
+            padded = chunk + [chunk[0]] * (batch - len(chunk))  # fixed shapes: one compile
+            t0 = time.time()
+            idx = np.array([j.p for j in padded], np.int32)
+            cond = run.data.encode_prompts([prompts[i] for i in idx])
+            uncond = run.data.uncond(batch)
+            put = lambda x: mesh_lib.global_batch(run.mesh, np.asarray(x))
+            images = fn(params, put(idx), put(np.array([j.s for j in padded], np.int32)),
+                        jax.tree.map(put, cond), jax.tree.map(put, uncond))
+            images = to_unit(images.addressable_data(0))[: len(chunk)]
+            seconds = (time.time() - t0) / len(chunk)
+            if is_main:
+                rows = []
+                for j, image in zip(chunk, images):
+                    if not write_png(png_path(out, j), image):
+                        print(f"kept the existing {png_path(out, j)} (not overwritten)")
+                    rows.append(json.dumps(dict(prompt=prompts[j.p], prompt_index=j.p, seed=j.s, file=j.name + ".png",
+                                                **info, source=source, seconds=round(seconds, 4))) + "\n")
+                append_rows(rows_path, rows)  # on disk (or in the bucket) before the batch counts as made
+            bar.update(len(chunk))
+            made += len(chunk)
+            if stop.reached(i):  # checked once the batch's PNGs and rows are whole on disk
+                stopped_after = i
+                break
     finally:
         bar.close()
         stop.restore()

@@ -83,7 +83,7 @@ def test_shipped_setting_trains_resumes_and_gives_the_plain_rounds_losses(family
     plain = {k: float(v) for k, v in jax.device_get(metrics).items()}
     assert all(np.isfinite(plain[k]) and plain[k] != 0 for k in METRICS), plain
 
-    assert (c.model.scan_layers, c.model.remat_policy) == (True, "dots_no_batch")  # the shipped setting
+    assert (c.model.scan_layers, c.model.remat_policy) == (True, "full")  # the shipped setting
     workdir, one_device = str(tmp_path / "run"), jax.devices()[:1]
     run_train.train(override(c.copy_and_resolve_references(), {"num_rounds": 2}), workdir, one_device)
     assert workdir_lib.checkpoint_steps(workdir) == [2]
@@ -102,8 +102,8 @@ def test_every_remat_policy_and_scan_trace_inside_the_rounds_loops(family):
     name, c = family
     assert set(mmdit.REMAT_POLICIES) == set(unet.REMAT_POLICIES)
     results = {}
-    # Each policy once, scanned or not (the round test has the shipped scan + dots_no_batch).
-    settings = [PLAIN, (True, "none"), (False, "full"), (True, "dots"), (False, "dots_no_batch")]
+    # Each policy once, scanned or not (the round test has the shipped scan + full remat).
+    settings = [PLAIN, (True, "none"), (True, "dots_no_batch"), (True, "dots"), (False, "full")]
     assert {p for _, p in settings} == set(mmdit.REMAT_POLICIES)
     for scan, remat in settings:
         value, grads = _loop_value_and_grad(_setup(c, scan, remat), c.batch_size)

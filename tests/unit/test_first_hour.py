@@ -68,3 +68,23 @@ def test_sample_and_export_check_out_before_loading(tmp_path, monkeypatch):
     workdir_lib.check_workdir_config(str(workdir), c)  # a run's record, as the trainer writes it
     with pytest.raises(weights_export.ExportError, match=f"--out={afile / 'x'} cannot be created: {afile} is a file"):
         run_export.export_student(c, str(workdir), str(afile / "x"))
+
+
+def test_processes_join_a_distributed_job_when_a_launcher_started_several(monkeypatch):
+    """SLURM / MPI task counts, a multislice coordinator, or a TPU VM (whose workers all run the same
+    command) make `initialize_from_flags` call jax.distributed.initialize(); one plain process does not."""
+    for v in (*multihost._PROCESS_COUNT_ENV, *multihost._COORDINATOR_ENV):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(multihost, "on_tpu_vm", lambda: False)
+    assert not multihost.launched_by_cluster()
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: nothing to join
+    assert not multihost.launched_by_cluster()
+    for env in ({"SLURM_NTASKS": "2"}, {"OMPI_COMM_WORLD_SIZE": "4"}, {"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1"}):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert multihost.launched_by_cluster(), env
+    monkeypatch.setattr(multihost, "on_tpu_vm", lambda: True)
+    assert multihost.launched_by_cluster()
+    monkeypatch.undo()
+    assert multihost.on_tpu_vm() is False  # JAX's own detector, on this CPU host (libtpu installed, no chips)

@@ -1,0 +1,166 @@
+"""The planner (`dpdmd_jax.run.plan`): targets, per-device memory from an ahead-of-time compile, the
+fit verdict and `--search`, and the FLOPs per round against a compile with every loop unrolled.
+
+The memory tests plan the `tiny_flow` test backbone on the 8 virtual CPU devices (its round
+compiles in seconds; the planner's code path is the same for every backbone); the FLOPs test
+lowers the toy MMDiT's round (lowering only, nothing compiled). The TPU-topology compile through
+libtpu is in tests/integration/test_plan_tpu.py (it needs libtpu, which the unit tier does not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import toy
+from dpdmd_jax.config import ConfigError, override
+from dpdmd_jax.run import plan as plan_lib
+from dpdmd_jax.run import setup
+
+CPU8 = plan_lib.Target("cpu", "8")
+
+
+def tiny(**overrides):
+    c = override(toy.get_config("smoke"), {"backbone": "tiny_flow", "model.source": "random", "data.kind": "random"})
+    return override(c, overrides)
+
+
+def test_targets_parse_and_bad_ones_say_the_accepted_forms(monkeypatch):
+    assert plan_lib.parse_target("tpu:v5p:2x2x1") == plan_lib.Target("tpu", "v5p:2x2x1")
+    assert plan_lib.parse_target("cpu:8") == CPU8
+    assert plan_lib.parse_target("local") == plan_lib.Target("local")
+    for bad in ("gpu:8", "cpu:0", "cpu:x", "tpu:v5p", "tpu:", "v5p:2x2x1", "local:1"):
+        with pytest.raises(plan_lib.PlanError, match="use tpu:<topology>"):
+            plan_lib.parse_target(bad)
+    # No libtpu: one line naming the install, before anything is built.
+    monkeypatch.setattr(plan_lib.importlib.util, "find_spec", lambda name: None)
+    (problem,) = plan_lib.target_problems(plan_lib.Target("tpu", "v5p:2x2x1"))
+    assert "libtpu" in problem and "requirements-plan.txt" in problem
+    assert plan_lib.target_problems(CPU8) == []
+
+
+def test_the_compiled_arguments_are_the_state_the_run_holds():
+    """The per-device split (shape-only sums over the shardings) adds up to XLA's argument bytes of
+    the compiled round, less exactly the arguments XLA dropped as unread; the state is split over
+    the 8 devices (fsdp), so each holds an eighth of the parameters."""
+    c, _ = plan_lib.plannable(tiny(batch_size=8))
+    run = plan_lib.abstract_run(c, jax.devices()[:8])
+    lowered, state, batch = plan_lib.lower_round(run)
+    compiled = lowered.compile()
+    leaves = jax.tree.leaves((state, run.frozen, batch))
+    kept = lowered._lowering.compile_args["kept_var_idx"]  # the arguments the program reads
+    dropped = sum(plan_lib.device_bytes(x) for i, x in enumerate(leaves) if i not in kept)
+    held = sum(plan_lib.arguments(run, state, batch).values())
+    assert held - dropped == compiled.memory_analysis().argument_size_in_bytes
+    whole = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state.student))
+    assert plan_lib.device_bytes(state.student) < whole / 4  # split, not replicated
+
+
+def test_a_budget_too_small_does_not_fit_and_search_finds_the_first_setting_that_does():
+    c = tiny(batch_size=32)
+    full = plan_lib.plan(c, CPU8)
+    assert full["fits"] is None and full["devices"] == 8 and full["per_device_batch"] == 4
+    peak = full["memory_per_device"]["peak"]
+    m = full["memory_per_device"]
+    assert peak >= m["round program"]["temporaries"] + sum(m["round arguments"].values())
+
+    squeezed = plan_lib.plan(c, CPU8, memory_bytes=peak - 1)
+    assert squeezed["fits"] is False and squeezed["margin_bytes"] == -1
+
+    # A budget between the plan at a quarter of the batch and the plan at half: the search must walk
+    # past the remat steps (no effect on this model), then halve the batch twice, and stop there.
+    quarter = plan_lib.plan(override(c, {"batch_size": 8}), CPU8)["memory_per_device"]["peak"]
+    half = plan_lib.plan(override(c, {"batch_size": 16}), CPU8)["memory_per_device"]["peak"]
+    assert quarter < half < peak
+    result = plan_lib.search(c, CPU8, memory_bytes=(quarter + half) // 2, log=lambda _: None)
+    best = result["best"]
+    assert best["fits"] is True and best["batch_size"] == 8 and best["setting"]["model.remat_policy"] == "full"
+    assert [p["fits"] for p in result["tried"]] == [False] * (len(result["tried"]) - 1) + [True]
+    assert result["tried"][-2]["batch_size"] == 16
+    assert "the first that fits" in plan_lib.format_search(result)
+
+
+def test_bad_input_is_named_before_anything_compiles():
+    with pytest.raises(ConfigError, match="batch_size"):
+        plan_lib.plan(tiny(batch_size=12), CPU8)  # 12 rows do not split over 8 devices
+    with pytest.raises(plan_lib.PlanError, match="exists"):
+        plan_lib.write_json(__file__, {})
+
+
+@contextlib.contextmanager
+def unrolled_loops():
+    """`jax.lax.scan` and static-bound `fori_loop` fully unrolled while tracing, so XLA's cost
+    analysis sees every iteration (it counts a loop body once)."""
+    scan0, fori0 = jax.lax.scan, jax.lax.fori_loop
+
+    def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kw):
+        return scan0(f, init, xs, length, reverse=reverse, unroll=True, **kw)
+
+    def fori_loop(lower, upper, body, init, unroll=None):
+        static = all(isinstance(v, (int, np.integer)) for v in (lower, upper))
+        return fori0(lower, upper, body, init, unroll=True if static else unroll)
+
+    jax.lax.scan, jax.lax.fori_loop = scan, fori_loop
+    try:
+        yield
+    finally:
+        jax.lax.scan, jax.lax.fori_loop = scan0, fori0
+
+
+@pytest.mark.parametrize("changes", [
+    {},  # DP-DMD, velocity target
+    {"distill.target": "denoise", "dmd.real_cfg_scale": 1.0},  # a guided call more at the anchor; unguided real score
+    {"distill.lambda_div": 0.0, "distill.fake_updates_per_student": 3},  # plain DMD: no anchor
+])
+def test_round_flops_are_the_calls_times_one_call_as_an_unrolled_compile_counts(changes):
+    """Our count (model calls per round x XLA's FLOPs of one call) against XLA's count of the whole
+    round with every loop unrolled (toy MMDiT, 1 device, lowered only). What the count leaves out
+    (optimizer, losses, noise) is well under 1% here."""
+    c = override(toy.get_config(), {"distill.anchor_k": 2, "teacher.steps": 4, "distill.fake_updates_per_student": 2,
+                                    "model.scan_layers": False, **changes})
+    run = plan_lib.abstract_run(c, jax.devices()[:1])
+    calls = plan_lib.model_calls(c, 2, len(run.distiller.student_grid) - 1)
+    per_call = plan_lib.call_flops(run)
+    ours = sum(calls[k] * per_call[k] for k in calls)
+    with unrolled_loops():
+        lowered = jax.jit(lambda s, f, b: run.distiller.train_round(s, f, b)).lower(
+            setup.abstract_train_state(run), run.frozen, setup.batch_spec(run))
+    theirs = lowered.cost_analysis()["flops"]
+    assert theirs * 0.99 < ours <= theirs
+
+
+def test_a_preset_source_builds_its_architecture_with_random_weights_on_the_mesh(monkeypatch):
+    """`model.source="preset:NAME"`: the architecture of a named preset, random weights initialised on
+    their shardings, the same shapes `abstract_teacher` (what the planner compiles) gives; an
+    unknown name lists the presets. (A tiny preset stands in for sd3.5-medium here.)"""
+    import dataclasses
+
+    from flax import nnx
+
+    from dpdmd_jax import backbones
+    from dpdmd_jax.models import mmdit
+    from dpdmd_jax.parallel.mesh import make_mesh, mesh_rules
+    from dpdmd_jax.toy.teacher import toy_config
+
+    arch = {k: v for k, v in dataclasses.asdict(toy_config()).items() if k in mmdit._DIFFUSERS_FIELDS}
+    monkeypatch.setitem(mmdit.PRESETS, "tiny-test", arch)
+    c = override(toy.get_config(), {"model.source": "preset:tiny-test", "data.kind": "random", "evals": {},
+                                    "model.scan_layers": True})
+    backbone = backbones.get(c)
+    assert backbone.check_source() == []
+    model = backbone.load(make_mesh(fsdp=8, devices=jax.devices()[:8]), mesh_rules(c))
+    params = nnx.state(model, nnx.Param)
+    shapes = nnx.state(backbone.abstract_teacher(), nnx.Param)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(lambda x: (x.shape, x.dtype), shapes)
+    big = max(jax.tree.leaves(params), key=lambda x: x.size)
+    assert len(big.sharding.device_set) == 8 and not big.sharding.is_fully_replicated
+    assert float(jnp.std(big)) > 0  # random weights, not zeros
+
+    bad = backbones.get(override(c, {"model.source": "preset:sd9"}))
+    (problem,) = bad.check_source()
+    assert "preset:sd9" in problem and "preset:sd3.5-medium" in problem
+
