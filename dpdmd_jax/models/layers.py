@@ -44,6 +44,13 @@ def split_rows(mesh: Mesh, axes: Sequence[str]) -> Iterator[None]:
         _ROWS.reset(token)
 
 
+def compute_platform() -> str:
+    """The platform the program being traced will run on: that of `split_rows`'s mesh (the planner
+    traces a TPU program on a CPU host), else JAX's default backend."""
+    rows = _ROWS.get()
+    return rows[0].devices.flat[0].platform if rows is not None else jax.default_backend()
+
+
 def shard_rows(x: jax.Array) -> jax.Array:
     """`x`'s leading (batch) axis over the batch axes of `split_rows`'s mesh; `x` itself outside
     `split_rows` or where the rows do not divide over those axes (one sample, say)."""
@@ -174,7 +181,7 @@ def attention(
     impl = None if implementation in (None, "xla", "auto") else implementation
     b, t, n, _ = q.shape
     logits_bytes = 4 * b * n * t * k.shape[1]
-    if impl is None and jax.default_backend() == "cpu" and logits_bytes > CPU_PER_HEAD_MIN_LOGITS_BYTES:
+    if impl is None and compute_platform() == "cpu" and logits_bytes > CPU_PER_HEAD_MIN_LOGITS_BYTES:
         return attention_per_head(q, k, v)
     if impl == "cudnn":
         return attention_padded(q, k, v, implementation="cudnn")

@@ -322,15 +322,16 @@ def flops_plan(run: setup.Run, compiled: Any | None, chip: chips_lib.Chip | None
     model = sum(calls[k] * per_call[k] for k in calls)
     remat = c.model.remat_policy
     hardware = model if remat == "none" else sum(calls[k] * call_flops(run, remat)[k] for k in calls)
-    cost = (compiled.cost_analysis() if compiled is not None else None) or {}
+    cost = (compiled.cost_analysis() or {}) if compiled is not None else {}  # none when it did not compile
+    xla_flops, xla_bytes = cost.get("flops"), cost.get("bytes accessed")
     out = {"model_calls": calls, "per_call": per_call, "model_per_round": model,
            "with_recompute_per_round": hardware, "per_device": hardware / n,
-           "xla_compiled_per_device (loop bodies once)": float(cost.get("flops", 0.0)),
-           "xla_bytes_accessed_per_device (loop bodies once)": float(cost.get("bytes accessed", 0.0))}
+           "xla_compiled_per_device (loop bodies once)": None if xla_flops is None else float(xla_flops),
+           "xla_bytes_accessed_per_device (loop bodies once)": None if xla_bytes is None else float(xla_bytes)}
     if chip is not None:
         compute_s = hardware / n / chip.bf16_flops
-        memory_s = out["xla_bytes_accessed_per_device (loop bodies once)"] / chip.hbm_bytes_per_s
-        roofline = max(compute_s, memory_s)
+        memory_s = None if xla_bytes is None else float(xla_bytes) / chip.hbm_bytes_per_s
+        roofline = max(compute_s, memory_s or 0.0)
         out["roofline"] = {"chip": chip.name, "compute_s": compute_s, "memory_s (a lower bound)": memory_s,
                            "round_s": roofline, "mfu": model / n / chip.bf16_flops / roofline}
     return out
@@ -408,13 +409,18 @@ def format_plan(p: dict[str, Any]) -> str:
     f = p["flops"]
     lines.append(f"\nmodel calls per round: {f['model_calls']['forward']:g} forward + "
                  f"{f['model_calls']['forward_backward']:g} forward+backward at batch {p['batch_size']}")
+    xla = f["xla_compiled_per_device (loop bodies once)"]
     lines.append(f"FLOPs per round: {f['model_per_round']:.4g} (model), {f['with_recompute_per_round']:.4g} with "
                  f"remat's recomputation; per device {f['per_device']:.4g} (XLA's compiled count, loop bodies "
-                 f"once: {f['xla_compiled_per_device (loop bodies once)']:.4g})")
+                 f"once: {'-' if xla is None else f'{xla:.4g}'})")
     if "roofline" in f:
-        r = f["roofline"]
+        r, memory_s = f["roofline"], f["roofline"]["memory_s (a lower bound)"]
         lines.append(f"roofline on {r['chip']}: {r['round_s']:.3g} s per round (compute {r['compute_s']:.3g} s, "
-                     f"memory >= {r['memory_s (a lower bound)']:.3g} s), MFU at that time {r['mfu']:.0%}")
+                     f"memory >= {'-' if memory_s is None else f'{memory_s:.3g}'} s), MFU at that time {r['mfu']:.0%}"
+                     " (real rounds reach a fraction of the peak: BENCHMARKS.md)")
+    if p["fits"] is False and "changes" not in p:
+        lines.append("does not fit: --search tries an embedding cache (data.kind=embeddings), more remat "
+                     "(model.remat_policy), then a smaller per-device batch; or plan a larger topology")
     return "\n".join(lines)
 
 

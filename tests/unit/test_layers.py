@@ -49,6 +49,16 @@ def test_dispatch_by_logits_size(monkeypatch):
     assert calls == [1]
     np.testing.assert_allclose(np.asarray(large), np.asarray(small), rtol=1e-5, atol=1e-5)
 
+    # A program traced for another platform's devices (the planner compiling for a TPU topology on this
+    # CPU host: `split_rows` names its mesh) takes that platform's path: XLA's attention, not the per-head
+    # CPU loop (whose einsums have no batch dimension, so a dots_no_batch remat would save every [T, S] block).
+    tpu = type("Device", (), {"platform": "tpu"})()
+    mesh = type("Mesh", (), {"devices": np.array([tpu]), "axis_names": ("data",)})()
+    with layers.split_rows(mesh, ("data",)):
+        assert layers.compute_platform() == "tpu"
+        np.testing.assert_array_equal(np.asarray(layers.attention(q, k, v)), np.asarray(small))
+    assert calls == [1] and layers.compute_platform() == "cpu"
+
 
 def test_padded_masked_attention_is_exact():
     """The cuDNN path pads T, S to a multiple of 64 and masks the padding; checked here with XLA's

@@ -1,0 +1,94 @@
+"""Plans of the shipped configs for TPU topologies (docs/benchmarks/plans.md): each row is one
+`python -m dpdmd_jax.plan` run (a child process: libtpu on this CPU host), its JSON kept in --out.
+
+    python -m benchmarks.plans --out=plans/                  # every row of ROWS (hours on 2 cores)
+    python -m benchmarks.plans --out=plans/ --only=sd35_v5p8_full   # one row
+    python -m benchmarks.plans --out=plans/ --table            # the table of what --out holds
+
+A row whose JSON exists is not planned again (delete it to redo it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+B4 = ["--per_device_batch=4"]  # the paper's batch per chip
+SD35, SDXL = "--config=configs/sd35.py", "--config=configs/sdxl.py"
+V5P8, V6E8 = "--target=tpu:v5p:2x2x1", "--target=tpu:v6e:2x4"  # 4 and 8 chips
+V4_8, V5E16 = "--target=tpu:v4:2x2x1", "--target=tpu:v5e:4x4"  # 4 and 16 chips
+FULL, DNB = "--config.model.remat_policy=full", "--config.model.remat_policy=dots_no_batch"
+ROWS = {  # name -> plan flags (remat named, whatever the config's default)
+    "sd35_v5p8_dots_no_batch": [SD35, V5P8, *B4, DNB],
+    "sd35_v5p8_full": [SD35, V5P8, *B4, FULL],
+    "sdxl_v5p8_dots_no_batch": [SDXL, V5P8, *B4, DNB],
+    "sdxl_v5p8_full": [SDXL, V5P8, *B4, FULL],
+    "sd35_v5p8_full_embeddings": [SD35, V5P8, *B4, FULL, "--config.data.kind=embeddings"],
+    "sd35_v6e8_full": [SD35, V6E8, *B4, FULL],
+    "sd35_v4_8_full": [SD35, V4_8, *B4, FULL],
+    "sd35_v5e16_full_search": [SD35, V5E16, *B4, FULL, "--search"],
+    "sdxl_v6e8_full": [SDXL, V6E8, *B4, FULL],
+    "sdxl_v4_8_full": [SDXL, V4_8, *B4, FULL],
+    "sdxl_v5e16_full_search": [SDXL, V5E16, *B4, FULL, "--search"],
+}
+
+
+def gib(b) -> str:
+    return "-" if b is None else f"{b / 2**30:.1f}"
+
+
+def row(name: str, result: dict) -> list[str]:
+    p = (result["best"] or result["tried"][-1]) if "tried" in result else result
+    m, f = p["memory_per_device"], p["flops"]
+    program = m["round program"] or {}
+    roof = f.get("roofline", {})
+    verdict = "OOM (compile)" if "error" in p else ("fits" if p["fits"] else "does not fit")
+    changes = p.get("changes", "") if "tried" in result else ""
+    setting = p["setting"]
+    return [name, p["target"], str(p["per_device_batch"]), setting["model.remat_policy"], setting["data.kind"],
+            str(changes or ""), gib(sum(m["round arguments"].values())), gib(program.get("temporaries")),
+            gib(sum(m["resident beside the round"].values())), gib(m["peak"]), gib(m["capacity"]), verdict,
+            f"{f['model_per_round'] / 1e15:.2f}", f"{f['with_recompute_per_round'] / 1e15:.2f}",
+            f"{roof['round_s']:.2f}" if roof else "-", str(result.get("wall_s", "-"))]
+
+
+HEADER = ["row", "target", "per chip", "remat", "prompts", "search: changes", "state GiB", "temps GiB",
+          "text enc. GiB", "peak GiB", "HBM GiB", "verdict", "model PFLOP/round", "with remat PFLOP",
+          "roofline s/round", "plan wall s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--only", default="", help="comma-separated row names")
+    parser.add_argument("--table", action="store_true", help="print the table of --out's plans and exit")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    names = args.only.split(",") if args.only else list(ROWS)
+    if not args.table:
+        for name in names:
+            path = os.path.join(args.out, f"{name}.json")
+            if os.path.exists(path):
+                continue
+            start = time.time()
+            print(f"planning {name}: python -m dpdmd_jax.plan {' '.join(ROWS[name])}", flush=True)
+            subprocess.run([sys.executable, "-m", "dpdmd_jax.plan", *ROWS[name], f"--out={path}"],
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            if os.path.exists(path):  # the wall time goes into the plan's JSON, for the table
+                result = json.load(open(path))
+                result["wall_s"] = round(time.time() - start)
+                with open(path, "w") as f:
+                    json.dump(result, f, indent=2)
+    rows = [row(n, json.load(open(os.path.join(args.out, f"{n}.json")))) for n in names
+            if os.path.exists(os.path.join(args.out, f"{n}.json"))]
+    from benchmarks.common import host, table
+
+    print(f"{host()}\n" + table(HEADER, rows))
+
+
+if __name__ == "__main__":
+    main()
