@@ -206,7 +206,7 @@ def call_flops(run: setup.Run, remat_policy: str = "none") -> dict[str, float]:
     """XLA's FLOPs of one denoiser call at the round's global batch, forward and forward+backward
     (gradient w.r.t. the parameters), lowered unscanned on one device (`lower().cost_analysis()`,
     nothing compiled). `remat_policy` other than "none" adds its recomputation to the backward."""
-    c = override(run.config, {"model.scan_layers": False, "model.remat_policy": remat_policy})
+    c = override(copy.deepcopy(run.config), {"model.scan_layers": False, "model.remat_policy": remat_policy})
     backbone = backbones.get(c)
     graphdef, params, buffers = nnx.split(backbone.abstract_teacher(), nnx.Param, ...)
     b = c.batch_size
@@ -321,7 +321,8 @@ def flops_plan(run: setup.Run, compiled: Any | None, chip: chips_lib.Chip | None
     per_call = call_flops(run)
     model = sum(calls[k] * per_call[k] for k in calls)
     remat = c.model.remat_policy
-    hardware = model if remat == "none" else sum(calls[k] * call_flops(run, remat)[k] for k in calls)
+    with_remat = per_call if remat == "none" else call_flops(run, remat)
+    hardware = sum(calls[k] * with_remat[k] for k in calls)
     cost = (compiled.cost_analysis() or {}) if compiled is not None else {}  # none when it did not compile
     xla_flops, xla_bytes = cost.get("flops"), cost.get("bytes accessed")
     out = {"model_calls": calls, "per_call": per_call, "model_per_round": model,
@@ -365,7 +366,7 @@ def search(c: ml_collections.ConfigDict, target: Target, *, chip: str | None = N
     tried = []
     devices = len(target_devices(target))
     for changes in ladder(c):
-        candidate = override(c, changes)
+        candidate = override(copy.deepcopy(c), changes)
         if preflight.mesh_problems(candidate, target_devices(target)):
             continue  # a batch that no longer splits over the devices
         log(f"search: {changes or 'the config as given'}")
@@ -427,7 +428,7 @@ def format_plan(p: dict[str, Any]) -> str:
 def with_per_device_batch(c: ml_collections.ConfigDict, devices: list[jax.Device], n: int) -> ml_collections.ConfigDict:
     """`c` with batch_size = n x the devices the batch splits over (mesh data x fsdp) on `devices`."""
     mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
-    return override(c, {"batch_size": n * mesh_lib.batch_divisor(mesh)})
+    return override(copy.deepcopy(c), {"batch_size": n * mesh_lib.batch_divisor(mesh)})
 
 
 def out_problems(path: str) -> list[str]:

@@ -73,10 +73,11 @@ def test_a_budget_too_small_does_not_fit_and_search_finds_the_first_setting_that
 
     # A budget between the plan at a quarter of the batch and the plan at half: the search must walk
     # past the remat steps (no effect on this model), then halve the batch twice, and stop there.
-    quarter = plan_lib.plan(override(c, {"batch_size": 8}), CPU8)["memory_per_device"]["peak"]
-    half = plan_lib.plan(override(c, {"batch_size": 16}), CPU8)["memory_per_device"]["peak"]
+    quarter = plan_lib.plan(tiny(batch_size=8), CPU8)["memory_per_device"]["peak"]
+    half = plan_lib.plan(tiny(batch_size=16), CPU8)["memory_per_device"]["peak"]
     assert quarter < half < peak
     result = plan_lib.search(c, CPU8, memory_bytes=(quarter + half) // 2, log=lambda _: None)
+    assert c.batch_size == 32 and c.model.remat_policy == "none"  # the caller's config is left as it was
     best = result["best"]
     assert best["fits"] is True and best["batch_size"] == 8 and best["setting"]["model.remat_policy"] == "full"
     assert [p["fits"] for p in result["tried"]] == [False] * (len(result["tried"]) - 1) + [True]
@@ -131,6 +132,10 @@ def test_round_flops_are_the_calls_times_one_call_as_an_unrolled_compile_counts(
             setup.abstract_train_state(run), run.frozen, setup.batch_spec(run))
     theirs = lowered.cost_analysis()["flops"]
     assert theirs * 0.99 < ours <= theirs
+    # Full remat runs each forward once more inside the backward; the run's own config is not touched.
+    full = plan_lib.call_flops(run, "full")
+    assert full["forward"] == per_call["forward"] and full["forward_backward"] > 1.25 * per_call["forward_backward"]
+    assert run.config.model.remat_policy == "none"
 
 
 def test_a_preset_source_builds_its_architecture_with_random_weights_on_the_mesh(monkeypatch):
