@@ -4,6 +4,7 @@
     python -m benchmarks.plans --out=plans/                  # every row of ROWS (hours on 2 cores)
     python -m benchmarks.plans --out=plans/ --only=sd35_v5p8_full   # one row
     python -m benchmarks.plans --out=plans/ --table            # the table of what --out holds
+    python -m benchmarks.plans --out=plans/ --refresh-flops    # recount stored plans' FLOPs (no compile)
 
 A row whose JSON exists is not planned again (delete it to redo it).
 """
@@ -11,6 +12,7 @@ A row whose JSON exists is not planned again (delete it to redo it).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -61,15 +63,48 @@ HEADER = ["row", "target", "per chip", "remat", "prompts", "search: changes", "s
           "roofline s/round", "plan wall s"]
 
 
+def refresh_flops(name: str, path: str) -> None:
+    """Recounts a stored plan's FLOPs with today's code (no compile): the row's config and target
+    rebuilt shape-only, `plan.flops_plan` without the compiled program; XLA's compiled counts kept."""
+    import importlib
+
+    from dpdmd_jax.config import override
+    from dpdmd_jax.run import plan as plan_lib
+
+    flags = dict(f[2:].split("=", 1) for f in ROWS[name] if "=" in f)
+    target = plan_lib.parse_target(flags["target"])
+    plan_lib.prepare_jax(target)
+    devices = plan_lib.target_devices(target)
+    c = importlib.import_module(flags["config"].removesuffix(".py").replace("/", ".")).get_config()
+    c = override(c, {k[len("config."):]: v for k, v in flags.items() if k.startswith("config.")})
+    c = plan_lib.with_per_device_batch(c, devices, int(flags["per_device_batch"]))
+    result = json.load(open(path))
+    plans = result["tried"] if "tried" in result else [result]
+    for p in plans:
+        candidate = override(copy.deepcopy(c), p.get("changes", {}))  # a search step: its changes on the row config
+        run = plan_lib.abstract_run(plan_lib.plannable(candidate)[0], devices)
+        f = p["flops"]
+        cost = {"flops": f["xla_compiled_per_device (loop bodies once)"],
+                "bytes accessed": f["xla_bytes_accessed_per_device (loop bodies once)"]}
+        p["flops"] = plan_lib.flops_plan(run, {k: v for k, v in cost.items() if v}, plan_lib.chip_of(devices, None))
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", default="", help="comma-separated row names")
     parser.add_argument("--table", action="store_true", help="print the table of --out's plans and exit")
+    parser.add_argument("--refresh-flops", action="store_true", help="recount the FLOPs of --out's plans (no compile)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     names = args.only.split(",") if args.only else list(ROWS)
-    if not args.table:
+    if args.refresh_flops:
+        for name in names:
+            if os.path.exists(os.path.join(args.out, f"{name}.json")):
+                refresh_flops(name, os.path.join(args.out, f"{name}.json"))
+    elif not args.table:
         for name in names:
             path = os.path.join(args.out, f"{name}.json")
             if os.path.exists(path):

@@ -22,7 +22,9 @@ class Chip:
 # device_kind (as JAX reports it) prefix -> chip. TPU HBM is what the compiler reports where we
 # checked it (v5p: 95.73 GB, v6e: 31.24 GB, v5e: 15.75 GB); GPUs are the spec sheets' (SXM parts).
 CHIPS = {
-    "TPU v4": Chip("TPU v4", 32 * GiB, 275e12, 1.2e12),
+    # libtpu's v4 topologies (v4:2x2x1: 8 devices) have one device per TensorCore, two per chip, each with
+    # half the chip (the compiler reports 15.25 GB); a v4 VM's JAX shows one 32 GiB megacore device a chip.
+    "TPU v4": Chip("TPU v4 (one TensorCore)", 16 * GiB, 275e12 / 2, 1.2e12 / 2),
     "TPU v5 lite": Chip("TPU v5e", 16 * GiB, 197e12, 0.819e12),
     "TPU v5e": Chip("TPU v5e", 16 * GiB, 197e12, 0.819e12),
     "TPU v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2.765e12),

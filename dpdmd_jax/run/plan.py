@@ -39,6 +39,7 @@ from dpdmd_jax.config import ConfigError, override
 from dpdmd_jax.core import Frozen, RoundBatch
 from dpdmd_jax.diffusion.sampler import is_unguided
 from dpdmd_jax.distill.step import Distiller
+from dpdmd_jax.models.layers import split_rows
 from dpdmd_jax.parallel import chips as chips_lib
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.run import preflight, setup
@@ -222,7 +223,9 @@ def call_flops(run: setup.Run, remat_policy: str = "none") -> dict[str, float]:
         return jax.value_and_grad(lambda p: forward(p, buffers, z, level, cond).astype(jnp.float32).sum())(params)
 
     def flops(fn):
-        return float(jax.jit(fn).lower(params, buffers, z, level, cond).cost_analysis()["flops"])
+        # Traced for the target's platform (its attention path), on one device of no mesh axis.
+        with split_rows(run.mesh, ()):
+            return float(jax.jit(fn).lower(params, buffers, z, level, cond).cost_analysis()["flops"])
 
     return {"forward": flops(forward), "forward_backward": flops(forward_backward)}
 
@@ -303,7 +306,7 @@ def plan(c: ml_collections.ConfigDict, target: Target, *, chip: str | None = Non
     }
     if oom:
         p["error"] = oom
-    p["flops"] = flops_plan(run, compiled, the_chip)
+    p["flops"] = flops_plan(run, (compiled.cost_analysis() or {}) if compiled is not None else {}, the_chip)
     return p
 
 
@@ -314,8 +317,9 @@ def setting(c: ml_collections.ConfigDict) -> dict[str, Any]:
             "data.kind": c.data.kind, "model.dtype": c.model.dtype, "model.param_dtype": c.model.param_dtype}
 
 
-def flops_plan(run: setup.Run, compiled: Any | None, chip: chips_lib.Chip | None) -> dict[str, Any]:
-    """Model FLOPs per round (calls x per-call count), what XLA compiled, and the roofline."""
+def flops_plan(run: setup.Run, cost: dict[str, float], chip: chips_lib.Chip | None) -> dict[str, Any]:
+    """Model FLOPs per round (calls x per-call count), what XLA compiled (`cost`: the compiled round's
+    `cost_analysis()`, empty when it did not compile), and the roofline."""
     c, n = run.config, len(run.mesh.devices.flat)
     calls = model_calls(c, run.distiller.anchor_k, len(run.distiller.student_grid) - 1)
     per_call = call_flops(run)
@@ -323,7 +327,6 @@ def flops_plan(run: setup.Run, compiled: Any | None, chip: chips_lib.Chip | None
     remat = c.model.remat_policy
     with_remat = per_call if remat == "none" else call_flops(run, remat)
     hardware = sum(calls[k] * with_remat[k] for k in calls)
-    cost = (compiled.cost_analysis() or {}) if compiled is not None else {}  # none when it did not compile
     xla_flops, xla_bytes = cost.get("flops"), cost.get("bytes accessed")
     out = {"model_calls": calls, "per_call": per_call, "model_per_round": model,
            "with_recompute_per_round": hardware, "per_device": hardware / n,
