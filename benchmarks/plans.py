@@ -86,7 +86,14 @@ def refresh_flops(name: str, path: str) -> None:
         f = p["flops"]
         cost = {"flops": f["xla_compiled_per_device (loop bodies once)"],
                 "bytes accessed": f["xla_bytes_accessed_per_device (loop bodies once)"]}
-        p["flops"] = plan_lib.flops_plan(run, {k: v for k, v in cost.items() if v}, plan_lib.chip_of(devices, None))
+        chip = plan_lib.chip_of(devices, None)
+        p["flops"] = plan_lib.flops_plan(run, {k: v for k, v in cost.items() if v}, chip)
+        m = p["memory_per_device"]  # the chip table's memory, as today's code has it
+        p["chip"], m["capacity"] = chip.name, chip.memory_bytes
+        p["fits"] = False if "error" in p else m["peak"] <= chip.memory_bytes
+        p["margin_bytes"] = None if m["peak"] is None else chip.memory_bytes - m["peak"]
+    if "tried" in result:
+        result["best"] = next((p for p in plans if p["fits"]), None)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
 

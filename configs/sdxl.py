@@ -30,7 +30,10 @@ def get_config(arg: str | None = None):
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.scan_layers = True
-    c.model.remat_policy = "dots_no_batch"
+    # Full rematerialisation, as for SD3.5-M, whose plan at 4 per v5p chip needs 101.85 GB of temporaries
+    # with dots_no_batch and fits with full (BENCHMARKS.md "Plans"); SDXL's own full-size plan is not yet
+    # recorded (its TPU compile ran past 28 min on the 2-core dev VM).
+    c.model.remat_policy = "full"
     c.data.kind = "prompts"
     c.data.latent_size = (128, 128)  # 1024^2 images
     c.batch_size = 32
