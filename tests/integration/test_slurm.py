@@ -5,13 +5,18 @@ machine without those packages every test here fails naming them).
 The jobs are `launch/slurm/dpdmd.sbatch` itself, submitted as a user would, with two tasks on the one
 node standing in for two nodes (`--ntasks-per-node=2` overrides the script's one task per node).
 
-The main test trains the toy smoke config on two processes of 2 virtual CPU devices each (as
-test_multiprocess.py does); jax.distributed finds everything in SLURM's environment. The scheduler's
-SIGTERM (`scancel --signal=TERM`: the tasks get what `--signal=TERM@...` sends before a time limit)
-lands after the first checkpoint: both processes save the same round and exit 75, the script
-requeues the job, and the requeued job resumes from that round and finishes with the metrics of an
-uninterrupted run, trained in this process meanwhile on 4 of its devices (test_multiprocess.py's
-reference: same config and mesh, hence the same compiled programs and compile-cache entries).
+The main test trains the toy smoke config on two processes of 2 virtual CPU devices each (2, not 4:
+on this 2-core machine 8 device threads exchanging gloo collectives made a toy round take ~10 s, 2 x 2
+~2 s); jax.distributed finds everything in SLURM's environment, and each process builds only its rows
+of every batch. On the first run task 1 compiles the round 40 s after task 0 (gloo gives up on a peer
+after 30 s), as a host with a cold compile cache or a busy CPU does: the compile barrier of
+`parallel.multihost.SyncedJit` must hold them together. The scheduler's SIGTERM (`scancel
+--signal=TERM`: the tasks get what `--signal=TERM@...` sends before a time limit) lands after the
+first checkpoint: both processes save the same round and exit 75, the script requeues the job, and
+the requeued job resumes from that round and finishes with the metrics of an uninterrupted run, the
+same config and mesh trained in this process meanwhile on 4 of its devices. (A SIGTERM to one host
+only is the sampler's two-process test, tests/integration/test_sample_cli.py: the same
+`multihost.Preemption`.)
 
 Two quick tests put a stand-in `python` under the script: a failing run ends the job with its exit
 code, unrequeued; and the header's recipe to stop a job for good still saves (75) without requeue.
@@ -115,6 +120,28 @@ def _sigterm_after_first_checkpoint(cluster, job_id, workdir, seen: dict) -> Non
         seen["error"] = e
 
 
+COMPILE_DELAY_S = 40
+# $PYTHON of the main test's job: `python -m dpdmd_jax.main ARGS`, task 1 of the first run compiling its
+# round COMPILE_DELAY_S late.
+SLOW_PYTHON = f"""#!/usr/bin/env bash
+shift 2  # -m dpdmd_jax.main
+exec "$REAL_PYTHON" -c '
+import os, runpy, sys, time
+sys.path.insert(0, os.getcwd())
+from dpdmd_jax.parallel import multihost
+late = os.environ["SLURM_PROCID"] == "1" and os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
+compile_ = multihost.SyncedJit.compile
+def slow(self, *args):
+    if late and self.name == "round" and not self._compiled:
+        print("task 1: compiling the round {COMPILE_DELAY_S} s late", flush=True)
+        time.sleep({COMPILE_DELAY_S})
+    return compile_(self, *args)
+multihost.SyncedJit.compile = slow
+sys.argv[0] = "dpdmd_jax.main"
+runpy.run_module("dpdmd_jax.main", run_name="__main__", alter_sys=True)
+' "$@"
+"""
+
 # Stands in for python on the script's srun line: prints its arguments, then exits $FAKE_EXIT, or
 # (FAKE_EXIT=wait) says it is ready, waits for SIGTERM and exits 75 as a pre-empted run does.
 FAKE_PYTHON = """#!/usr/bin/env bash
@@ -178,10 +205,14 @@ def test_sbatch_two_processes_preempted_requeued_and_resumed_like_uninterrupted(
     cluster = _started(cluster)
     t_start = time.time()
     workdir, log = tmp_path / "run", tmp_path / "slurm-%j.out"
+    slow = tmp_path / "python"
+    slow.write_text(SLOW_PYTHON)
+    slow.chmod(0o755)
     job_id = cluster.sbatch(
         "--ntasks-per-node=2", "--export=ALL", f"--chdir={REPO}", f"--output={log}", SCRIPT,
         "--config=configs/toy.py:smoke", f"--workdir={workdir}", f"--config.num_rounds={ROUNDS}",
-        *(f"--config.{k}={v}" for k, v in MESH.items()), env=_job_env(cluster))
+        *(f"--config.{k}={v}" for k, v in MESH.items()),
+        env=dict(_job_env(cluster), PYTHON=str(slow), REAL_PYTHON=sys.executable))
     log = str(log).replace("%j", job_id)
     seen: dict = {}
     watcher = threading.Thread(target=_sigterm_after_first_checkpoint, args=(cluster, job_id, workdir, seen),
@@ -207,6 +238,8 @@ def test_sbatch_two_processes_preempted_requeued_and_resumed_like_uninterrupted(
     # Both processes joined one jax.distributed job of 2 and built their halves of each batch...
     for run in (first, second):
         assert "process 0/2 builds batch rows 0:4 of 8" in run and "process 1/2 builds batch rows 4:8 of 8" in run, run
+    assert first.count(f"task 1: compiling the round {COMPILE_DELAY_S} s late") == 1, first[-5000:]
+    assert "compiling the round" not in second  # the requeued run: no delay
     # ... and wrote one checkpoint together (each process its shards of the same step).
     assert seen["first_step"] == 2 and {"ocdbt.process_0", "ocdbt.process_1"} <= set(seen["files"]), seen
 
