@@ -30,7 +30,8 @@ def get_config(arg: str | None = None):
     c.model.param_dtype = "float32"  # fp32 master weights, bf16 compute
     c.model.scan_layers = True
     # Full rematerialisation: the planner's verdict (BENCHMARKS.md, "Plans"): at 4 per chip on a v5p-8 the
-    # round needs 4.9 TB of temporaries per chip with dots_no_batch and 16 GiB with full (peak 35 of 95 GiB).
+    # round needs 101.85 GB of temporaries per chip with dots_no_batch (it does not compile in 95.73 GB)
+    # and 54.2 GiB with full (peak 72.3 of 95 GiB).
     c.model.remat_policy = "full"
     c.data.kind = "prompts"
     c.data.latent_size = (128, 128)  # 1024^2 images
