@@ -49,7 +49,6 @@ scale of the whole program.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import subprocess
@@ -147,27 +146,9 @@ def random_batch(c, context_len: int, seed: int = 0) -> core.RoundBatch:
 # ----------------------------------------------------------------------------- loop unrolling (FLOP count)
 
 
-@contextlib.contextmanager
-def unrolled_loops():
-    """While tracing inside this context, `jax.lax.scan` and static-bound `jax.lax.fori_loop` fully
-    unroll, so XLA's cost analysis sees every iteration (it counts a while-loop body once)."""
-    scan0, fori0 = jax.lax.scan, jax.lax.fori_loop
-
-    def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kw):
-        return scan0(f, init, xs, length, reverse=reverse, unroll=True, **kw)
-
-    def fori_loop(lower, upper, body, init, unroll=None):
-        static = all(isinstance(v, (int, np.integer)) for v in (lower, upper))
-        return fori0(lower, upper, body, init, unroll=True if static else unroll)
-
-    jax.lax.scan, jax.lax.fori_loop = scan, fori_loop
-    try:
-        yield
-    finally:
-        jax.lax.scan, jax.lax.fori_loop = scan0, fori0
-
-
 def unrolled_flops(fn, *args) -> float:
+    from dpdmd_jax.run.plan import unrolled_loops
+
     with unrolled_loops():
         # a fresh lambda: jit's trace cache must not hand back the rolled trace
         return mf.flops_of(jax.jit(lambda *a: fn(*a)).lower(*args).compile())

@@ -17,6 +17,7 @@ compiled count of a small round with every loop unrolled.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -228,6 +229,27 @@ def call_flops(run: setup.Run, remat_policy: str = "none") -> dict[str, float]:
             return float(jax.jit(fn).lower(params, buffers, z, level, cond).cost_analysis()["flops"])
 
     return {"forward": flops(forward), "forward_backward": flops(forward_backward)}
+
+
+@contextlib.contextmanager
+def unrolled_loops():
+    """While tracing inside, `jax.lax.scan` and static-bound `jax.lax.fori_loop` fully unroll, so XLA's
+    cost analysis sees every iteration (it counts a loop body once): the check of `model_calls` x
+    `call_flops` against a whole round (tests/unit/test_plan.py, benchmarks/step_cost.py)."""
+    scan0, fori0 = jax.lax.scan, jax.lax.fori_loop
+
+    def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kw):
+        return scan0(f, init, xs, length, reverse=reverse, unroll=True, **kw)
+
+    def fori_loop(lower, upper, body, init, unroll=None):
+        static = all(isinstance(v, (int, np.integer)) for v in (lower, upper))
+        return fori0(lower, upper, body, init, unroll=True if static else unroll)
+
+    jax.lax.scan, jax.lax.fori_loop = scan, fori_loop
+    try:
+        yield
+    finally:
+        jax.lax.scan, jax.lax.fori_loop = scan0, fori0
 
 
 # ---------------------------------------------------------------------------- the plan

@@ -9,8 +9,6 @@ libtpu is in tests/integration/test_plan_tpu.py (it needs libtpu, which the unit
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,26 +90,6 @@ def test_bad_input_is_named_before_anything_compiles():
         plan_lib.write_json(__file__, {})
 
 
-@contextlib.contextmanager
-def unrolled_loops():
-    """`jax.lax.scan` and static-bound `fori_loop` fully unrolled while tracing, so XLA's cost
-    analysis sees every iteration (it counts a loop body once)."""
-    scan0, fori0 = jax.lax.scan, jax.lax.fori_loop
-
-    def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kw):
-        return scan0(f, init, xs, length, reverse=reverse, unroll=True, **kw)
-
-    def fori_loop(lower, upper, body, init, unroll=None):
-        static = all(isinstance(v, (int, np.integer)) for v in (lower, upper))
-        return fori0(lower, upper, body, init, unroll=True if static else unroll)
-
-    jax.lax.scan, jax.lax.fori_loop = scan, fori_loop
-    try:
-        yield
-    finally:
-        jax.lax.scan, jax.lax.fori_loop = scan0, fori0
-
-
 @pytest.mark.parametrize("changes", [
     {},  # DP-DMD, velocity target
     {"distill.target": "denoise", "dmd.real_cfg_scale": 1.0},  # a guided call more at the anchor; unguided real score
@@ -127,7 +105,7 @@ def test_round_flops_are_the_calls_times_one_call_as_an_unrolled_compile_counts(
     calls = plan_lib.model_calls(c, 2, len(run.distiller.student_grid) - 1)
     per_call = plan_lib.call_flops(run)
     ours = sum(calls[k] * per_call[k] for k in calls)
-    with unrolled_loops():
+    with plan_lib.unrolled_loops():
         lowered = jax.jit(lambda s, f, b: run.distiller.train_round(s, f, b)).lower(
             setup.abstract_train_state(run), run.frozen, setup.batch_spec(run))
     theirs = lowered.cost_analysis()["flops"]
