@@ -388,19 +388,18 @@ def ladder(c: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 def search(c: ml_collections.ConfigDict, target: Target, *, chip: str | None = None,
            memory_bytes: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Plans each setting of `ladder` until one fits; returns {"tried": [...], "best": plan or None}."""
-    tried = []
-    devices = len(target_devices(target))
+    tried, devices = [], target_devices(target)
     for changes in ladder(c):
         candidate = override(copy.deepcopy(c), changes)
-        if preflight.mesh_problems(candidate, target_devices(target)):
+        if preflight.mesh_problems(candidate, devices):
             continue  # a batch that no longer splits over the devices
         log(f"search: {changes or 'the config as given'}")
         p = plan(candidate, target, chip=chip, memory_bytes=memory_bytes, log=log)
         p["changes"] = changes
         tried.append(p)
         if p["fits"]:
-            return {"devices": devices, "tried": tried, "best": p}
-    return {"devices": devices, "tried": tried, "best": None}
+            break
+    return {"devices": len(devices), "tried": tried, "best": tried[-1] if tried and tried[-1]["fits"] else None}
 
 
 # ---------------------------------------------------------------------------- printing
