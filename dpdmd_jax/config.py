@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """An invalid config value; the message names the field and how to fix it."""
 
 
+def lora_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=()))
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -37,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = False
     c.model.remat_policy = "none"
     c.model.attention_impl = "xla"
+    # Storage dtype of the frozen teacher (and of the base that LoRA students share): "bfloat16"
+    # halves it while the student and fake score keep param_dtype masters; "" = param_dtype.
+    c.model.teacher_dtype = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = "prompts"  # toy | random | prompts | diffusiondb | embeddings (dpdmd_jax.data.SOURCES)
@@ -68,6 +75,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.student.sigmas = tuple(float(s) for s in flow_match_sigmas(4, 3.0)[:-1])
     # VP: DMD2's 4-step SDXL student (each step predicts x0, then re-noises to the next timestep).
     c.student.timesteps = (999, 749, 499, 249)
+    # LoRA (rank > 0): the student is the frozen teacher plus low-rank adapters on `targets` (linear
+    # layers as peft's target_modules names them in the diffusers model; () = the backbone's
+    # defaults); only the adapters train. rank 0 = full fine-tuning. alpha 0 = alpha = rank.
+    c.student.lora = lora_config()
+    c.fake = ml_collections.ConfigDict()  # the fake score (critic)
+    c.fake.lora = lora_config()
 
     c.distill = ml_collections.ConfigDict()
     # K: teacher steps to the diversity anchor (paper default; public code: 10), or "auto": chosen

@@ -68,10 +68,20 @@ class Frozen:
 
 
 @flax.struct.dataclass
+class Adapted:
+    """A network that is a frozen base plus trained low-rank adapters (`distill.adapters`): what
+    the student or fake score is with LoRA. `graphdef` merges with (adapters, base, buffers)."""
+
+    graphdef: Any = flax.struct.field(pytree_node=False)
+    base: Params
+    adapters: Params
+
+
+@flax.struct.dataclass
 class TrainState:
     step: jax.Array  # completed rounds (generator updates)
     rng: jax.Array
-    student: Params
+    student: Params  # its trained parameters: the whole network, or its adapters with LoRA
     fake: Params
     opt_student: Any  # optax.ApplyIfFiniteState: counts the skipped (non-finite) updates
     opt_fake: Any

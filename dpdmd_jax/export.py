@@ -1,7 +1,7 @@
-r"""Export a distilled student as a complete diffusers pipeline folder.
+r"""Export a distilled student as a complete diffusers pipeline folder (a LoRA student: a LoRA folder).
 
     python -m dpdmd_jax.export --workdir=runs/sd35 --out=exports/sd35_student \
-        [--step=N] [--dtype=bfloat16] [--link=copy|symlink|hardlink]
+        [--step=N] [--dtype=bfloat16] [--link=copy|symlink|hardlink] [--merged]
 
 The config is the one the run recorded (`WORKDIR/config.json`, `dpdmd_jax.run_config`) unless
 `--config=FILE` names one; `--config.FIELD=VALUE` overrides apply on top, and one that changes what the
@@ -25,6 +25,14 @@ is recorded there as `sigmas` / `timesteps` call arguments instead. The toy (`mo
 random test weights) has no pipeline: its export is the student's `transformer/` or `unet/` folder (diffusers
 `SD3Transformer2DModel` / `UNet2DConditionModel`) and the scheduler. The folder is written under a
 temporary name and renamed, and an existing `--out` is never overwritten.
+
+A LoRA run (`student.lora.rank` > 0) exports a LoRA folder for the teacher's pipeline (`weights.lora`):
+`pytorch_lora_weights.safetensors` (scale alpha / rank folded into lora_B), the student's `scheduler/`,
+and in `dpdmd_student.json` the recipe: `pipe = StableDiffusion3Pipeline.from_pretrained(teacher)`,
+`pipe.load_lora_weights(out)`, `pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out,
+subfolder="scheduler")` (SDXL: `StableDiffusionXLPipeline`, `LCMScheduler`), then the call above.
+`--merged` writes the full pipeline instead, the adapters merged into the kernels (W + scale A B, fp32).
+`python -m dpdmd_jax.sample --lora=out` samples a LoRA folder with our sampler.
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ def define_flags() -> None:
     flags.DEFINE_string("dtype", "float32", "dtype of the exported student weights (float32, bfloat16, float16).")
     flags.DEFINE_enum("link", "copy", ["copy", "symlink", "hardlink"],
                       "How the teacher's other components (text encoders, VAE, tokenizers) get into --out.")
+    flags.DEFINE_bool("merged", False, "A LoRA run: write the full pipeline, adapters merged into the kernels, "
+                      "instead of the LoRA folder.")
     flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -66,11 +76,15 @@ def main(argv):
         raise cli.UsageError(f"--workdir={FLAGS.workdir}: pass the run's --config=FILE")
     try:
         out = export_student(FLAGS.config, FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
-                             link=FLAGS.link)
+                             link=FLAGS.link, merged=FLAGS.merged)
     except (ExportError, ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
         raise cli.UsageError(str(e)) from e
     with open(os.path.join(out, "dpdmd_student.json")) as f:
-        call = json.load(f)["call"]
+        meta = json.load(f)
+    call = meta["call"]
+    if "load" in meta:  # a LoRA folder: its diffusers recipe
+        print(f"Exported the student's LoRA to {out}. Load it with diffusers:\n  " + "\n  ".join(meta["load"]))
+        return
     if not os.path.exists(os.path.join(out, "model_index.json")):  # the toy: a model folder, no pipeline
         cls = "UNet2DConditionModel" if FLAGS.config.backbone == "unet" else "SD3Transformer2DModel"
         print(f"Exported to {out}: diffusers {cls}.from_pretrained({out!r}, subfolder="

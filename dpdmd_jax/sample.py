@@ -7,6 +7,8 @@ r"""Batch sampling: prompts x seeds -> PNGs, one grid per prompt, and a JSONL ro
     # an exported student pipeline folder (no --workdir: the folder's weights are the student):
     python -m dpdmd_jax.sample --config=configs/sd35.py --config.model.source=EXPORT --out=DIR \
         --prompt_file=prompts.txt
+    # a LoRA student's diffusers LoRA folder over the teacher (the run's config gives rank and targets):
+    python -m dpdmd_jax.sample --workdir=runs/sd35_lora --lora=exports/sd35_lora --out=DIR
 
 With `--workdir` the config is the one the run recorded (`WORKDIR/config.json`; `dpdmd_jax.run_config`)
 unless `--config` names a file; `--config.FIELD=VALUE` overrides apply on top of either. A config that
@@ -57,6 +59,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "A training run: sample its student at --step (default: latest "
                         "checkpoint), with the config it recorded.")
     flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
+    flags.DEFINE_string("lora", None, "A diffusers LoRA folder of the student (`dpdmd_jax.export` of a LoRA run): "
+                        "sample the teacher plus it, adapters shaped by the config's student.lora (rank, targets).")
     flags.DEFINE_enum("sampler", "student", ["student", "teacher"],
                       "student: the N-step student grid, no CFG; teacher: the config's T-step teacher with CFG.")
     flags.DEFINE_string("prompt_file", None, "Prompts, one per line (default: the config's data source).")
@@ -81,7 +85,8 @@ def main(argv):
     try:
         summary = sample(FLAGS.config, FLAGS.out, workdir=FLAGS.workdir, step=FLAGS.step, sampler=FLAGS.sampler,
                          prompt_file=FLAGS.prompt_file, num_prompts=FLAGS.num_prompts, seeds=FLAGS.seeds,
-                         seed=FLAGS.seed, per_device_batch=FLAGS.per_device_batch, vae_dtype=FLAGS.vae_dtype)
+                         seed=FLAGS.seed, per_device_batch=FLAGS.per_device_batch, vae_dtype=FLAGS.vae_dtype,
+                         lora=FLAGS.lora)
     except (SampleError, ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
         raise cli.UsageError(str(e)) from e
     if summary["preempted"]:

@@ -49,15 +49,16 @@ def preset_source(c: ml_collections.ConfigDict, model_class: type, config_class:
     benchmarks, smoke tests on real hardware). The text side and the VAE come from `text.source`."""
     name = c.model.source[len(PRESET):]
     arch = lambda: config_class(**presets[name])
+    build = lambda rngs: model_class(dataclasses.replace(arch(), **overrides), rngs=rngs)
+    return WeightSource(True, arch, lambda mesh, rules: random_model(build, c.seed, mesh, rules))
 
-    def load(mesh: Mesh, rules):
-        build = lambda rngs: model_class(dataclasses.replace(arch(), **overrides), rngs=rngs)
-        graphdef, state = nnx.split(abstract_model(build, c.seed))
-        init = jax.jit(lambda: nnx.state(build(nnx.Rngs(c.seed))),
-                       out_shardings=mesh_lib.state_shardings(state, mesh, rules))
-        return nnx.merge(graphdef, init())
 
-    return WeightSource(True, arch, load)
+def random_model(build: Callable[[nnx.Rngs], nnx.Module], seed: int, mesh: Mesh, rules) -> nnx.Module:
+    """`build(nnx.Rngs(seed))`, its parameters initialised by one jitted program directly on their
+    shardings (eagerly, every initializer would be a small compile of its own: seconds per model)."""
+    graphdef, state = nnx.split(abstract_model(build, seed))
+    init = jax.jit(lambda: nnx.state(build(nnx.Rngs(seed))), out_shardings=mesh_lib.state_shardings(state, mesh, rules))
+    return nnx.merge(graphdef, init())
 
 
 class PipelineBackbone:
@@ -66,6 +67,8 @@ class PipelineBackbone:
     model_class: type  # the denoiser (MMDiT, UNet2DConditionModel)
     presets: dict[str, dict] = {}  # architectures `model.source="preset:NAME"` names
     default_preset: str = ""  # what the planner assumes when model.source is empty
+    key_map: Callable  # the weights' key map (cfg, abstract state) -> {our path: diffusers keys}
+    lora_targets: tuple[str, ...] = ()  # LoRA's default targets (peft names of linear layers)
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.c = config
@@ -96,6 +99,13 @@ class PipelineBackbone:
         weights read, nothing allocated (`run.plan`)."""
         arch = dataclasses.replace(self.arch, **self.exec_overrides())
         return abstract_model(lambda rngs: self.model_class(arch, rngs=rngs), self.c.seed)
+
+    def module_names(self, model: nnx.Module) -> dict[tuple, tuple[str, ...]]:
+        """Each kernel-holding layer's module names in the diffusers model, one per layer of a scanned
+        stack (what LoRA targets match, as peft's target_modules: `distill.adapters`)."""
+        sources = type(self).key_map(model.cfg, nnx.state(model))
+        return {path[:-1]: tuple(k.removesuffix(".weight") for k in src.keys)
+                for path, src in sources.items() if path[-1] == "kernel"}
 
     def abstract_text_encoders(self) -> dict[str, nnx.Module]:
         """The pipeline's text encoders in `text.dtype`, shapes only (their published architectures:

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dpdmd_jax import core
-from dpdmd_jax.backbones.pipeline import PRESET, PipelineBackbone, WeightSource, preset_source
+from dpdmd_jax.backbones.pipeline import PRESET, PipelineBackbone, WeightSource, preset_source, random_model
 from dpdmd_jax.diffusion.schedules import RectifiedFlow
 from dpdmd_jax.models import clip, t5
 from dpdmd_jax.models.mmdit import PRESETS, MMDiT, MMDiTConfig
@@ -24,7 +24,7 @@ from dpdmd_jax.text.sd3 import check_pipeline, load_sd3_text_encoder
 from dpdmd_jax.toy.teacher import CONTEXT_LEN as TOY_CONTEXT_LEN
 from dpdmd_jax.toy.teacher import load_toy_teacher, toy_config
 from dpdmd_jax.weights.pipeline import SD3_COMPONENTS
-from dpdmd_jax.weights.sd3 import load_mmdit, read_config, resolve_folder
+from dpdmd_jax.weights.sd3 import key_map, load_mmdit, read_config, resolve_folder
 
 # CLIP's 77 tokens ++ T5's 256 (SD3's max_sequence_length), the pipeline's context length.
 CLIP_LEN = 77
@@ -47,13 +47,9 @@ def weight_source(c: ml_collections.ConfigDict) -> WeightSource:
         return WeightSource(True, toy_config, lambda mesh, rules: load_toy_teacher(mesh=mesh, rules=rules, **overrides),
                             TOY_CONTEXT_LEN)
     if source.startswith("random"):
-        def load(mesh, rules):
-            model = MMDiT(MMDiTConfig(**dict(c.model.arch), **overrides), rngs=nnx.Rngs(c.seed))
-            state = nnx.state(model)
-            nnx.update(model, jax.device_put(state, mesh_lib.state_shardings(state, mesh, rules)))
-            return model
-
-        return WeightSource(True, lambda: MMDiTConfig(**dict(c.model.arch)), load, TOY_CONTEXT_LEN)
+        build = lambda rngs: MMDiT(MMDiTConfig(**dict(c.model.arch), **overrides), rngs=rngs)
+        return WeightSource(True, lambda: MMDiTConfig(**dict(c.model.arch)),
+                            lambda mesh, rules: random_model(build, c.seed, mesh, rules), TOY_CONTEXT_LEN)
     return WeightSource(False, lambda: read_config(resolve_folder(source)),
                         lambda mesh, rules: load_mmdit(source, mesh=mesh, rules=rules, **overrides))
 
@@ -67,6 +63,11 @@ class SD3Backbone(PipelineBackbone):
     model_class = MMDiT
     presets = PRESETS
     default_preset = "sd3.5-medium"
+    key_map = staticmethod(key_map)
+    # The joint blocks' attention (both streams) and feed-forwards: where diffusers' SD3 LoRA
+    # scripts put adapters (attention), plus the MLPs a distilled student also changes.
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
     def exec_overrides(self) -> dict[str, Any]:
         return exec_overrides(self.c)

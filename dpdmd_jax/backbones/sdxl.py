@@ -28,7 +28,7 @@ from dpdmd_jax.text.sdxl import check_pipeline, load_sdxl_text_encoder
 from dpdmd_jax.toy.teacher import CONTEXT_LEN as TOY_CONTEXT_LEN
 from dpdmd_jax.toy.teacher import TEACHER_DIRS, toy_unet_config
 from dpdmd_jax.weights.pipeline import SDXL_COMPONENTS
-from dpdmd_jax.weights.unet import load_unet, read_config, resolve_folder
+from dpdmd_jax.weights.unet import key_map, load_unet, read_config, resolve_folder
 
 CLIP_LEN = 77
 VAE_FACTOR = 8  # SDXL's VAE: 4 blocks, 3 downsamplings
@@ -61,6 +61,9 @@ class SDXLBackbone(PipelineBackbone):
     model_class = UNet2DConditionModel
     presets = PRESETS
     default_preset = "sdxl-base"
+    key_map = staticmethod(key_map)
+    # The transformer blocks' attention (self and cross) and feed-forwards.
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
     def exec_overrides(self) -> dict[str, Any]:
         return exec_overrides(self.c)

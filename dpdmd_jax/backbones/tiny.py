@@ -10,13 +10,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import nnx
 from jax.sharding import Mesh
 
 from dpdmd_jax import core
 from dpdmd_jax.diffusion.schedules import RectifiedFlow, VPEpsilon
 from dpdmd_jax.models.tiny import TinyDenoiser
 from dpdmd_jax.parallel import mesh as mesh_lib
+from dpdmd_jax.backbones.pipeline import random_model
 from dpdmd_jax.weights.loader import abstract_model
 
 CHANNELS, CONTEXT_LEN, CONTEXT_DIM, POOLED_DIM, TIME_IDS = 3, 4, 16, 8, 6
@@ -35,10 +35,7 @@ class _Tiny:
         return []
 
     def load(self, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES) -> TinyDenoiser:
-        model = TinyDenoiser(CHANNELS, self.cond_dim, rngs=nnx.Rngs(self.c.seed))
-        state = nnx.state(model)
-        nnx.update(model, jax.device_put(state, mesh_lib.state_shardings(state, mesh, rules)))
-        return model
+        return random_model(lambda rngs: TinyDenoiser(CHANNELS, self.cond_dim, rngs=rngs), self.c.seed, mesh, rules)
 
     def abstract_teacher(self) -> TinyDenoiser:
         return abstract_model(lambda rngs: TinyDenoiser(CHANNELS, self.cond_dim, rngs=rngs), self.c.seed)

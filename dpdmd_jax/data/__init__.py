@@ -21,9 +21,11 @@ import os
 from collections.abc import Sequence
 
 import ml_collections
+from jax.sharding import Mesh
 
-from dpdmd_jax.core import Backbone, DataSource
+from dpdmd_jax.core import Backbone, DataSource, RoundBatch
 from dpdmd_jax.data.embeddings import read_meta
+from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.data.prompts import PromptFileError, TextSource, read_prompt_file, text_file_prompts
 
 SOURCES = {
@@ -100,3 +102,10 @@ def text_source(c: ml_collections.ConfigDict, backbone: Backbone, mesh, rules):
 def make_source(c: ml_collections.ConfigDict, backbone: Backbone, mesh, rules) -> DataSource:
     module, name = SOURCES[c.data.kind].split(":")
     return getattr(importlib.import_module(module), name)(c, backbone, mesh, rules)
+
+
+def global_round(data: DataSource, mesh: Mesh, batch_size: int, r: int) -> RoundBatch:
+    """Round r's global batch, of which this process builds only its rows (`parallel.mesh`); sources
+    that return token ids encode them on device."""
+    rows = mesh_lib.process_batch_rows(mesh, batch_size)
+    return data.encode(mesh_lib.put_round(mesh, batch_size, data.round(r, rows)))

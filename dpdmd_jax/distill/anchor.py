@@ -31,7 +31,6 @@ another teacher pass, so every round of a run uses the same anchor.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,7 +40,8 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from dpdmd_jax.core import Frozen, RoundBatch
+from dpdmd_jax import data as data_lib
+from dpdmd_jax.core import DataSource, Frozen
 from dpdmd_jax.distill import losses
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.parallel.multihost import SyncedJit
@@ -144,11 +144,11 @@ def curve_table(levels: np.ndarray, ratios: np.ndarray, k: int) -> str:
 
 
 def resolve_k(c: ml_collections.ConfigDict, workdir: str | None, teacher: Any, frozen: Frozen, mesh: Mesh,
-              round0: Callable[[], RoundBatch]) -> int | None:
+              data: DataSource) -> int | None:
     """The run's anchor step K: the config's; without a `workdir` (a reader) None for "auto"; the one
     an earlier run in `workdir` chose and recorded in its config.json; or, for "auto", the one
     `target_curve` picks from a teacher pass (`teacher`: a Distiller whose K is open) over round 0's
-    first prompts (`round0()`, the global batch), then printed and recorded in the workdir. None for
+    first prompts (round 0's global batch from `data`), then printed and recorded in the workdir. None for
     plain DMD with "auto": lambda_div = 0 never runs the anchor, so there is nothing to choose."""
     if c.distill.anchor_k != "auto":
         return int(c.distill.anchor_k)
@@ -168,7 +168,7 @@ def resolve_k(c: ml_collections.ConfigDict, workdir: str | None, teacher: Any, f
 
     print(f"distill.anchor_k=auto: two teacher passes ({a.prompts} prompts x {a.seeds} seeds, "
           f"{len(teacher.teacher_grid) - 1} steps) to choose K ...", flush=True)
-    batch = round0()
+    batch = data_lib.global_round(data, mesh, c.batch_size, 0)
     fn = SyncedJit(curve, "anchor_curve", out_shardings=mesh_lib.replicated(mesh))
     ratios = np.asarray(jax.device_get(fn(frozen, batch.cond, batch.uncond)))
     k = choose_k(ratios, a.fraction)

@@ -25,9 +25,10 @@ import ml_collections
 import optax
 from flax import nnx
 
-from dpdmd_jax.core import Backbone, Cond, Frozen, Params, RoundBatch, TrainState
+from dpdmd_jax.core import Adapted, Backbone, Cond, Frozen, Params, RoundBatch, TrainState
 from dpdmd_jax.diffusion import sampler
 from dpdmd_jax.distill import losses
+from dpdmd_jax.models import lora
 
 # optax.apply_if_finite gives up and applies a non-finite update after this many in a row; the
 # trainer stops much earlier (config.max_nonfinite), so in practice it never gives up.
@@ -58,11 +59,14 @@ class Distiller:
     """Holds the static parts (graphdef, grids, optimizers) and exposes pure step functions."""
 
     def __init__(self, config: ml_collections.ConfigDict, backbone: Backbone, graphdef: nnx.GraphDef,
-                 anchor_k: int | None = None):
+                 anchor_k: int | None = None, adapters: dict[str, tuple[nnx.GraphDef, Params] | None] | None = None):
         self.c = config
         self.backbone = backbone
         self.schedule = backbone.schedule
         self.graphdef = graphdef
+        # LoRA: role -> (graphdef, abstract adapters) (`distill.adapters.adapted`); absent / None = the
+        # role trains the whole network.
+        self.adapters = {role: a for role, a in (adapters or {}).items() if a is not None}
         self.latent_shape = tuple(backbone.latent_shape())  # (H, W, C)
         self.teacher_grid = self.schedule.teacher_grid(config.teacher)
         # K: the config's, or for distill.anchor_k="auto" the one the run chose before building this
@@ -78,12 +82,23 @@ class Distiller:
 
     # ------------------------------------------------------------------ model calls
 
-    def predict(self, params: Params, buffers: Params, z: jax.Array, level, cond: Cond) -> jax.Array:
-        """The backbone's prediction (v or eps) at `level` (scalar or [B])."""
+    def weights(self, role: str, trainable: Params, frozen: Frozen) -> Params | Adapted:
+        """What `predict` takes for `role` ("student", "fake") given its trained parameters: those
+        parameters, or with LoRA the shared frozen base plus them (its adapters)."""
+        if role not in self.adapters:
+            return trainable
+        return Adapted(self.adapters[role][0], jax.lax.stop_gradient(frozen.teacher), trainable)
+
+    def predict(self, params: Params | Adapted, buffers: Params, z: jax.Array, level, cond: Cond) -> jax.Array:
+        """The backbone's prediction (v or eps) at `level` (scalar or [B]) of a network's parameters
+        (teacher, full student / fake) or of a base with adapters (`weights`)."""
         # copy=True: fresh Variables at this trace level. `params` may be leaves of a State unflattened at
         # an outer level (jit, grad), and the scanned / rematerialised model's nnx.scan / nnx.remat refuse
         # Variables of another trace level (the shipped configs' scan_layers=True and remat_policy).
-        model = nnx.merge(self.graphdef, params, buffers, copy=True)
+        if isinstance(params, Adapted):
+            model = nnx.merge(params.graphdef, params.adapters, params.base, buffers, copy=True)
+        else:
+            model = nnx.merge(self.graphdef, params, buffers, copy=True)
         level = jnp.broadcast_to(jnp.asarray(level, jnp.float32), (z.shape[0],))
         return self.backbone.apply(model, z, level, cond)
 
@@ -186,6 +201,7 @@ class Distiller:
     # ------------------------------------------------------------------ losses
 
     def generator_loss(self, params, fake, frozen: Frozen, eps, cond: Cond, uncond: Cond, key):
+        params, fake = self.weights("student", params, frozen), self.weights("fake", fake, frozen)
         k_sim, k_dmd = jax.random.split(key)
         p_first, z1 = self.first_step(params, frozen.buffers, eps, cond, k_sim)
         if self.c.distill.lambda_div == 0:  # plain DMD: no teacher anchor to pay for
@@ -204,6 +220,7 @@ class Distiller:
     def critic_loss(self, fake, student, frozen: Frozen, eps, cond: Cond, key):
         """Denoising score matching of the fake score on fresh student samples (flow: flow matching,
         VP: the epsilon loss)."""
+        fake, student = self.weights("fake", fake, frozen), self.weights("student", student, frozen)
         k_level, k_noise = jax.random.split(key)
         x = self.sample(student, frozen.buffers, eps, cond, key)
         level = self.dmd_level(k_level, x.shape[0])
@@ -261,10 +278,22 @@ class Distiller:
         return state.replace(step=state.step + 1), metrics
 
 
+# Folded into the seed's key for the adapters' initial A (rounds fold in their index, far below this).
+_ADAPTER_SEED = 0x4C6F5241
+
+
 def init_state(distiller: Distiller, teacher_params: Params, seed: int) -> TrainState:
-    """Student and fake score both start as copies of the teacher (fresh buffers: state is donated)."""
-    copy = lambda p: jax.tree.map(jnp.copy, p)
-    student, fake = copy(teacher_params), copy(teacher_params)
+    """Student and fake score both start as the teacher: copies of it in `model.param_dtype` (fresh
+    buffers: state is donated), or with LoRA fresh adapters (B = 0) over it."""
+    dtype = jnp.dtype(distiller.c.model.param_dtype)
+    key = jax.random.fold_in(jax.random.key(seed), _ADAPTER_SEED)
+
+    def start(role: str, index: int) -> Params:
+        if role in distiller.adapters:
+            return lora.init_adapters(distiller.adapters[role][1], jax.random.fold_in(key, index))
+        return jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), teacher_params)
+
+    student, fake = start("student", 0), start("fake", 1)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.key(seed)),

@@ -41,7 +41,7 @@ class SampleGrid:
         self.eps = mesh_lib.global_batch(mesh, np.concatenate([np.tile(noise, (prompts, 1, 1, 1)),
                                                                np.zeros((pad, *d.latent_shape), noise.dtype)]))
         self.n, self.cols, self.scale = n, seeds, scale
-        self.buffers = run.frozen.buffers
+        self.buffers, self.frozen, self.distiller = run.frozen.buffers, run.frozen, d
         vae = run.backbone.load_vae(mesh, run.rules, vae_dtype)
         vae_graph, self.vae_state = nnx.split(vae)
         key = jax.random.key(4322)  # stochastic (VP) student steps
@@ -55,7 +55,8 @@ class SampleGrid:
 
     def grid(self, state: TrainState) -> np.ndarray:
         """[prompts * H * scale, seeds * W * scale, 3] in [0, 1]."""
-        images = self._run(state.student, self.buffers, self.vae_state, self.eps, self.cond)
+        student = self.distiller.weights("student", state.student, self.frozen)  # LoRA: base + adapters
+        images = self._run(student, self.buffers, self.vae_state, self.eps, self.cond)
         return image_grid(np.asarray(images.addressable_data(0))[: self.n], cols=self.cols, scale=self.scale)
 
     def run(self, step: int, state: TrainState, writer: Any) -> None:

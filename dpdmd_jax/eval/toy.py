@@ -83,7 +83,8 @@ class ToyMetrics:
                                     str(root / "eval" / "teacher"))
             cache.write_text(json.dumps(teacher, indent=2))
         rounds = int(state.step)
-        student = self._metrics(state.student, f"{self.workdir} round {rounds}", "student",
+        params = self.sampling_run.distiller.weights("student", state.student, self.sampling_run.frozen)
+        student = self._metrics(params, f"{self.workdir} round {rounds}", "student",
                                 str(root / "eval" / f"student_{rounds}"))
         summary = {
             "rounds": rounds,

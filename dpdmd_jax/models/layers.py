@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dpdmd_jax.models.lora import Dense
+
 Dtype = Any
 default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -83,9 +85,10 @@ def dense(
     param_dtype: Dtype = jnp.float32,
     use_bias: bool = True,
     kernel_init=default_kernel_init,
-) -> nnx.Linear:
-    """`nnx.Linear` whose kernel is tagged with logical `axes` (in, out) and bias with (out,)."""
-    return nnx.Linear(
+) -> Dense:
+    """A linear layer (`models.lora.Dense`: `nnx.Linear` that can take adapters) whose kernel is
+    tagged with logical `axes` (in, out) and bias with (out,)."""
+    return Dense(
         in_features,
         out_features,
         use_bias=use_bias,

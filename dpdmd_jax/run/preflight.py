@@ -24,7 +24,7 @@ from dpdmd_jax import backbones
 from dpdmd_jax import config as config_lib
 from dpdmd_jax import data as data_lib
 from dpdmd_jax import eval as eval_lib
-from dpdmd_jax.distill import anchor
+from dpdmd_jax.distill import adapters, anchor
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.run.workdir import check_workdir_config, checkpoint_steps
 from dpdmd_jax.run_config import is_uri
@@ -65,7 +65,10 @@ def source_problems(c: ml_collections.ConfigDict) -> list[str]:
         backbone = backbones.get(c)
     except (KeyError, ImportError):
         return []  # reported by the config's own checks
-    return data_lib.problems(c) + backbone.check_source()
+    problems = data_lib.problems(c) + backbone.check_source()
+    if not problems:  # LoRA's targets against the architecture (its config only, no weights)
+        problems += adapters.problems(c, backbone)
+    return problems
 
 
 def mesh_problems(c: ml_collections.ConfigDict, devices=None) -> list[str]:
@@ -115,6 +118,9 @@ def config_problems(c: ml_collections.ConfigDict) -> list[str]:
     if not c.model.source:
         p.append("model.source is empty: set it to a diffusers transformer folder, e.g. "
                  "--config.model.source=/ckpts/stable-diffusion-3.5-medium")
+    if c.model.teacher_dtype not in ("", "float32", "bfloat16", "float16"):
+        p.append(f"model.teacher_dtype={c.model.teacher_dtype!r}: choose float32, bfloat16 or float16 ('' = "
+                 "model.param_dtype).")
     T = c.teacher.steps
     if not isinstance(T, int) or T < 1:
         p.append(f"teacher.steps={T!r} must be a positive integer (the paper uses 30).")

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -20,7 +21,7 @@ from jax.sharding import Mesh
 from dpdmd_jax import backbones
 from dpdmd_jax import data as data_lib
 from dpdmd_jax.core import Backbone, DataSource, Frozen, Params, RoundBatch, TrainState
-from dpdmd_jax.distill import anchor
+from dpdmd_jax.distill import adapters, anchor
 from dpdmd_jax.distill.step import Distiller, init_state
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.parallel.multihost import SyncedJit
@@ -54,11 +55,23 @@ def build(c: ml_collections.ConfigDict, devices=None, checked: bool = False, wor
     backbone = backbones.get(c)
     teacher = backbone.load(mesh, rules)
     graphdef, params, buffers = nnx.split(teacher, nnx.Param, ...)
-    frozen = Frozen(teacher=params, buffers=buffers)
+    frozen = Frozen(teacher=_stored(params, c.model.teacher_dtype), buffers=buffers)
+    nnx.update(teacher, frozen.teacher)  # the module holds what the run holds (the cast donated the rest)
+    lora = {role: adapters.adapted(c, role, backbone, graphdef, params, buffers) for role in adapters.ROLES}
     data = data_lib.make_source(c, backbone, mesh, rules)
-    k = anchor.resolve_k(c, workdir, Distiller(c, backbone, graphdef, anchor_k=None), frozen, mesh,
-                         lambda: _round_batch(c, mesh, data, 0))
-    return Run(c, mesh, rules, backbone, Distiller(c, backbone, graphdef, anchor_k=k), frozen, teacher, data)
+    k = anchor.resolve_k(c, workdir, Distiller(c, backbone, graphdef, anchor_k=None), frozen, mesh, data)
+    return Run(c, mesh, rules, backbone, Distiller(c, backbone, graphdef, anchor_k=k, adapters=lora), frozen,
+               teacher, data)
+
+
+def _stored(params: Params, dtype: str) -> Params:
+    """The frozen teacher in `model.teacher_dtype` ("" keeps the loaded dtype), cast in place on its
+    shardings (the loaded copy is donated: never two copies on device)."""
+    if not dtype or all(x.dtype == jnp.dtype(dtype) for x in jax.tree.leaves(params)):
+        return params
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    cast = lambda p: jax.tree.map(lambda x: x.astype(dtype), p)
+    return SyncedJit(cast, "teacher_dtype", out_shardings=shardings, donate_argnums=(0,))(params)
 
 
 # ---------------------------------------------------------------------------- batches
@@ -74,15 +87,9 @@ def put_batch(run: Run, local: RoundBatch) -> RoundBatch:
     return mesh_lib.put_round(run.mesh, run.config.batch_size, local)
 
 
-def _round_batch(c: ml_collections.ConfigDict, mesh: Mesh, data: DataSource, r: int) -> RoundBatch:
-    rows = mesh_lib.process_batch_rows(mesh, c.batch_size)
-    return data.encode(mesh_lib.put_round(mesh, c.batch_size, data.round(r, rows)))
-
-
 def round_batch(run: Run, r: int) -> RoundBatch:
-    """Round r's global batch, of which this process built only its own rows (then encoded on
-    device, for sources that return token ids)."""
-    return _round_batch(run.config, run.mesh, run.data, r)
+    """Round r's global batch (`data.global_round`)."""
+    return data_lib.global_round(run.data, run.mesh, run.config.batch_size, r)
 
 
 def batch_spec(run: Run) -> RoundBatch:
@@ -99,14 +106,16 @@ def batch_spec(run: Run) -> RoundBatch:
 def state_shardings(run: Run, state: TrainState) -> TrainState:
     """Params sharded by their logical axes; optimizer moments like the params they belong to
     (found by optax from the optimizer's own structure); every other leaf replicated."""
-    param_sh = mesh_lib.state_shardings(run.frozen.teacher, run.mesh, run.rules)
-    rep = mesh_lib.replicated(run.mesh)
-    opt_sh = lambda tx, opt_state: optax.tree_map_params(
-        tx, lambda _, sharding: sharding, opt_state, param_sh, transform_non_params=lambda _: rep)
     d = run.distiller
+    params = lambda role: d.adapters[role][1] if role in d.adapters else run.frozen.teacher  # LoRA: its adapters
+    param_sh = {role: mesh_lib.state_shardings(params(role), run.mesh, run.rules) for role in adapters.ROLES}
+    rep = mesh_lib.replicated(run.mesh)
+    opt_sh = lambda tx, opt_state, sh: optax.tree_map_params(
+        tx, lambda _, sharding: sharding, opt_state, sh, transform_non_params=lambda _: rep)
     return TrainState(
-        step=rep, rng=rep, student=param_sh, fake=param_sh,
-        opt_student=opt_sh(d.tx_student, state.opt_student), opt_fake=opt_sh(d.tx_fake, state.opt_fake),
+        step=rep, rng=rep, student=param_sh["student"], fake=param_sh["fake"],
+        opt_student=opt_sh(d.tx_student, state.opt_student, param_sh["student"]),
+        opt_fake=opt_sh(d.tx_fake, state.opt_fake, param_sh["fake"]),
     )
 
 

@@ -10,6 +10,7 @@ rows of every round's batch, and a SIGTERM on any host makes all of them save th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -17,6 +18,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
+from dpdmd_jax import data as data_lib
 from dpdmd_jax import eval as eval_lib
 from dpdmd_jax.distill import trainer
 from dpdmd_jax.run import setup as setup_lib
@@ -62,9 +64,10 @@ def _train(c: ml_collections.ConfigDict, workdir: str, devices: Sequence[jax.Dev
     writer = make_writer(workdir, start)
     meta = lambda step: {"step": step, "data_position": step, "seed": c.seed}
     save = lambda st, step, force: workdir_lib.save(mngr, st, meta(step), force)
+    batch = functools.partial(data_lib.global_round, run.data, run.mesh, c.batch_size)  # round r -> its batch
     try:
-        state, preempted = trainer.train_loop(c, state, start, lambda st, b: round_fn(st, run.frozen, b),
-                                              lambda r: setup_lib.round_batch(run, r), save, evaluators, writer)
+        state, preempted = trainer.train_loop(c, state, start, lambda st, b: round_fn(st, run.frozen, b), batch,
+                                              save, evaluators, writer)
     finally:
         mngr.wait_until_finished()
         writer.flush()

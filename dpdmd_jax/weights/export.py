@@ -94,24 +94,41 @@ def write_student_pipeline(backbone: str, root: str | None, out: str, write_deno
         with open(os.path.join(root, "scheduler", "scheduler_config.json")) as f:
             teacher_scheduler = json.load(f)
     scheduler, call = student_scheduler(backbone, grid, teacher_scheduler)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-    try:
+
+    def fill(tmp: str) -> None:
         for name in sorted(os.listdir(root)) if root else []:
             if name in (denoiser, "scheduler", "model_index.json") or name.startswith("."):
                 continue
             _copy_component(os.path.join(root, name), os.path.join(tmp, name), link)
         write_denoiser(os.path.join(tmp, denoiser))
-        os.makedirs(os.path.join(tmp, "scheduler"))
-        with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
-            json.dump(scheduler, f, indent=2)
+        write_scheduler(tmp, scheduler)
         if index is not None:
             index["scheduler"] = ["diffusers", scheduler["_class_name"]]
             with open(os.path.join(tmp, "model_index.json"), "w") as f:
                 json.dump(index, f, indent=2)
         with open(os.path.join(tmp, "dpdmd_student.json"), "w") as f:
             json.dump(dict(meta, teacher=root, student_grid=[float(x) for x in grid], call=call), f, indent=2)
+
+    return write_new_folder(out, fill)
+
+
+def write_scheduler(folder: str, scheduler: dict) -> None:
+    os.makedirs(os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(scheduler, f, indent=2)
+
+
+def write_new_folder(out: str, fill: Callable[[str], None]) -> str:
+    """Makes the folder `out` (which must not exist) by `fill`ing a temporary sibling and renaming it
+    into place: an interrupted export leaves no half-written `out`."""
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(out):
+        raise ExportError(f"--out={out} exists; exports never overwrite: choose a new folder or remove it.")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+    try:
+        fill(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder

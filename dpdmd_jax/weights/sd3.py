@@ -2,7 +2,9 @@
 
 Our attribute names follow diffusers except for a few flattenings, listed in `_RENAMES`:
 the time/text embedders sit at the top level, `to_out.0` is `to_out`, the feed-forward's
-`net.0.proj` / `net.2` are `proj_in` / `proj_out`, and the patch conv is kept as a kernel.
+`net.0.proj` / `net.2` are `proj_in` / `proj_out`, and the patch conv is kept as a kernel. A linear
+layer's LoRA adapter (`models.lora`: `<layer>.lora.a` (in, r), `.lora.b` (r, out)) maps to peft's
+`<layer>.lora_A.weight` (r, in) / `.lora_B.weight` (out, r), the names diffusers' LoRA files use.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ _RENAMES = (
     (r"^pos_embed\.proj_kernel$", "pos_embed.proj.weight"),
     (r"^pos_embed\.proj_bias$", "pos_embed.proj.bias"),
     (r"\.kernel$", ".weight"),
+    (r"\.lora\.a$", ".lora_A.weight"),
+    (r"\.lora\.b$", ".lora_B.weight"),
 )
 
 
@@ -45,8 +49,8 @@ def diffusers_key(path: tuple[Any, ...]) -> str:
 def _transform(path: tuple[Any, ...], ndim: int):
     if path[-1] == "proj_kernel":
         return loader.conv_to_ours
-    if path[-1] == "kernel" and ndim == 2:
-        return loader.linear_to_ours
+    if (path[-1] == "kernel" or path[-2:] in (("lora", "a"), ("lora", "b"))) and ndim == 2:
+        return loader.linear_to_ours  # LoRA's A and B are torch Linear weights too (peft's lora_A / lora_B)
     return loader.identity
 
 

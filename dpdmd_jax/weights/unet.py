@@ -4,7 +4,9 @@ Our attribute names follow diffusers except for the flattenings in `_RENAMES`: o
 `downsamplers` / `upsamplers` lists are single attributes, `to_out.0` is `to_out`, the GEGLU
 feed-forward's `net.0.proj` / `net.2` are `proj_in` / `proj_out`, and flax's `kernel` is torch's
 `weight`. With `scan_layers`, each Transformer2DModel's blocks are one `block_stack.layers` stack
-whose leading axis runs over diffusers' `transformer_blocks.{k}`.
+whose leading axis runs over diffusers' `transformer_blocks.{k}`. A linear layer's LoRA adapter
+(`models.lora`: `<layer>.lora.a` (in, r), `.lora.b` (r, out)) maps to peft's `<layer>.lora_A.weight`
+(r, in) / `.lora_B.weight` (out, r), the names diffusers' LoRA files use.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ _RENAMES = (
     (r"\.ff\.proj_in\.", ".ff.net.0.proj."),
     (r"\.ff\.proj_out\.", ".ff.net.2."),
     (r"\.kernel$", ".weight"),
+    (r"\.lora\.a$", ".lora_A.weight"),
+    (r"\.lora\.b$", ".lora_B.weight"),
 )
 
 
@@ -61,7 +65,7 @@ def key_map(cfg: UNetConfig, abstract_state: nnx.State) -> dict[tuple, loader.So
             rests = [path]
         if path[-1] == "kernel" and len(shape) == 4:
             transform, ckpt_shape = loader.conv_to_ours, (shape[3], shape[2], shape[0], shape[1])
-        elif path[-1] == "kernel":
+        elif path[-1] == "kernel" or path[-2:] in (("lora", "a"), ("lora", "b")):  # LoRA: torch Linear weights
             transform, ckpt_shape = loader.linear_to_ours, shape[::-1]
         else:
             transform, ckpt_shape = loader.identity, shape

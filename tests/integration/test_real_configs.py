@@ -48,8 +48,11 @@ def family(request, tmp_path_factory):
     root = str(tmp_path_factory.mktemp(request.param) / "pipe")
     make_tiny_pipeline(root, family=request.param)
     tiny = CONFIGS[request.param].get_config("tiny")
+    # Two student steps, two teacher steps: every call of the round is there, half as many times (the
+    # round's compile is what this file spends its time on).
     return request.param, override(tiny, {"model.source": root, "data.kind": "random", "evals": {},
-                                          "teacher.steps": 2, "distill.anchor_k": 1})
+                                          "teacher.steps": 2, "distill.anchor_k": 1,
+                                          "student.sigmas": (1.0, 0.5), "student.timesteps": (999, 499)})
 
 
 def _setup(c, scan: bool, remat: str):
