@@ -24,6 +24,7 @@ SD35, SDXL = "--config=configs/sd35.py", "--config=configs/sdxl.py"
 V5P8, V6E8 = "--target=tpu:v5p:2x2x1", "--target=tpu:v6e:2x4"  # 4 and 8 chips
 V4_8, V5E16 = "--target=tpu:v4:2x2x1", "--target=tpu:v5e:4x4"  # 4 and 16 chips
 FULL, DNB = "--config.model.remat_policy=full", "--config.model.remat_policy=dots_no_batch"
+V5P1, EMB = "--target=tpu:v5p:1x1x1", "--config.data.kind=embeddings"  # one chip; an embedding cache
 ROWS = {  # name -> plan flags (remat named, whatever the config's default)
     "sd35_v5p8_dots_no_batch": [SD35, V5P8, *B4, DNB],
     "sd35_v5p8_full": [SD35, V5P8, *B4, FULL],
@@ -36,6 +37,11 @@ ROWS = {  # name -> plan flags (remat named, whatever the config's default)
     "sdxl_v6e8_full": [SDXL, V6E8, *B4, FULL],
     "sdxl_v4_8_full": [SDXL, V4_8, *B4, FULL],
     "sdxl_v5e16_full_search": [SDXL, V5E16, *B4, FULL, "--search"],
+    # One chip: LoRA (`:lora`, rank R, bf16 base) against full fine-tuning, from an embedding cache
+    # (a one-accelerator run would not keep T5-XXL beside the round).
+    "sd35_v5p1_full_embeddings": [SD35, V5P1, *B4, FULL, EMB],
+    **{f"sd35_v5p1_lora{r}_embeddings": [f"{SD35}:lora={r}", V5P1, *B4, FULL, EMB] for r in (16, 64, 128)},
+    "sdxl_v5p1_lora64_embeddings": [f"{SDXL}:lora=64", V5P1, *B4, FULL, EMB],
 }
 
 

@@ -14,6 +14,8 @@ benchmarks/results/toy_diversity_VARIANT (the default's: toy_diversity_shift0.37
   python -m benchmarks.toy_diversity --variant shift3 --arms study --only "DMD wide grid;DP-DMD K=30 wide grid"
   python -m benchmarks.toy_diversity --variant unet --arms eps   # epsilon toy: DMD, DP-DMD K=1,5,10,T; 100 rounds
   python -m benchmarks.toy_diversity --arms main,auto --only "DMD;DP-DMD K=auto" --seeds 0,1,2,3,4 --tag 5seeds
+  python -m benchmarks.toy_diversity --arms main,auto,lora --only "DMD;DP-DMD K=auto;DMD LoRA r=4;DP-DMD K=auto \
+      LoRA r=4;DMD LoRA r=16;DP-DMD K=auto LoRA r=16" --seeds 0,1,2 --tag lora   # LoRA vs full fine-tuning
   # both cores, one run per core, then the table:
   taskset -c 0 python -m benchmarks.toy_diversity --shard 0/2 & taskset -c 1 python -m benchmarks.toy_diversity \
       --shard 1/2; wait; python -m benchmarks.toy_diversity
@@ -56,6 +58,12 @@ ARMS = {
     },
     # distill.anchor_k="auto": the trainer picks K from a teacher pass (dpdmd_jax.distill.anchor).
     "auto": {"DP-DMD K=auto": {"distill.anchor_k": "auto"}},
+    # LoRA student and fake score (alpha = rank) over the frozen teacher, against the full fine-tuning
+    # of the "main" / "auto" arms: same lr, rounds and everything else.
+    "lora": {f"{method} LoRA r={r}": {**overrides, "student.lora.rank": r, "fake.lora.rank": r}
+             for r in (4, 16)
+             for method, overrides in (("DMD", {"distill.lambda_div": 0.0}),
+                                       ("DP-DMD K=auto", {"distill.anchor_k": "auto"}))},
     "study": {
         "DP-DMD K=5 lambda=0.5": {"distill.anchor_k": 5, "distill.lambda_div": 0.5},
         "DP-DMD K=5 lambda=2": {"distill.anchor_k": 5, "distill.lambda_div": 2.0},
@@ -104,7 +112,16 @@ def setting_of(c) -> dict:
             "dmd_levels": rounded([levels.min(), levels.max(), levels.size]),
             "distill.lambda_div": c.distill.lambda_div,
             "distill.anchor_k": None if plain else c.distill.anchor_k,
-            "distill.target": None if plain else c.distill.target}
+            "distill.target": None if plain else c.distill.target,
+            **_lora_setting(c)}
+
+
+def _lora_setting(c) -> dict:
+    """LoRA ranks and alphas, only for LoRA runs (full fine-tuning's setting is what it always was)."""
+    roles = {role: c[role].get("lora") if role in c else None for role in ("student", "fake")}
+    if not any(lora and lora.rank for lora in roles.values()):
+        return {}
+    return {f"{role}.lora": [lora.rank, lora.alpha] for role, lora in roles.items()}
 
 
 def run_one(name: str, overrides: dict, seed: int, rounds: int, out: str, teacher: str | None) -> dict:

@@ -18,6 +18,13 @@ training, docs/DESIGN.md), `:dmd` (lambda_div = 0 baseline), `:backward`
 (DMD2-style simulation, far less memory), `:denoise` (x0 diversity target), `:tiny` (the tiny
 random pipeline of `python -m dpdmd_jax.tools.tiny_pipeline DIR`: every code path in minutes on a
 CPU). Combine them with commas (`:tiny,dmd`); typed values work too (`:k=10`, `:shift=1.5`).
+
+`:lora` (`:lora=R`, default rank 64): LoRA student and fake score over one frozen bf16 copy of the
+transformer (docs/DESIGN.md, "LoRA students"), for one accelerator:
+
+  python -m dpdmd_jax.main --config=configs/sd35.py:lora --workdir=runs/sd35m_lora --config.batch_size=4 \
+      --config.model.source=/ckpts/stable-diffusion-3.5-medium \
+      --config.data.prompt_file=data/diffusiondb_prompts.txt
 """
 
 from dpdmd_jax.config import apply_method_variant, apply_tiny_pipeline, base_config, parse_arg

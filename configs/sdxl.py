@@ -17,7 +17,13 @@ teacher steps (the fraction of the grid SD3.5's K = 5 of 30 covers) and lambda_d
 
 Variants: `:k<N>`, `:auto` (K from a teacher pass), `:dmd` (lambda_div = 0), `:backward` (DMD2-style
 simulation), `:tiny` (the tiny random pipeline of `python -m dpdmd_jax.tools.tiny_pipeline
---family=sdxl DIR`); combine with commas.
+--family=sdxl DIR`); combine with commas. `:lora` (`:lora=R`, default rank 64): LoRA student and
+fake score over one frozen bf16 copy of the UNet (docs/DESIGN.md, "LoRA students"), for one
+accelerator:
+
+  python -m dpdmd_jax.main --config=configs/sdxl.py:lora --workdir=runs/sdxl_lora --config.batch_size=4 \
+      --config.model.source=/ckpts/stable-diffusion-xl-base-1.0 \
+      --config.data.prompt_file=data/diffusiondb_prompts.txt
 """
 
 from dpdmd_jax.config import apply_method_variant, apply_tiny_pipeline, base_config, parse_arg

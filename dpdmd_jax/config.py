@@ -169,11 +169,16 @@ def _bool(key: str, value: str) -> bool:
 
 def apply_method_variant(c: ml_collections.ConfigDict, key: str, value: str = "True") -> bool:
     """The typed variants every backbone config shares (`parse_arg`'s pairs); False if `key` is not one of
-    them: dmd, backward, denoise, auto, bf16 (switches), k=INT | auto, shift=FLOAT."""
+    them: dmd, backward, denoise, auto, bf16 (switches), k=INT | auto, shift=FLOAT, lora[=RANK]."""
     if key == "k":
         c.distill.anchor_k = "auto" if value == "auto" else int(value)
     elif key == "shift":
         apply_flow_shift(c, float(value))
+    elif key == "lora":  # `lora` = rank 64; `lora=R`
+        rank = 64 if value in ("True", "true") else int(value)
+        c.student.lora.rank = c.fake.lora.rank = rank
+        if c.model.dtype == "bfloat16":  # the shared base in the dtype it is computed in: half the bytes
+            c.model.teacher_dtype = "bfloat16"
     elif key in ("dmd", "backward", "denoise", "auto", "bf16"):
         _bool(key, value)
         if key == "dmd":

@@ -126,3 +126,9 @@ def adapted(c: ml_collections.ConfigDict, role: str, backbone: Backbone, graphde
 
     g, adapters, _, _ = lora.split_adapted(nnx.eval_shape(build))
     return g, adapters
+
+
+def adapted_roles(c: ml_collections.ConfigDict, backbone: Backbone, graphdef: nnx.GraphDef,
+                  *states: nnx.State) -> dict[str, tuple[nnx.GraphDef, nnx.State] | None]:
+    """`adapted` for the student and the fake score (what `Distiller(adapters=...)` takes)."""
+    return {role: adapted(c, role, backbone, graphdef, *states) for role in ROLES}

@@ -39,6 +39,7 @@ from dpdmd_jax.backbones.pipeline import PRESET, TEXT_KINDS
 from dpdmd_jax.config import ConfigError, override
 from dpdmd_jax.core import Frozen, RoundBatch
 from dpdmd_jax.diffusion.sampler import is_unguided
+from dpdmd_jax.distill import adapters
 from dpdmd_jax.distill.step import Distiller
 from dpdmd_jax.models.layers import split_rows
 from dpdmd_jax.parallel import chips as chips_lib
@@ -155,9 +156,12 @@ def abstract_run(c: ml_collections.ConfigDict, devices: list[jax.Device]) -> set
     rules = mesh_lib.mesh_rules(c)
     backbone = backbones.get(c)
     graphdef, params, buffers = nnx.split(backbone.abstract_teacher(), nnx.Param, ...)
-    frozen = Frozen(teacher=with_shardings(params, mesh_lib.state_shardings(params, mesh, rules)),
+    lora = adapters.adapted_roles(c, backbone, graphdef, params, buffers)
+    stored = jnp.dtype(c.model.teacher_dtype) if c.model.teacher_dtype else None  # as setup stores it
+    teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, stored or x.dtype), params)
+    frozen = Frozen(teacher=with_shardings(teacher, mesh_lib.state_shardings(params, mesh, rules)),
                     buffers=with_shardings(buffers, mesh_lib.state_shardings(buffers, mesh, rules)))
-    return setup.Run(c, mesh, rules, backbone, Distiller(c, backbone, graphdef), frozen, None, None)
+    return setup.Run(c, mesh, rules, backbone, Distiller(c, backbone, graphdef, adapters=lora), frozen, None, None)
 
 
 def device_bytes(tree: Any) -> int:

@@ -57,7 +57,7 @@ def build(c: ml_collections.ConfigDict, devices=None, checked: bool = False, wor
     graphdef, params, buffers = nnx.split(teacher, nnx.Param, ...)
     frozen = Frozen(teacher=_stored(params, c.model.teacher_dtype), buffers=buffers)
     nnx.update(teacher, frozen.teacher)  # the module holds what the run holds (the cast donated the rest)
-    lora = {role: adapters.adapted(c, role, backbone, graphdef, params, buffers) for role in adapters.ROLES}
+    lora = adapters.adapted_roles(c, backbone, graphdef, frozen.teacher, buffers)
     data = data_lib.make_source(c, backbone, mesh, rules)
     k = anchor.resolve_k(c, workdir, Distiller(c, backbone, graphdef, anchor_k=None), frozen, mesh, data)
     return Run(c, mesh, rules, backbone, Distiller(c, backbone, graphdef, anchor_k=k, adapters=lora), frozen,

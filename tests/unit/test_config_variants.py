@@ -40,3 +40,14 @@ def test_pipeline_configs_take_typed_values_and_refuse_unknown_ones():
         sd35.get_config("nope")
     with pytest.raises(ValueError, match="is a switch"):
         load("sdxl").get_config("dmd=0")
+
+
+@pytest.mark.parametrize("name", ["sd35", "sdxl"])
+def test_lora_variant_sets_both_roles_rank_and_a_bf16_base_under_bf16_compute(name):
+    cfg = load(name)
+    c, c16 = cfg.get_config("lora"), cfg.get_config("lora=16")
+    assert (c.student.lora.rank, c.fake.lora.rank, c.model.teacher_dtype) == (64, 64, "bfloat16")
+    assert (c16.student.lora.rank, c16.fake.lora.rank) == (16, 16)
+    assert cfg.get_config().student.lora.rank == 0 and cfg.get_config().model.teacher_dtype == ""
+    toy = load("toy").get_config("lora=8")  # fp32 compute: the base stays in its loaded dtype
+    assert (toy.student.lora.rank, toy.model.teacher_dtype) == (8, "")

@@ -300,9 +300,12 @@ def test_tpu_ctrl_c_stops_the_run_then_deletes_the_vm(fakes):
     """Ctrl-C on a one-shot run: the workers' runs get SIGTERM (they save and exit 75), then the VM
     is deleted."""
     fakes.configure(wait_for_sigterm=True)
+    # A terminal's SIGINT disposition (pytest-xdist workers ignore SIGINT, and an ignored signal is
+    # inherited: bash could not even trap it).
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     p = subprocess.Popen([TPU, "up", *WHERE, "--accelerator-type=v5p-8", "--delete-on-exit", "--", *MAIN],
                          env=fakes.env(), cwd=fakes.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=default_sigint)
     wait_for_runs(fakes)
     os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     out, err = p.communicate(timeout=60)

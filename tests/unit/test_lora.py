@@ -47,7 +47,7 @@ def rounds(c, devices, n=ROUNDS):
 
 @pytest.fixture(scope="module")
 def single():
-    c = lora_smoke()
+    c = lora_smoke(**{"model.teacher_dtype": "bfloat16"})  # the :lora variant's bf16 base (fp32 compute here)
     run = setup_lib.build(c, jax.devices()[:1])
     base = jax.tree.map(np.array, run.frozen.teacher)  # host copies, before any round
     state, shardings = setup_lib.init_train_state(run)
@@ -114,7 +114,9 @@ def test_rounds_train_only_the_adapters_and_the_state_holds_no_copy_of_the_base(
     lora_bytes = nbytes(state.student) + nbytes(state.fake)
     params_in_state = nbytes((state.student, state.fake, state.opt_student, state.opt_fake))
     assert lora_bytes * 3 <= params_in_state <= lora_bytes * 3 + 1024  # + counters
-    assert lora_bytes < 0.5 * nbytes(run.frozen.teacher)
+    assert {x.dtype for x in jax.tree.leaves(run.frozen.teacher)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves((state.student, state.fake))} == {jnp.dtype(jnp.float32)}
+    assert lora_bytes < nbytes(run.frozen.teacher)
     assert not any(x.shape == y.shape and x.ndim >= 2 for x in jax.tree.leaves(state.student)
                    for y in jax.tree.leaves(run.frozen.teacher))
 
