@@ -23,7 +23,7 @@ from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import train as run_train
 from dpdmd_jax.weights.export import ExportError
 from dpdmd_jax.weights.sd3 import save_mmdit
-from tests.helpers import REPO
+from tests.helpers import REPO, built_once
 from tests.torch_helpers import rel_err, sd3_torch_kwargs
 from tests.unit.test_lora import lora_smoke
 
@@ -48,8 +48,8 @@ def _torch(model, x) -> np.ndarray:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     c = lora_smoke(**SETTINGS)
-    workdir = str(tmp_path_factory.mktemp("lora_run"))
-    run_train.train(c, workdir)
+    # Trained once whichever worker asks first (the module's tests may run on both).
+    workdir = str(built_once(tmp_path_factory, "lora_run", lambda folder: run_train.train(c, str(folder))))
     return c, workdir, setup_lib.build(c)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -123,11 +124,20 @@ def test_checkpoint_restores_onto_another_mesh(finished_run, tmp_path):
     np.testing.assert_allclose(scheduler.sigmas.numpy(), saved_setup.distiller.student_grid, atol=1e-6)
 
 
-def _main(workdir, *flags, wait=True):
+# The CLI runs that train many rounds see 2 devices (fsdp=2), not 8: on 2 cores an 8-way round is
+# mostly partitioning overhead. The in-process references train on the same 2 (the same program).
+TWO = 2
+
+
+def _main(workdir, *flags, wait=True, devices=None):
     cmd = [sys.executable, "-m", "dpdmd_jax.main", "--config=configs/toy.py:smoke", f"--workdir={workdir}", *flags]
+    env = dict(os.environ)
+    if devices:
+        env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+",
+                                  f"--xla_force_host_platform_device_count={devices}", env.get("XLA_FLAGS", ""))
     if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
 
 
 def _metrics(workdir):
@@ -151,16 +161,16 @@ LONG = ["--config.num_rounds=8", "--config.checkpoint_every=2"]
 
 def test_sigkill_resume_gives_identical_metrics(tmp_path):
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
-    proc = _main(killed_dir, *LONG, wait=False)
+    proc = _main(killed_dir, *LONG, wait=False, devices=TWO)
     _wait_for(lambda: os.path.isdir(killed_dir / "checkpoints" / "2"), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(m["step"] for m in _metrics(killed_dir))
     assert killed_at < 8, "the run finished before it could be killed"
-    resumed = _main(killed_dir, *LONG, wait=False)
+    resumed = _main(killed_dir, *LONG, wait=False, devices=TWO)
     # The uninterrupted reference, trained in this process while the resumed CLI runs (the same
     # program: the compile flags are the environment's).
-    run_train.train(smoke(num_rounds=8, checkpoint_every=2), str(ref_dir))
+    run_train.train(smoke(num_rounds=8, checkpoint_every=2), str(ref_dir), devices=jax.devices()[:TWO])
     out, err = resumed.communicate(timeout=1800)
     assert resumed.returncode == 0, err[-3000:]
     assert "Resuming from checkpoint step" in out
@@ -173,7 +183,8 @@ def test_sigkill_resume_gives_identical_metrics(tmp_path):
 def test_sigterm_saves_current_round(tmp_path):
     """Also runs from a relative --workdir, as the README does (Orbax wants absolute paths)."""
     relative = os.path.relpath(tmp_path, REPO)
-    proc = _main(relative, "--config.num_rounds=100000", "--config.checkpoint_every=100000", wait=False)
+    proc = _main(relative, "--config.num_rounds=100000", "--config.checkpoint_every=100000", wait=False,
+                 devices=TWO)
     _wait_for(lambda: os.path.exists(tmp_path / "metrics.jsonl") and len(_metrics(tmp_path)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
