@@ -55,3 +55,21 @@ def save_random_mmdit(folder, seed: int = 0, **arch):
     nnx.update(model, jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype), params))
     save_mmdit(model, folder)
     return model
+
+
+def train_rounds(c, devices, rounds: int = 2):
+    """`rounds` jitted rounds of the run `c` builds on `devices`: (run, host copies of the initial
+    (state, frozen) -- the round donates the state --, the final state, per-round metrics, the round)."""
+    import jax
+
+    from dpdmd_jax.run import setup as setup_lib
+
+    run = setup_lib.build(c, devices=devices)
+    state, shardings = setup_lib.init_train_state(run)
+    start = jax.tree.map(np.array, (state, run.frozen))
+    fn = setup_lib.compile_round(run, shardings)
+    history = []
+    for r in range(rounds):
+        state, metrics = fn(state, run.frozen, setup_lib.round_batch(run, r))
+        history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    return run, start, state, history, fn

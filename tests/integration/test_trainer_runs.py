@@ -22,20 +22,15 @@ import pytest
 from dpdmd_jax.run import train as run_train
 from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import workdir as workdir_lib
-from tests.helpers import REPO, built_once
+from tests.helpers import REPO, built_once, train_rounds
 from tests.unit.test_trainer import smoke
 
 
 def run_rounds(c, devices, rounds=2):
     """(setup, state, per-round metrics, the compiled round's FLOPs per device)."""
-    setup = setup_lib.build(c, devices=devices)
-    state, shardings = setup_lib.init_train_state(setup)
-    fn = setup_lib.compile_round(setup, shardings)
+    setup, _, state, history, fn = train_rounds(c, devices, rounds)
+    # The round compiled for these shapes already (SyncedJit caches it): its cost, not a new compile.
     flops = fn.compile(state, setup.frozen, setup_lib.round_batch(setup, 0)).cost_analysis()["flops"]
-    history = []
-    for r in range(rounds):
-        state, metrics = fn(state, setup.frozen, setup_lib.round_batch(setup, r))
-        history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     return setup, state, history, flops
 
 

@@ -20,6 +20,7 @@ from dpdmd_jax.distill import adapters
 from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import train as run_train
 from dpdmd_jax.run import workdir as workdir_lib
+from tests.helpers import train_rounds
 from tests.unit.test_trainer import smoke
 
 ROUNDS = 2
@@ -35,29 +36,15 @@ def nbytes(tree) -> int:
 
 
 def rounds(c, devices, n=ROUNDS):
-    run = setup_lib.build(c, devices)
-    state, shardings = setup_lib.init_train_state(run)
-    fn = setup_lib.compile_round(run, shardings)
-    start, history = jax.tree.map(np.array, state), []  # host copies: the round donates the state
-    for r in range(n):
-        state, metrics = fn(state, run.frozen, setup_lib.round_batch(run, r))
-        history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    run, (start, _), state, history, _ = train_rounds(c, devices, n)
     return run, start, state, history
 
 
 @pytest.fixture(scope="module")
 def single():
     c = lora_smoke(**{"model.teacher_dtype": "bfloat16"})  # the :lora variant's bf16 base (fp32 compute here)
-    run = setup_lib.build(c, jax.devices()[:1])
-    base = jax.tree.map(np.array, run.frozen.teacher)  # host copies, before any round
-    state, shardings = setup_lib.init_train_state(run)
-    start = jax.tree.map(np.array, state)
-    fn = setup_lib.compile_round(run, shardings)
-    history = []
-    for r in range(ROUNDS):
-        state, metrics = fn(state, run.frozen, setup_lib.round_batch(run, r))
-        history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
-    return run, base, start, state, history
+    run, (start, frozen), state, history, _ = train_rounds(c, jax.devices()[:1], ROUNDS)
+    return run, frozen.teacher, start, state, history
 
 
 def _flat(state) -> dict[tuple, jax.Array]:
