@@ -13,7 +13,6 @@ is reached through `etils.epath`, and PIL reads and writes file objects it opens
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import os
@@ -29,21 +28,10 @@ from PIL import Image
 from dpdmd_jax.data.prompts import PromptFileError, read_prompt_file
 from dpdmd_jax.parallel.multihost import barrier
 from dpdmd_jax.run_config import is_uri
+from dpdmd_jax.sampling.rows import Job, exists, json_lines, png_path, read_rows
 
 class SampleError(ValueError):
     """Bad sampling input; the message says what to fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """One image: prompt index p, seed s."""
-
-    p: int
-    s: int
-
-    @property
-    def name(self) -> str:
-        return f"p{self.p:05d}_s{self.s:03d}"
 
 
 def image_key(root_seed: int, p: Any, s: Any):
@@ -52,25 +40,6 @@ def image_key(root_seed: int, p: Any, s: Any):
 
 
 # ---------------------------------------------------------------------------- output folder
-
-
-def _json_lines(path: str):
-    """(line, row) for each line of a JSONL file that parses; a torn line (killed while writing) is skipped."""
-    with epath.Path(path).open() as f:
-        for line in f:
-            try:
-                yield line, json.loads(line)
-            except json.JSONDecodeError:
-                continue
-
-
-def _exists(path: str) -> bool:
-    return epath.Path(path).exists()
-
-
-def read_rows(path: str) -> dict[str, dict]:
-    """samples.jsonl -> {file name: row}; a torn last line (killed while writing) is ignored."""
-    return {row["file"]: row for _, row in _json_lines(path)} if _exists(path) else {}
 
 
 def _fsync(f) -> None:
@@ -86,7 +55,7 @@ def append_rows(path: str, lines: Sequence[str]) -> None:
     (a kill leaves at most a torn last line, which `plan` drops); an object store (gs://) cannot
     append, so there the file is written whole again, which is atomic there."""
     if is_uri(path):
-        old = epath.Path(path).read_text() if _exists(path) else ""
+        old = epath.Path(path).read_text() if exists(path) else ""
         epath.Path(path).write_text(old + "".join(lines))
         return
     with epath.Path(path).open("a") as f:
@@ -152,7 +121,7 @@ def rewrite_rows(path: str, drop: set[str]) -> None:
     """samples.jsonl without the rows of the files in `drop` (made again: one row per image) and
     without a torn last line (the next row appended to it would be lost with it), replaced atomically."""
     keep = [line if line.endswith("\n") else line + "\n"
-            for line, row in _json_lines(path) if row.get("file") not in drop]
+            for line, row in json_lines(path) if row.get("file") not in drop]
     tmp = epath.Path(f"{path}.tmp")
     with tmp.open("w") as f:
         f.writelines(keep)
@@ -163,7 +132,7 @@ def rewrite_rows(path: str, drop: set[str]) -> None:
 def write_png(path: str, image_01) -> bool:
     """Writes [H, W, 3] in [0, 1] as an 8-bit PNG via a temporary file; False if `path` exists
     (never overwritten)."""
-    if _exists(path):
+    if exists(path):
         return False
     tmp = epath.Path(f"{path}.tmp{os.getpid()}")
     with tmp.open("wb") as f:
@@ -205,13 +174,13 @@ def plan(out: str, run: dict, jobs: Sequence[Job]) -> tuple[list[Job], int]:
             # A PNG we would skip (or keep) must be whole: one cut short by a disk fault or a partial
             # copy is set aside and made again, with its row.
             bad = {j.name + ".png" for j in jobs
-                   if _exists(png_path(out, j)) and not readable_png(png_path(out, j))}
+                   if exists(png_path(out, j)) and not readable_png(png_path(out, j))}
             for name in sorted(bad):
                 set_aside(out, str(epath.Path(out) / "images" / name))
                 rows.pop(name, None)
-            if _exists(rows_path) and (bad or _torn(rows_path)):
+            if exists(rows_path) and (bad or _torn(rows_path)):
                 rewrite_rows(rows_path, bad)
-            done[:] = [j.name + ".png" in rows and _exists(png_path(out, j)) for j in jobs]
+            done[:] = [j.name + ".png" in rows and exists(png_path(out, j)) for j in jobs]
             n_rows = len(rows.keys() | {j.name + ".png" for j in jobs})
         except Exception as e:  # re-raised below, once the other processes know to stop too
             error = e
@@ -226,20 +195,15 @@ def plan(out: str, run: dict, jobs: Sequence[Job]) -> tuple[list[Job], int]:
     return [j for j, d in zip(jobs, done) if not d], n_rows
 
 
-def png_path(out: str, j: Job) -> str:
-    """Where image j of folder `out` is."""
-    return str(epath.Path(out) / "images" / f"{j.name}.png")
-
-
 def write_grids(out: str, num_prompts: int, seeds: int) -> None:
     """grids/p{p}.png: the prompt's R images in a row, for every prompt whose images are all there
     (an existing grid is kept if it is a whole PNG, else set aside and made again)."""
     for p in range(num_prompts):
         path = str(epath.Path(out) / "grids" / f"p{p:05d}.png")
         files = [png_path(out, Job(p, s)) for s in range(seeds)]
-        if _exists(path) and not readable_png(path):
+        if exists(path) and not readable_png(path):
             set_aside(out, path)
-        if _exists(path) or not all(_exists(f) for f in files):
+        if exists(path) or not all(exists(f) for f in files):
             continue
         row = np.concatenate([read_png(f) for f in files], axis=1)
         write_png(path, row.astype(np.float32) / 255.0)

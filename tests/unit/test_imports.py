@@ -9,7 +9,8 @@ from dpdmd_jax import eval as eval_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "dpdmd_jax"
-COMMANDS = {"dpdmd_jax.main", "dpdmd_jax.sample", "dpdmd_jax.evaluate", "dpdmd_jax.export", "dpdmd_jax.plan"}
+COMMANDS = {"dpdmd_jax.main", "dpdmd_jax.sample", "dpdmd_jax.evaluate", "dpdmd_jax.export", "dpdmd_jax.plan",
+            "dpdmd_jax.review"}
 # Registries that import a module by name when one is asked for: their module -> the names.
 REGISTRIES = {
     "dpdmd_jax.backbones": backbones._BUILTIN.values(),
