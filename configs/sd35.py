@@ -19,6 +19,23 @@ training, docs/DESIGN.md), `:dmd` (lambda_div = 0 baseline), `:backward`
 random pipeline of `python -m dpdmd_jax.tools.tiny_pipeline DIR`: every code path in minutes on a
 CPU). Combine them with commas (`:tiny,dmd`); typed values work too (`:k=10`, `:shift=1.5`).
 
+The paper's baselines (docs/DESIGN.md; each leaves lambda_div as it is: add `dmd` for the DMD
+baseline): `:gan` (`:gan=W`, default 5e-3: DMD2's classifier head on the fake score's image tokens
+after joint block `gan.block`, -1 = the last, and its non-saturating generator loss) and
+`:regression` (`:regression=W`, default 0.25: DMD v1's regression to the teacher's sample from the
+same noise, L2 on latents). No image folder source is wired yet, so the GAN's real side is the
+teacher's samples (`gan.real=teacher`, a data-free variant, not DMD2 itself):
+
+  python -m dpdmd_jax.main --config=configs/sd35.py:dmd,gan --workdir=runs/sd35m_dmd_gan --config.gan.real=teacher \
+      --config.model.source=/ckpts/stable-diffusion-3.5-medium \
+      --config.data.prompt_file=data/diffusiondb_prompts.txt
+  python -m dpdmd_jax.main --config=configs/sd35.py:gan --workdir=runs/sd35m_dpdmd_gan --config.gan.real=teacher \
+      --config.model.source=/ckpts/stable-diffusion-3.5-medium \
+      --config.data.prompt_file=data/diffusiondb_prompts.txt
+  python -m dpdmd_jax.main --config=configs/sd35.py:dmd,regression --workdir=runs/sd35m_dmd_reg \
+      --config.model.source=/ckpts/stable-diffusion-3.5-medium \
+      --config.data.prompt_file=data/diffusiondb_prompts.txt
+
 `:lora` (`:lora=R`, default rank 64): LoRA student and fake score over one frozen bf16 copy of the
 transformer (docs/DESIGN.md, "LoRA students"), for one accelerator:
 

@@ -17,7 +17,26 @@ teacher steps (the fraction of the grid SD3.5's K = 5 of 30 covers) and lambda_d
 
 Variants: `:k<N>`, `:auto` (K from a teacher pass), `:dmd` (lambda_div = 0), `:backward` (DMD2-style
 simulation), `:tiny` (the tiny random pipeline of `python -m dpdmd_jax.tools.tiny_pipeline
---family=sdxl DIR`); combine with commas. `:lora` (`:lora=R`, default rank 64): LoRA student and
+--family=sdxl DIR`); combine with commas.
+
+The paper's baselines (docs/DESIGN.md; each leaves lambda_div as it is, so `:gan` alone is DP-DMD + GAN):
+`:gan` (`:gan=W`, default 5e-3: DMD2's classifier head on the fake score's mid block and its
+non-saturating generator loss), `:regression` (`:regression=W`, default 0.25: DMD v1's regression
+to the teacher's sample from the same noise, L2 on latents), and `:dmd2`, DMD2's published SDXL
+recipe where it fits our engine: plain DMD (lambda_div 0) + GAN (weight 5e-3, classifier weight
+1e-2), real-score guidance 8, 5 fake updates per student update, backward simulation, lr 5e-7. The
+GAN's real samples must be named: no image folder source is wired yet, so `gan.real=teacher` (the
+teacher's samples: a data-free variant, not DMD2 itself):
+
+  python -m dpdmd_jax.main --config=configs/sdxl.py:dmd2 --workdir=runs/sdxl_dmd2 --config.gan.real=teacher \
+      --config.model.source=/ckpts/stable-diffusion-xl-base-1.0 \
+      --config.data.prompt_file=data/diffusiondb_prompts.txt
+  python -m dpdmd_jax.main --config=configs/sdxl.py:gan --workdir=runs/sdxl_dpdmd_gan --config.gan.real=teacher \
+      --config.model.source=/ckpts/stable-diffusion-xl-base-1.0 \
+      --config.data.prompt_file=data/diffusiondb_prompts.txt
+  python -m dpdmd_jax.main --config=configs/sdxl.py:dmd,regression --workdir=runs/sdxl_dmd_reg \
+      --config.model.source=/ckpts/stable-diffusion-xl-base-1.0 \
+      --config.data.prompt_file=data/diffusiondb_prompts.txt `:lora` (`:lora=R`, default rank 64): LoRA student and
 fake score over one frozen bf16 copy of the UNet (docs/DESIGN.md, "LoRA students"), for one
 accelerator:
 
@@ -57,6 +76,23 @@ def get_config(arg: str | None = None):
     for key, value in parse_arg(arg):
         if key == "tiny":
             apply_tiny_pipeline(c)
+        elif key == "dmd2":
+            _dmd2(c)
         elif not apply_method_variant(c, key, value):
             raise ValueError(f"unknown sdxl config variant {key!r}; see the docstring of configs/sdxl.py")
     return c
+
+
+def _dmd2(c):
+    """DMD2's SDXL recipe (Yin et al. 2024b, their 4-step SDXL script) where our engine has the knob:
+    plain DMD plus the GAN, real-score CFG 8, 5 fake updates per generator update, backward
+    simulation, generator and critic lr 5e-7. gan.real stays "data": validation names the choice
+    (no image source is wired for SDXL yet; gan.real="teacher" is the data-free variant)."""
+    c.distill.lambda_div = 0.0
+    c.dmd.real_cfg_scale = 8.0
+    c.distill.fake_updates_per_student = 5
+    c.dmd.simulation = "backward"
+    c.gan.weight = 5e-3  # gen_cls_loss_weight
+    c.gan.cls_weight = 1e-2  # guidance_cls_loss_weight
+    for name in ("student", "fake"):
+        c.optim[name].lr = 5e-7

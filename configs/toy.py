@@ -26,7 +26,21 @@ Variants (`--config=configs/toy.py:VARIANT[,VARIANT...]`; typed values in big_vi
            the x0 ("denoise") diversity target, the paper's K = 5, 100 rounds; the whole SDXL path
            of the method on a CPU
   smoke    a few rounds of a tiny random model (tests)
+  gan[=W]  + DMD2's GAN (weight W, default 5e-3): a classifier head on the fake score's features trains
+           with it to tell the toy's real images from the student's, and the student gets a
+           non-saturating loss; lambda_div stays, so `gan` is DP-DMD + GAN and `dmd,gan` is DMD + GAN
+  regression[=W]  + DMD v1's regression (weight W, default 0.25) of the student's sample to the teacher's
+           sample from the same noise, L2 on the images (the toy's stand-in for DMD v1's LPIPS);
+           `dmd,regression` is DMD v1
 Any field can be overridden, e.g. --config.distill.lambda_div=0.5 --config.num_rounds=400.
+
+The baselines (with lambda_div > 0 the job's plain-DMD comparison run, compare_with_dmd, keeps the
+GAN / regression on: `gan` trains DP-DMD + GAN and DMD + GAN side by side):
+
+  python -m dpdmd_jax.main --config=configs/toy.py:dmd,gan --workdir=runs/toy_dmd_gan
+  python -m dpdmd_jax.main --config=configs/toy.py:gan --workdir=runs/toy_dpdmd_gan
+  python -m dpdmd_jax.main --config=configs/toy.py:dmd,regression --workdir=runs/toy_dmd_reg
+  python -m dpdmd_jax.main --config=configs/toy.py:unet,dmd,gan --workdir=runs/toy_unet_dmd_gan
 """
 
 from dpdmd_jax.config import apply_flow_shift, apply_method_variant, base_config, parse_arg

@@ -14,6 +14,13 @@ from dpdmd_jax.diffusion.flow import flow_match_sigmas
 from dpdmd_jax.parallel.mesh import DEFAULT_RULES
 
 SIMULATIONS = ("rollout", "backward")
+REGRESSION_DISTANCES = ("l2",)  # "lpips" once the LPIPS port is wired (issue 22)
+GAN_REAL = ("data", "teacher")
+DATA_WITH_REAL = ("toy",)  # data sources that give real latents for gan.real="data"
+TOY_IMAGE_SIZE = (16, 16)  # the toy generator's images (dpdmd_jax.toy.data.IMAGE_SIZE), its latents
+# The variants' default weights: DMD2's SDXL gen_cls_loss_weight and DMD v1's lambda_reg (with LPIPS).
+GAN_WEIGHT = 5e-3
+REGRESSION_WEIGHT = 0.25
 TARGETS = ("line", "denoise")
 # anchor_k="auto": the smallest K whose target carries this share of the final samples' variation.
 AUTO_ANCHOR_FRACTION = 0.75
@@ -47,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = "prompts"  # toy | random | prompts | diffusiondb | embeddings (dpdmd_jax.data.SOURCES)
-    c.data.prompt_file = ""  # kind "prompts": a UTF-8 text file, one prompt per line
+    c.data.prompt_file = ""  # kind "prompts": .txt (one prompt per line), .jsonl / .json / .csv / .tsv / .parquet
+    c.data.prompt_column = ""  # a structured prompt file's field / column ("" = the first of prompt, caption, text)
     c.data.tfds_dir = ""  # kind "diffusiondb": TFDS data dir of the built dataset (dpdmd_jax.data.diffusiondb)
     c.data.manual_dir = ""  # kind "diffusiondb": metadata.parquet / prompts.txt to build it from on first use
     c.data.cache_dir = ""  # kind "embeddings": a cache written by `python -m dpdmd_jax.data.embedding_cache`
@@ -104,6 +112,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.dmd.timestep_min = 20  # VP: integer timesteps in [timestep_min, timestep_max] (DMD2: 0.02 and 0.98 x 1000)
     c.dmd.timestep_max = 980
 
+    # The paper's baselines, each independent of lambda_div (so DP-DMD + GAN is a run too); weight 0 = off.
+    # DMD v1's regression: the student's sample x (what the DMD loss acts on) is pulled towards the
+    # teacher's full guided ODE sample from the same noise, computed online. distance "l2": mean
+    # squared error on latents (on the toy, the latents are the images: the toy's stand-in for DMD
+    # v1's LPIPS in image space).
+    c.regression = ml_collections.ConfigDict(dict(weight=0.0, distance="l2"))
+    # DMD2's GAN: a classifier head on the fake score's features (`Backbone.features`: the UNet's mid
+    # block; the MMDiT's image tokens after joint block `block`, -1 = the last) trained with the fake
+    # score in its updates (loss weight `cls_weight`, DMD2's guidance_cls_loss_weight) to tell real
+    # from generated samples noised at a DMD training level; the student gets a non-saturating loss
+    # of weight `weight` (DMD2's gen_cls_loss_weight: 5e-3 on SDXL). `real`: "data" (the data
+    # source's images: the toy's generator) or "teacher" (the teacher's T-step samples from fresh
+    # noise: a data-free variant, not DMD2). `head_width`: the head's channels (0 = the features' own,
+    # as DMD2).
+    c.gan = ml_collections.ConfigDict(dict(weight=0.0, cls_weight=1e-2, real="data", block=-1, head_width=0))
+
     c.optim = ml_collections.ConfigDict()
     for name in ("student", "fake"):
         o = ml_collections.ConfigDict()
@@ -124,6 +148,41 @@ def base_config() -> ml_collections.ConfigDict:
     # name -> dict(type=<dpdmd_jax.eval.EVALUATORS key>, every=<rounds; 0 = after training>, **kwargs)
     c.evals = ml_collections.ConfigDict()
     return c
+
+
+def baseline_problems(c: ml_collections.ConfigDict) -> list[str]:
+    """The regression and GAN settings' problems, one sentence each (`run.preflight.config_problems`)."""
+    p, r, g = [], c.regression, c.gan
+    if r.weight < 0:
+        p.append(f"regression.weight={r.weight} is negative; 0 turns the regression off (DMD v1: 0.25).")
+    if r.distance == "lpips":
+        p.append("regression.distance='lpips' is not wired yet; use 'l2' (mean squared error on latents).")
+    elif r.distance not in REGRESSION_DISTANCES:
+        p.append(f"regression.distance={r.distance!r}; choose one of {REGRESSION_DISTANCES}.")
+    if g.weight < 0 or g.cls_weight < 0:
+        p.append(f"gan.weight={g.weight} and gan.cls_weight={g.cls_weight} must be >= 0 (gan.weight 0 = no GAN).")
+    if not isinstance(g.block, int) or not isinstance(g.head_width, int) or g.head_width < 0:
+        p.append(f"gan.block={g.block!r} must be an integer (-1 = the last joint block) and gan.head_width="
+                 f"{g.head_width!r} an integer >= 0 (0 = the features' width).")
+    if g.real not in GAN_REAL:
+        p.append(f"gan.real={g.real!r}; choose 'data' (the data source's images) or 'teacher' (teacher samples, "
+                 "data-free).")
+    if g.weight <= 0:
+        return p
+    if g.cls_weight == 0:
+        p.append("gan.weight > 0 with gan.cls_weight=0 never trains the classifier: set gan.cls_weight > 0 "
+                 "(DMD2: 1e-2).")
+    if c.distill.fake_updates_per_student == 0:
+        p.append("gan.weight > 0 needs distill.fake_updates_per_student >= 1: the classifier trains in the "
+                 "critic updates.")
+    if g.real == "data" and c.data.kind not in DATA_WITH_REAL:
+        p.append(f"gan.real='data' needs real images from the data source, and data.kind={c.data.kind!r} has "
+                 "none (only the toy's generator gives them; an image folder source is not wired yet): set "
+                 "--config.gan.real=teacher for the data-free variant (teacher samples as the real side).")
+    elif g.real == "data" and tuple(c.data.latent_size) != TOY_IMAGE_SIZE:
+        p.append(f"gan.real='data' takes the toy's {TOY_IMAGE_SIZE[0]}x{TOY_IMAGE_SIZE[1]} images as latents: set "
+                 f"--config.data.latent_size={TOY_IMAGE_SIZE}, or --config.gan.real=teacher.")
+    return p
 
 
 def override(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
@@ -169,7 +228,9 @@ def _bool(key: str, value: str) -> bool:
 
 def apply_method_variant(c: ml_collections.ConfigDict, key: str, value: str = "True") -> bool:
     """The typed variants every backbone config shares (`parse_arg`'s pairs); False if `key` is not one of
-    them: dmd, backward, denoise, auto, bf16 (switches), k=INT | auto, shift=FLOAT, lora[=RANK]."""
+    them: dmd, backward, denoise, auto, bf16 (switches), k=INT | auto, shift=FLOAT, lora[=RANK], and the
+    baselines gan[=WEIGHT] (DMD2's GAN term, default GAN_WEIGHT) and regression[=WEIGHT] (DMD v1's
+    regression, default REGRESSION_WEIGHT), which leave lambda_div as it is (`dmd,gan` is DMD + GAN)."""
     if key == "k":
         c.distill.anchor_k = "auto" if value == "auto" else int(value)
     elif key == "shift":
@@ -179,6 +240,10 @@ def apply_method_variant(c: ml_collections.ConfigDict, key: str, value: str = "T
         c.student.lora.rank = c.fake.lora.rank = rank
         if c.model.dtype == "bfloat16":  # the shared base in the dtype it is computed in: half the bytes
             c.model.teacher_dtype = "bfloat16"
+    elif key == "gan":  # `gan` = DMD2's SDXL weight; `gan=W`
+        c.gan.weight = GAN_WEIGHT if value in ("True", "true") else float(value)
+    elif key == "regression":  # `regression` = DMD v1's weight; `regression=W`
+        c.regression.weight = REGRESSION_WEIGHT if value in ("True", "true") else float(value)
     elif key in ("dmd", "backward", "denoise", "auto", "bf16"):
         _bool(key, value)
         if key == "dmd":

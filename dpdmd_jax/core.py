@@ -9,6 +9,7 @@ everything else imports downwards from it (docs/DESIGN.md, "Layers").
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -53,10 +54,13 @@ class TrainingError(RuntimeError):
 @flax.struct.dataclass
 class RoundBatch:
     """Inputs of one round: conditionings for the M critic updates and the generator update
-    ([M + 1, B, ...], last = generator), and the unconditional conditioning ([B, ...])."""
+    ([M + 1, B, ...], last = generator), the unconditional conditioning ([B, ...]) and, for the
+    GAN's classifier with `gan.real="data"`, real latents [M + 1, B, H, W, C] aligned with `cond`
+    (row i, sample b is an image of the prompt of cond[i, b]); None otherwise."""
 
     cond: Cond
     uncond: Cond
+    real: Any = None
 
 
 @flax.struct.dataclass
@@ -77,14 +81,24 @@ class Adapted:
     adapters: Params
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainState:
+    """The trained state of a run (a pytree; `replace` as a flax struct). The GAN's classifier head on
+    the fake score's features (`models.gan_head`) and its optimizer state are None without the GAN
+    (gan.weight = 0), and a None field is no node of the pytree: such a state has exactly the tree,
+    and its checkpoints exactly the layout, of a state from before the GAN existed (those restore)."""
+
     step: jax.Array  # completed rounds (generator updates)
     rng: jax.Array
     student: Params  # its trained parameters: the whole network, or its adapters with LoRA
     fake: Params
     opt_student: Any  # optax.ApplyIfFiniteState: counts the skipped (non-finite) updates
     opt_fake: Any
+    disc: Params | None = None
+    opt_disc: Any = None
+
+    def replace(self, **changes: Any) -> TrainState:
+        return dataclasses.replace(self, **changes)
 
     @property
     def nonfinite(self) -> jax.Array:
@@ -93,8 +107,22 @@ class TrainState:
 
     @property
     def skipped(self) -> jax.Array:
-        """Total skipped updates (generator + critic)."""
-        return self.opt_student.total_notfinite + self.opt_fake.total_notfinite
+        """Total skipped updates (generator + critic, and the GAN head's)."""
+        total = self.opt_student.total_notfinite + self.opt_fake.total_notfinite
+        return total if self.opt_disc is None else total + self.opt_disc.total_notfinite
+
+
+_STATE_FIELDS = tuple(f.name for f in dataclasses.fields(TrainState))
+_OPTIONAL_FIELDS = ("disc", "opt_disc")
+
+
+def _flatten_state(state: TrainState):
+    names = tuple(n for n in _STATE_FIELDS if n not in _OPTIONAL_FIELDS or getattr(state, n) is not None)
+    return [(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in names], names
+
+
+jax.tree_util.register_pytree_with_keys(TrainState, _flatten_state,
+                                        lambda names, children: TrainState(**dict(zip(names, children))))
 
 
 # ---------------------------------------------------------------------------- interfaces
@@ -153,6 +181,12 @@ class Backbone(Protocol):
 
     def apply(self, model: Any, z: jax.Array, level: jax.Array, cond: Any) -> jax.Array:
         """The prediction (v or eps, per `schedule.prediction`) at `level` ([B] schedule levels)."""
+
+    def features(self, model: Any, z: jax.Array, level: jax.Array, cond: Any) -> jax.Array:
+        """The network's intermediate features at `level` that the GAN's classifier head reads,
+        [B, h, w, D] (DMD2: the UNet's mid block output; the MMDiT's image tokens after joint block
+        `gan.block`, on the patch grid); the forward stops there. Optional: a backbone without it
+        cannot train with the GAN (gan.weight > 0)."""
 
     def latent_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of one latent."""

@@ -15,9 +15,11 @@ unless `--config` names a file; `--config.FIELD=VALUE` overrides apply on top of
 differs from the run's in a field that says what its checkpoints mean (anything but layout and loop
 knobs such as `mesh`, `model.scan_layers`, `evals`) is refused, naming the field.
 
-Prompts: `--prompt_file` (one per line), else the config's data source (its prompt file, or the
-DiffusionDB TFDS prompts); the toy's prompts are its class names ("red square", ...), all six by
-default. `--num_prompts` keeps the first N. Each prompt gets `--seeds` R images.
+Prompts: `--prompt_file` (.txt: one per line; .jsonl / .json / .csv / .tsv / .parquet: the field
+`--prompt_column`, default the first of prompt / caption / text it has; `dpdmd_jax.data.prompts`),
+else the config's data source (its prompt file, or the DiffusionDB TFDS prompts); the toy's prompts
+are its class names ("red square", ...), all six by default. `--num_prompts` keeps the first N. Each
+prompt gets `--seeds` R images.
 
 Each image's noise comes from its own key (prompt index, seed): the same image whatever the batch,
 device count or order (`dpdmd_jax.sampling.sampler`). Several processes run the same command with
@@ -63,7 +65,10 @@ def define_flags() -> None:
                         "sample the teacher plus it, adapters shaped by the config's student.lora (rank, targets).")
     flags.DEFINE_enum("sampler", "student", ["student", "teacher"],
                       "student: the N-step student grid, no CFG; teacher: the config's T-step teacher with CFG.")
-    flags.DEFINE_string("prompt_file", None, "Prompts, one per line (default: the config's data source).")
+    flags.DEFINE_string("prompt_file", None, "Prompts: .txt (one per line), .jsonl, .json, .csv, .tsv or .parquet "
+                        "(default: the config's data source).")
+    flags.DEFINE_string("prompt_column", "", "The prompt field / column of a structured --prompt_file (default: "
+                        "the config's data.prompt_column, else the first of prompt, caption, text it has).")
     flags.DEFINE_integer("num_prompts", None, "Only the first N prompts.")
     flags.DEFINE_integer("seeds", 9, "Images per prompt (R).")
     flags.DEFINE_integer("seed", 0, "Root of every image's key.")
@@ -84,9 +89,9 @@ def main(argv):
     multihost.initialize_from_flags(FLAGS)
     try:
         summary = sample(FLAGS.config, FLAGS.out, workdir=FLAGS.workdir, step=FLAGS.step, sampler=FLAGS.sampler,
-                         prompt_file=FLAGS.prompt_file, num_prompts=FLAGS.num_prompts, seeds=FLAGS.seeds,
-                         seed=FLAGS.seed, per_device_batch=FLAGS.per_device_batch, vae_dtype=FLAGS.vae_dtype,
-                         lora=FLAGS.lora)
+                         prompt_file=FLAGS.prompt_file, prompt_column=FLAGS.prompt_column,
+                         num_prompts=FLAGS.num_prompts, seeds=FLAGS.seeds, seed=FLAGS.seed,
+                         per_device_batch=FLAGS.per_device_batch, vae_dtype=FLAGS.vae_dtype, lora=FLAGS.lora)
     except (SampleError, ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
         raise cli.UsageError(str(e)) from e
     if summary["preempted"]:

@@ -16,6 +16,7 @@ A backbone is one module with a class registered under a name:
         def cond_spec(self, batch) -> cond_type of jax.ShapeDtypeStruct: ...
         def has_vae(self) -> bool: ...                   # samples decoded by load_vae / decode?
         def abstract_teacher(self) -> nnx.Module: ...     # optional: shapes only (`python -m dpdmd_jax.plan`)
+        def features(self, model, z, level, cond): ...   # optional: [B, h, w, D] for the GAN's head (gan.weight > 0)
 
 (the interface is `core.Backbone`) and `--config.backbone=my_package.my_module:my_dit` imports the
 module and picks it (a built-in is named alone: `--config.backbone=mmdit`; the built-ins are listed

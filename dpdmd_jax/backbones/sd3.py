@@ -95,6 +95,20 @@ class SD3Backbone(PipelineBackbone):
     def apply(self, model: MMDiT, z: jax.Array, level: jax.Array, cond: core.SD3Cond) -> jax.Array:
         return model(z, self.schedule.model_time(level), cond.context, cond.pooled)
 
+    def features(self, model: MMDiT, z: jax.Array, level: jax.Array, cond: core.SD3Cond) -> jax.Array:
+        """The image tokens after joint block `gan.block` on the patch grid, [B, H / p, W / p, inner_dim]."""
+        return model.features(z, self.schedule.model_time(level), cond.context, cond.pooled, block=self.c.gan.block)
+
+    def check_source(self) -> list[str]:
+        """The pipeline's checks, and `gan.block` against the architecture's depth (its config only)."""
+        problems = super().check_source()
+        if self.c.gan.weight > 0 and not problems:
+            n = self.arch.num_layers
+            if not -n <= self.c.gan.block < n:
+                problems.append(f"gan.block={self.c.gan.block} is not a joint block of this {n}-layer MMDiT: choose "
+                                f"one in -{n}..{n - 1} (-1 = the last; its image tokens feed the GAN's head).")
+        return problems
+
     def latent_shape(self) -> tuple[int, int, int]:
         return (*self.c.data.latent_size, self.arch.in_channels)
 

@@ -89,6 +89,10 @@ class SDXLBackbone(PipelineBackbone):
     def apply(self, model, z: jax.Array, level: jax.Array, cond: core.SDXLCond) -> jax.Array:
         return model(z, self.schedule.model_time(level), cond.context, cond.text_embeds, cond.time_ids)
 
+    def features(self, model, z: jax.Array, level: jax.Array, cond: core.SDXLCond) -> jax.Array:
+        """The UNet's mid block output (DMD2's classifier features), [B, H / f, W / f, C_mid]."""
+        return model.features(z, self.schedule.model_time(level), cond.context, cond.text_embeds, cond.time_ids)
+
     def latent_shape(self) -> tuple[int, int, int]:
         return (*self.c.data.latent_size, self.arch.in_channels)
 

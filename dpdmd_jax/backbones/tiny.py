@@ -46,6 +46,10 @@ class _Tiny:
     def apply(self, model, z, level, cond):
         return model(z, self.schedule.model_time(level), self.cond_vector(cond))
 
+    def features(self, model, z, level, cond):
+        """The denoiser's hidden features before its output convolution, [B, H, W, width]."""
+        return model.hidden(z, self.schedule.model_time(level), self.cond_vector(cond))
+
     def latent_shape(self) -> tuple[int, int, int]:
         return (*self.c.data.latent_size, CHANNELS)
 

@@ -45,11 +45,12 @@ def problems(c: ml_collections.ConfigDict) -> list[str]:
         return [f"data.kind={c.data.kind!r}; choose one of {tuple(SOURCES)}."]
     if c.data.kind == "prompts":
         if not c.data.prompt_file:
-            return ["data.kind='prompts' needs --config.data.prompt_file=FILE (one prompt per line)."]
+            return ["data.kind='prompts' needs --config.data.prompt_file=FILE (.txt: one prompt per line; "
+                    ".jsonl / .json / .csv / .tsv / .parquet: the column data.prompt_column)."]
         try:
-            read_prompt_file(c.data.prompt_file)
+            read_prompt_file(c.data.prompt_file, c.data.prompt_column)
         except PromptFileError as e:
-            return [f"data.prompt_file: {e}; point it at a UTF-8 text file with one prompt per line."]
+            return [f"data.prompt_file: {e}"]
     if c.data.kind == "diffusiondb":
         from dpdmd_jax.data import diffusiondb  # TFDS imports TensorFlow (seconds): only for this source
 

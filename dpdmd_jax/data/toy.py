@@ -14,10 +14,17 @@ from dpdmd_jax.toy import data as toy_data
 from dpdmd_jax.toy import teacher as toy_teacher
 
 
+# Folded into the round's generator seed for the GAN's real images (the class ids use (seed, r)).
+_REAL_SEED = 0x5245414C
+
+
 class ToySource(HostSource):
     """Class-conditioned toy prompts embedded by the toy's fixed "text encoder"
     (`toy.data.class_embedding`) into the backbone's conditioning (SD3Cond, or SDXLCond with the
-    toy's time ids); the unconditional branch is its NULL class (zeros; SDXL keeps its time ids)."""
+    toy's time ids); the unconditional branch is its NULL class (zeros; SDXL keeps its time ids).
+    With the GAN on real data (gan.weight > 0, gan.real="data") each round also carries real toy
+    images of its class ids, the data's own layouts, in the [-1, 1] scale the toy teachers were
+    trained on (their latents are the images)."""
 
     def __init__(self, c: ml_collections.ConfigDict, backbone: core.Backbone, mesh=None, rules=None):
         if backbone.cond_type not in (core.SD3Cond, core.SDXLCond):
@@ -33,6 +40,11 @@ class ToySource(HostSource):
                              f"{toy_teacher.CONTEXT_LEN} (use model.source='toy' or 'random')")
         self.seed, self.batch = c.seed, c.batch_size
         self.rows = c.distill.fake_updates_per_student + 1
+        self.with_real = c.gan.weight > 0 and c.gan.real == "data"
+        image_shape = (toy_data.IMAGE_SIZE, toy_data.IMAGE_SIZE, 3)
+        if self.with_real and tuple(backbone.latent_shape()) != image_shape:
+            raise ValueError(f"gan.real='data' gives the toy's images {image_shape} as latents; backbone "
+                             f"{c.backbone!r} takes {tuple(backbone.latent_shape())} (use gan.real='teacher')")
 
     def embed(self, class_ids: np.ndarray):
         """Class ids of any shape (NULL_CLASS = -1: unconditional) -> the backbone's cond with that
@@ -44,9 +56,18 @@ class ToySource(HostSource):
         ids = np.random.default_rng([self.seed, r]).integers(0, toy_data.NUM_CLASSES, size=self.rows * self.batch)
         return ids.reshape(self.rows, self.batch)
 
+    def real_images(self, r: int) -> np.ndarray:
+        """Round r's real images [M + 1, batch, 16, 16, 3] of its class ids (all of the global batch, so
+        every process draws the same layouts: a 16x16 image is cheap to render)."""
+        ids = self.class_ids(r)
+        rng = np.random.default_rng([self.seed, r, _REAL_SEED])
+        images = toy_data.sample_batch(rng, ids.size, ids.reshape(-1))["images"]
+        return images.reshape(*ids.shape, *images.shape[1:])
+
     def round(self, r: int, rows: slice) -> RoundBatch:
         ids = self.class_ids(r)[:, rows]
-        return RoundBatch(cond=self.embed(ids), uncond=self.uncond(ids.shape[1]))
+        real = self.real_images(r)[:, rows] if self.with_real else None
+        return RoundBatch(cond=self.embed(ids), uncond=self.uncond(ids.shape[1]), real=real)
 
     def prompts(self) -> list[str]:
         """The class names ("red square", ...), the only prompts the toy's text encoder knows."""

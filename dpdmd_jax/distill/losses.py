@@ -71,3 +71,24 @@ def regression_loss(pred: ArrayLike, target: ArrayLike) -> jax.Array:
 
 
 diversity_loss = regression_loss
+
+
+# ---------------------------------------------------------------------------- the baselines' terms
+# DMD v1's regression to the teacher's sample from the same noise is `regression_loss` (L2 on
+# latents; DMD v1 measures it with LPIPS in image space). DMD2's GAN: a classifier head on the fake
+# score's features gives one logit per sample, "real" when positive (logit = log D / (1 - D)).
+
+
+def gan_generator_loss(logits_fake: ArrayLike) -> jax.Array:
+    """The generator's non-saturating loss mean(softplus(-logits)) = mean(-log sigmoid(logits)),
+    float32 (DMD2's `gen_cls_loss`): it falls as the classifier calls the student's samples real
+    (logits up), with a gradient that does not vanish while they are confidently called fake."""
+    return jnp.mean(jax.nn.softplus(-_f32(logits_fake)))
+
+
+def gan_classifier_loss(logits_real: ArrayLike, logits_fake: ArrayLike) -> jax.Array:
+    """The classifier's loss, binary cross-entropy with real = 1 and fake = 0, float32 (DMD2's
+    `guidance_cls_loss`): mean(softplus(logits_fake)) = -mean log(1 - sigmoid) on the fakes, plus
+    mean(softplus(-logits_real)) = -mean log sigmoid on the reals; it falls as real logits rise
+    and fake logits fall."""
+    return jnp.mean(jax.nn.softplus(_f32(logits_fake))) + jnp.mean(jax.nn.softplus(-_f32(logits_real)))

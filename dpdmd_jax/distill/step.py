@@ -13,6 +13,13 @@ Generator update, from initial noise eps (the student's first level):
   3. z_1 is detached: DMD gradients never reach the first step;
   4. steps 2..N ("rollout": with gradient through all of them; "backward": one random step with
      gradient, its input produced without) -> x; DMD loss at a random training level.
+
+The paper's baselines, each independent of lambda_div and skipped entirely at weight 0:
+  regression (DMD v1): + regression.weight * mean |x - sg(teacher's T-step guided sample from eps)|^2;
+  GAN (DMD2): a classifier head on the fake score's features (`Backbone.features`) trains with the
+     fake score in each critic update (+ gan.cls_weight * the classifier loss on real samples and
+     the critic's student sample, both noised at a training level); the generator adds
+     gan.weight * the non-saturating loss on x noised at a training level, fake and head frozen.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dpdmd_jax.core import Adapted, Backbone, Cond, Frozen, Params, RoundBatch, 
 from dpdmd_jax.diffusion import sampler
 from dpdmd_jax.distill import losses
 from dpdmd_jax.models import lora
+from dpdmd_jax.models.gan_head import GanHead
 
 # optax.apply_if_finite gives up and applies a non-finite update after this many in a row; the
 # trainer stops much earlier (config.max_nonfinite), so in practice it never gives up.
@@ -79,6 +87,17 @@ class Distiller:
             raise ValueError(f"no training level in the dmd range of {dict(config.dmd)}")
         self.tx_student = make_optimizer(config.optim.student)
         self.tx_fake = make_optimizer(config.optim.fake)
+        # The baselines' weights (0 = the term is not computed at all: the round is plain (DP-)DMD).
+        self.regression_weight = float(config.regression.weight)
+        self.gan_weight = float(config.gan.weight)
+        # The GAN's classifier head trains with the fake score's optimizer settings, in a state of its own.
+        self.tx_disc = make_optimizer(config.optim.fake) if self.gan else None
+        self._head_graphdefs: dict[tuple[int, int, int], nnx.GraphDef] = {}  # features (h, w, D) -> head structure
+
+    @property
+    def gan(self) -> bool:
+        """Whether the round trains DMD2's GAN (a classifier head in the state, its losses in both updates)."""
+        return self.gan_weight > 0
 
     # ------------------------------------------------------------------ model calls
 
@@ -95,12 +114,18 @@ class Distiller:
         # copy=True: fresh Variables at this trace level. `params` may be leaves of a State unflattened at
         # an outer level (jit, grad), and the scanned / rematerialised model's nnx.scan / nnx.remat refuse
         # Variables of another trace level (the shipped configs' scan_layers=True and remat_policy).
-        if isinstance(params, Adapted):
-            model = nnx.merge(params.graphdef, params.adapters, params.base, buffers, copy=True)
-        else:
-            model = nnx.merge(self.graphdef, params, buffers, copy=True)
         level = jnp.broadcast_to(jnp.asarray(level, jnp.float32), (z.shape[0],))
-        return self.backbone.apply(model, z, level, cond)
+        return self.backbone.apply(self._model(params, buffers), z, level, cond)
+
+    def features(self, params: Params | Adapted, buffers: Params, z: jax.Array, level, cond: Cond) -> jax.Array:
+        """The network's features the GAN's head reads (`Backbone.features`), [B, h, w, D]."""
+        level = jnp.broadcast_to(jnp.asarray(level, jnp.float32), (z.shape[0],))
+        return self.backbone.features(self._model(params, buffers), z, level, cond)
+
+    def _model(self, params: Params | Adapted, buffers: Params) -> nnx.Module:
+        if isinstance(params, Adapted):
+            return nnx.merge(params.graphdef, params.adapters, params.base, buffers, copy=True)
+        return nnx.merge(self.graphdef, params, buffers, copy=True)
 
     def _predictor(self, params: Params, buffers: Params) -> sampler.Predict:
         return lambda z, level, cond: self.predict(params, buffers, z, level, cond)
@@ -200,7 +225,8 @@ class Distiller:
 
     # ------------------------------------------------------------------ losses
 
-    def generator_loss(self, params, fake, frozen: Frozen, eps, cond: Cond, uncond: Cond, key):
+    def generator_loss(self, params, fake, frozen: Frozen, eps, cond: Cond, uncond: Cond, key, disc: Params = None):
+        """The student's loss and its parts; `disc` is the GAN's head (gan.weight > 0 only)."""
         params, fake = self.weights("student", params, frozen), self.weights("fake", fake, frozen)
         k_sim, k_dmd = jax.random.split(key)
         p_first, z1 = self.first_step(params, frozen.buffers, eps, cond, k_sim)
@@ -215,18 +241,88 @@ class Distiller:
         g, level = self.dmd_direction(fake, frozen, x, cond, uncond, k_dmd)
         loss_dmd = losses.dmd_loss(x, g)
         loss = loss_dmd + self.c.distill.lambda_div * loss_div
-        return loss, {"loss_dmd": loss_dmd, "loss_div": loss_div, "dmd_level": jnp.mean(level)}
+        aux = {"loss_dmd": loss_dmd, "loss_div": loss_div, "dmd_level": jnp.mean(level)}
+        if self.regression_weight > 0:  # DMD v1: towards the teacher's sample from the same noise
+            aux["loss_reg"] = losses.regression_loss(x, self.teacher_sample(frozen.teacher, frozen.buffers, eps, cond,
+                                                                            uncond))
+            loss = loss + self.regression_weight * aux["loss_reg"]
+        if self.gan:  # DMD2: the classifier should call x real; fake score and head do not move
+            logits = self.realism_logits(jax.lax.stop_gradient(fake), jax.lax.stop_gradient(disc), frozen.buffers, x,
+                                         cond, jax.random.fold_in(key, _GAN_KEY))
+            aux["loss_gan_gen"] = losses.gan_generator_loss(logits)
+            loss = loss + self.gan_weight * aux["loss_gan_gen"]
+        return loss, aux
 
     def critic_loss(self, fake, student, frozen: Frozen, eps, cond: Cond, key):
         """Denoising score matching of the fake score on fresh student samples (flow: flow matching,
         VP: the epsilon loss)."""
-        fake, student = self.weights("fake", fake, frozen), self.weights("student", student, frozen)
+        return self._score_matching(self.weights("fake", fake, frozen), self.weights("student", student, frozen),
+                                    frozen, eps, cond, key)[0]
+
+    def _score_matching(self, fake, student, frozen: Frozen, eps, cond: Cond, key) -> tuple[jax.Array, jax.Array]:
+        """(the fake score's loss, the student sample it was computed on); `fake` and `student` as `weights` gives."""
         k_level, k_noise = jax.random.split(key)
         x = self.sample(student, frozen.buffers, eps, cond, key)
         level = self.dmd_level(k_level, x.shape[0])
         noise = jax.random.normal(k_noise, x.shape, x.dtype)
         p = self.predict(fake, frozen.buffers, self.schedule.add_noise(x, noise, level), level, cond)
-        return losses.regression_loss(p, self.schedule.critic_target(x, noise))
+        return losses.regression_loss(p, self.schedule.critic_target(x, noise)), x
+
+    # ------------------------------------------------------------------ the GAN (DMD2)
+
+    def head_graphdef(self, features: tuple[int, int, int]) -> nnx.GraphDef:
+        """The classifier head's structure for features of shape (h, w, D) (no parameters)."""
+        features = tuple(int(n) for n in features)
+        if features not in self._head_graphdefs:
+            self._head_graphdefs[features] = nnx.split(nnx.eval_shape(lambda: self._head(features, nnx.Rngs(0))))[0]
+        return self._head_graphdefs[features]
+
+    def _head(self, features: tuple[int, int, int], rngs: nnx.Rngs) -> GanHead:
+        m, (h, w, d) = self.c.model, features
+        return GanHead((h, w), d, self.c.gan.head_width or d, rngs=rngs, dtype=jnp.dtype(m.dtype),
+                       param_dtype=jnp.dtype(m.param_dtype))
+
+    def feature_shape(self, teacher_params: Params, buffers: Params) -> tuple[int, int, int]:
+        """(h, w, D) of the backbone's features (traced on one sample's shapes: nothing is computed)."""
+        z = jax.ShapeDtypeStruct((1, *self.latent_shape), jnp.float32)
+        shapes = jax.eval_shape(lambda p, b, z, cond: self.features(p, b, z, self.dmd_levels[0], cond),
+                                teacher_params, buffers, z, self.backbone.cond_spec(1))
+        return tuple(int(n) for n in shapes.shape[1:])
+
+    def init_head(self, teacher_params: Params, buffers: Params, key: jax.Array) -> Params:
+        """Fresh parameters of the classifier head, for the features of the teacher's architecture."""
+        return nnx.split(self._head(self.feature_shape(teacher_params, buffers), nnx.Rngs(params=key)))[1]
+
+    def realism_logits(self, fake, disc: Params, buffers: Params, x: jax.Array, cond: Cond, key) -> jax.Array:
+        """The head's logits [B] ("real" when positive) on the fake score's features of x noised at a
+        DMD training level (DMD2's classifier acts on noisy samples)."""
+        k_level, k_noise = jax.random.split(key)
+        level = self.dmd_level(k_level, x.shape[0])
+        x_s = self.schedule.add_noise(x, jax.random.normal(k_noise, x.shape, x.dtype), level)
+        h = self.features(fake, buffers, x_s, level, cond)
+        return nnx.merge(self.head_graphdef(h.shape[1:]), disc, copy=True)(h)
+
+    def critic_gan_loss(self, trainable: tuple[Params, Params], student, frozen: Frozen, eps, cond: Cond,
+                        uncond: Cond, real: jax.Array | None, key) -> tuple[jax.Array, dict]:
+        """The fake score's loss plus gan.cls_weight x the classifier loss, as a function of (fake, head):
+        real samples (gan.real="data": `real`, the batch's; "teacher": the teacher's T-step samples
+        from fresh noise, the data-free variant) against the student sample the score matching drew,
+        both detached."""
+        fake, disc = trainable
+        fake = self.weights("fake", fake, frozen)
+        loss_fake, x_fake = self._score_matching(fake, self.weights("student", student, frozen), frozen, eps, cond, key)
+        k_gan = jax.random.fold_in(key, _GAN_KEY)
+        if self.c.gan.real == "teacher":
+            k_real, k_gan = jax.random.split(k_gan)
+            real = self.teacher_sample(frozen.teacher, frozen.buffers, self._noise(k_real, _batch(cond)), cond, uncond)
+        elif real is None:
+            raise ValueError("gan.real='data' but the round's batch holds no real latents (RoundBatch.real): the "
+                             "data source cannot give them; use gan.real='teacher'")
+        k_r, k_f = jax.random.split(k_gan)
+        logits_real = self.realism_logits(fake, disc, frozen.buffers, jax.lax.stop_gradient(real), cond, k_r)
+        logits_fake = self.realism_logits(fake, disc, frozen.buffers, jax.lax.stop_gradient(x_fake), cond, k_f)
+        loss_cls = losses.gan_classifier_loss(logits_real, logits_fake)
+        return loss_fake + self.c.gan.cls_weight * loss_cls, {"loss_fake": loss_fake, "loss_gan_cls": loss_cls}
 
     # ------------------------------------------------------------------ updates
 
@@ -239,18 +335,29 @@ class Distiller:
         updates, new_opt = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_opt, optax.tree.norm(grads)
 
-    def critic_update(self, state: TrainState, frozen: Frozen, cond: Cond, key) -> tuple[TrainState, dict]:
+    def critic_update(self, state: TrainState, frozen: Frozen, cond: Cond, key, uncond: Cond = None,
+                      real: jax.Array | None = None) -> tuple[TrainState, dict]:
+        """One fake-score update; with the GAN also one of its head (`uncond`: the teacher's guidance
+        for gan.real="teacher"; `real`: this update's real latents for gan.real="data")."""
         k_eps, k_loss = jax.random.split(key)
         eps = self._noise(k_eps, _batch(cond))
-        loss, grads = jax.value_and_grad(self.critic_loss)(state.fake, state.student, frozen, eps, cond, k_loss)
-        fake, opt, gnorm = self._update(self.tx_fake, grads, state.fake, state.opt_fake)
-        return state.replace(fake=fake, opt_fake=opt), {"loss_fake": loss, "grad_norm_fake": gnorm}
+        if not self.gan:
+            loss, grads = jax.value_and_grad(self.critic_loss)(state.fake, state.student, frozen, eps, cond, k_loss)
+            fake, opt, gnorm = self._update(self.tx_fake, grads, state.fake, state.opt_fake)
+            return state.replace(fake=fake, opt_fake=opt), {"loss_fake": loss, "grad_norm_fake": gnorm}
+        (_, aux), (g_fake, g_disc) = jax.value_and_grad(self.critic_gan_loss, has_aux=True)(
+            (state.fake, state.disc), state.student, frozen, eps, cond, uncond, real, k_loss)
+        fake, opt, gnorm = self._update(self.tx_fake, g_fake, state.fake, state.opt_fake)
+        disc, opt_disc, gnorm_disc = self._update(self.tx_disc, g_disc, state.disc, state.opt_disc)
+        state = state.replace(fake=fake, opt_fake=opt, disc=disc, opt_disc=opt_disc)
+        return state, {**aux, "grad_norm_fake": gnorm, "grad_norm_disc": gnorm_disc}
 
     def generator_update(self, state: TrainState, frozen: Frozen, cond: Cond, uncond: Cond, key):
         k_eps, k_loss = jax.random.split(key)
         eps = self._noise(k_eps, _batch(cond))
+        gan = (state.disc,) if self.gan else ()  # the head's argument only when there is one
         (loss, aux), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
-            state.student, state.fake, frozen, eps, cond, uncond, k_loss
+            state.student, state.fake, frozen, eps, cond, uncond, k_loss, *gan
         )
         student, opt, gnorm = self._update(self.tx_student, grads, state.student, state.opt_student)
         state = state.replace(student=student, opt_student=opt)
@@ -266,12 +373,13 @@ class Distiller:
         if m > 0:
             critic_conds = jax.tree.map(lambda x: x[:m], batch.cond)
             keys = jax.random.split(k_critic, m)
+            reals = None if batch.real is None or not self.gan else batch.real[:m]  # [M, B, H, W, C]
 
             def body(st, inp):
-                cond, k = inp
-                return self.critic_update(st, frozen, cond, k)
+                cond, k, real = inp
+                return self.critic_update(st, frozen, cond, k, batch.uncond, real)
 
-            state, critic_metrics = jax.lax.scan(body, state, (critic_conds, keys))
+            state, critic_metrics = jax.lax.scan(body, state, (critic_conds, keys, reals))
             metrics.update({k: jnp.mean(v) for k, v in critic_metrics.items()})
         state, gen_metrics = self.generator_update(state, frozen, _take(batch.cond, m), batch.uncond, k_gen)
         metrics.update(gen_metrics)
@@ -280,11 +388,17 @@ class Distiller:
 
 # Folded into the seed's key for the adapters' initial A (rounds fold in their index, far below this).
 _ADAPTER_SEED = 0x4C6F5241
+# Folded into the seed's key for the GAN head's initial parameters.
+_HEAD_SEED = 0x47414E48
+# Folded into a loss's key for the GAN's noise levels and noises: the keys the other terms split stay
+# as they are, so turning the GAN on changes no other draw.
+_GAN_KEY = 0x47414E
 
 
-def init_state(distiller: Distiller, teacher_params: Params, seed: int) -> TrainState:
+def init_state(distiller: Distiller, teacher_params: Params, seed: int, buffers: Params | None = None) -> TrainState:
     """Student and fake score both start as the teacher: copies of it in `model.param_dtype` (fresh
-    buffers: state is donated), or with LoRA fresh adapters (B = 0) over it."""
+    buffers: state is donated), or with LoRA fresh adapters (B = 0) over it. With the GAN, a fresh
+    classifier head too, sized by the features of the teacher with its `buffers` (shapes suffice)."""
     dtype = jnp.dtype(distiller.c.model.param_dtype)
     key = jax.random.fold_in(jax.random.key(seed), _ADAPTER_SEED)
 
@@ -294,6 +408,12 @@ def init_state(distiller: Distiller, teacher_params: Params, seed: int) -> Train
         return jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), teacher_params)
 
     student, fake = start("student", 0), start("fake", 1)
+    disc = opt_disc = None
+    if distiller.gan:
+        if buffers is None:
+            raise ValueError("init_state with the GAN needs the teacher's buffers (the head is sized by its features)")
+        disc = distiller.init_head(teacher_params, buffers, jax.random.fold_in(jax.random.key(seed), _HEAD_SEED))
+        opt_disc = distiller.tx_disc.init(disc)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.key(seed)),
@@ -301,6 +421,8 @@ def init_state(distiller: Distiller, teacher_params: Params, seed: int) -> Train
         fake=fake,
         opt_student=distiller.tx_student.init(student),
         opt_fake=distiller.tx_fake.init(fake),
+        disc=disc,
+        opt_disc=opt_disc,
     )
 
 

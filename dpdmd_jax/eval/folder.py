@@ -1,8 +1,9 @@
 """The metrics of sample folders (made by `python -m dpdmd_jax.sample`, `sampling.folder`): the
-paper's diversity on CLIP and DINO features, the CLIP score, pixel diversity, and the toy's analytic
-metrics. `evaluate` is what `python -m dpdmd_jax.evaluate` runs (its docstring lists the metrics).
-Missing or unreadable PNGs are reported, skipped and counted; every metric that could not be
-computed is named with the reason.
+paper's diversity on CLIP and DINO features, the CLIP score, pixel diversity, the toy's analytic
+metrics, and (`eval.metrics`) FID / FID-T, Vendi, PickScore and HPSv2. `evaluate` is what
+`python -m dpdmd_jax.evaluate` runs (its docstring lists the metrics and the files written).
+Missing PNGs are reported before any model loads, unreadable ones when read; both are skipped and
+counted; every metric that could not be computed is named with the reason.
 
 A folder may be a URI (gs://bucket/...): its files are read and written through `etils.epath`.
 """
@@ -19,9 +20,11 @@ import jax
 import numpy as np
 from etils import epath
 from flax import nnx
+from tqdm import tqdm
 
-from dpdmd_jax.eval import preprocess
-from dpdmd_jax.diversity import clip_score, diversity
+from dpdmd_jax.eval import fid, metrics, preprocess
+from dpdmd_jax.eval.metrics import EvaluateError, Reference
+from dpdmd_jax.diversity import clip_score, diversity, prompt_diversity
 from dpdmd_jax.models.dino import DINOv3ViTModel
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.run_config import absolute
@@ -29,13 +32,9 @@ from dpdmd_jax.sampling.folder import read_png, read_rows
 from dpdmd_jax.tables import markdown_table
 from dpdmd_jax.text.tokenizers import load_tokenizer, tokenize
 from dpdmd_jax.toy import data as toy_data
-from dpdmd_jax.toy.metrics import toy_metrics as metrics
+from dpdmd_jax.toy.metrics import toy_metrics as metrics_of_toy
 from dpdmd_jax.weights.clip import load_clip_text, load_clip_vision, read_raw_config
 from dpdmd_jax.weights.dino import load_dino
-
-
-class EvaluateError(ValueError):
-    """Bad evaluation input; the message says what to fix."""
 
 
 # ---------------------------------------------------------------------------- reading a folder
@@ -49,25 +48,36 @@ def read_run(folder: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def read_folder(folder: str) -> dict[str, Any]:
-    """run.json, the rows of samples.jsonl, and per prompt its readable images (uint8 [H, W, 3]);
-    missing and corrupt PNGs are listed, not fatal."""
+def scan_folder(folder: str) -> dict[str, Any]:
+    """run.json, the rows of samples.jsonl (by prompt, then seed) and the listed PNGs that do not
+    exist (reported on one line): what a folder holds, before any image is read."""
     run = read_run(folder)
     rows = sorted(read_rows(str(epath.Path(folder) / "samples.jsonl")).values(),
                   key=lambda r: (r["prompt_index"], r["seed"]))
     if not rows:
         raise EvaluateError(f"{folder}/samples.jsonl lists no images")
+    # One request per image on an object store; a folder in the image's place is unreadable below.
+    missing = [r["file"] for r in rows if not (epath.Path(folder) / "images" / r["file"]).exists()]
+    if missing:
+        print(f"{folder}: {len(missing)} of {len(rows)} listed images missing, skipped (e.g. {missing[:3]})")
+    return dict(run=run, rows=rows, missing=missing)
+
+
+def read_folder(folder: str, scan: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+    """run.json, the rows of samples.jsonl, and per prompt its readable images (uint8 [H, W, 3]) and
+    their seeds; missing and corrupt PNGs are listed, not fatal. `scan`: `scan_folder`'s, if done."""
+    scan = scan or scan_folder(folder)
+    skip = set(scan["missing"])
     images: dict[int, list[np.ndarray]] = defaultdict(list)
+    seeds: dict[int, list[int]] = defaultdict(list)
     prompts: dict[int, str] = {}
-    missing, corrupt, shape = [], [], None
-    for r in rows:
-        path = epath.Path(folder) / "images" / r["file"]
+    corrupt, shape = [], None
+    for r in tqdm(scan["rows"], desc=f"reading {epath.Path(folder).name}", disable=not progress, leave=False):
         prompts[r["prompt_index"]] = r["prompt"]
-        if not path.exists():  # one request per image on an object store (a folder here: unreadable below)
-            missing.append(r["file"])
+        if r["file"] in skip:
             continue
         try:
-            x = read_png(str(path))
+            x = read_png(str(epath.Path(folder) / "images" / r["file"]))
         except Exception:  # truncated, not a PNG, ...: PIL raises several types
             corrupt.append(r["file"])
             continue
@@ -77,11 +87,20 @@ def read_folder(folder: str) -> dict[str, Any]:
             corrupt.append(r["file"])
             continue
         images[r["prompt_index"]].append(x)
-    for kind, names in (("missing", missing), ("unreadable", corrupt)):
-        if names:
-            print(f"{folder}: {len(names)} {kind} images skipped (e.g. {names[:3]})")
-    return dict(folder=folder, run=run, prompts=prompts, images=dict(images), missing=len(missing),
-                corrupt=len(corrupt), rows=len(rows))
+        seeds[r["prompt_index"]].append(r["seed"])
+    if corrupt:
+        print(f"{folder}: {len(corrupt)} unreadable images skipped (e.g. {corrupt[:3]})")
+    return dict(folder=folder, run=scan["run"], prompts=prompts, images=dict(images), seeds=dict(seeds),
+                missing=len(skip), corrupt=len(corrupt), rows=len(scan["rows"]))
+
+
+def flat_images(d: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(every readable image [N, H, W, 3] uint8, by prompt then seed; its prompt index [N])."""
+    ps = sorted(d["images"])
+    if not ps:
+        return np.zeros((0, 1, 1, 3), np.uint8), np.zeros((0,), np.int64)
+    return (np.concatenate([np.stack(d["images"][p]) for p in ps]),
+            np.repeat(ps, [len(d["images"][p]) for p in ps]).astype(np.int64))
 
 
 # ---------------------------------------------------------------------------- towers
@@ -98,8 +117,9 @@ class Towers:
     `inputs` holds, per tower, (flag, folder, its preprocessing, its image_size); `no_text` why
     the CLIP score cannot be computed with this --clip folder (None when it can)."""
 
-    def __init__(self, clip: str | None, dino: str | None, mesh, per_device_batch: int = 8):
+    def __init__(self, clip: str | None, dino: str | None, mesh, per_device_batch: int = 8, progress: bool = False):
         self.mesh, self.batch = mesh, per_device_batch * mesh_lib.batch_divisor(mesh)
+        self.progress = progress
         self.fns: dict[str, Any] = {}
         self.inputs: dict[str, tuple[str, str, Any, int]] = {}
         self.text = None
@@ -109,6 +129,7 @@ class Towers:
         if dino:
             self._add_dino(dino)
         self._rep = mesh_lib.replicated(mesh)
+        self._runs: dict[str, Any] = {}  # tower -> (its jitted program, its state): compiled once for all folders
 
     @staticmethod
     def _preprocessing(flag: str, folder: str, family: str, image_size: int):
@@ -176,10 +197,14 @@ class Towers:
         """uint8 [N, H, W, 3] -> {feature name: [N, F]} (float64)."""
         self.check_input(*images.shape[1:3])
         out: dict[str, list[np.ndarray]] = defaultdict(list)
-        for model, fn in self.fns.values():
-            graph, state = nnx.split(model)
-            run = jax.jit(lambda st, x, fn=fn, graph=graph: fn(nnx.merge(graph, st), x), out_shardings=self._rep)
-            for start in range(0, len(images), self.batch):
+        for tower, (model, fn) in self.fns.items():
+            if tower not in self._runs:
+                graph, state = nnx.split(model)
+                self._runs[tower] = (jax.jit(lambda st, x, fn=fn, graph=graph: fn(nnx.merge(graph, st), x),
+                                             out_shardings=self._rep), state)
+            run, state = self._runs[tower]
+            for start in tqdm(range(0, len(images), self.batch), desc=f"{tower} features", disable=not self.progress,
+                              leave=False):
                 chunk = images[start:start + self.batch]
                 padded = np.concatenate([chunk, np.repeat(chunk[:1], self.batch - len(chunk), 0)])
                 feats = run(state, mesh_lib.global_batch(self.mesh, padded))
@@ -196,8 +221,9 @@ class Towers:
 # ---------------------------------------------------------------------------- metrics
 
 
-TOWER_METRICS = ("diversity_clip", "diversity_dino", "clip_score")
+TOWER_METRICS = ("diversity_clip", "diversity_dino", "clip_score", "vendi_clip", "vendi_dino")
 TOY_METRICS = "toy_metrics"  # the toy's analytic metrics, as a group (`toy_metrics` below)
+NO_PAIRS = "no prompt has 2 or more readable images"
 
 
 def tower_gaps(towers: Towers | None) -> dict[str, str]:
@@ -205,103 +231,140 @@ def tower_gaps(towers: Towers | None) -> dict[str, str]:
     fns = towers.fns if towers is not None else {}
     gaps = {}
     if "clip" not in fns:
-        gaps["diversity_clip"] = NO_CLIP
+        gaps["diversity_clip"] = gaps["vendi_clip"] = NO_CLIP
     if "dino" not in fns:
-        gaps["diversity_dino"] = NO_DINO
+        gaps["diversity_dino"] = gaps["vendi_dino"] = NO_DINO
     if towers is None or towers.text is None:
         gaps["clip_score"] = NO_CLIP_SCORE if towers is None else towers.no_text
     return {m: gaps[m] for m in TOWER_METRICS if m in gaps}
 
 
-def evaluate_folder(folder: str, towers: Towers | None = None) -> dict[str, Any]:
-    """The metrics of one sample folder (also written to its eval.json / eval.md), with
-    `computed` (the metrics it has) and `not_computed` ({metric: why not})."""
-    d = read_folder(folder)
+def evaluate_folder(folder: str, towers: Towers | None = None, scorers: metrics.Scorers | None = None,
+                    reference: Reference | None = None, *, scan: dict[str, Any] | None = None,
+                    progress: bool = False) -> dict[str, Any]:
+    """The metrics of one sample folder (also written to its eval.json / eval.md, and per prompt to
+    eval_prompts.jsonl), with `computed` (the metrics it has) and `not_computed` ({metric: why
+    not}). `reference`: what FID and the toy's layout distance compare against; when it is this
+    folder, its statistics are taken from here."""
+    d = read_folder(folder, scan, progress)
     run, images = d["run"], d["images"]
     keep = sorted(p for p, ims in images.items() if len(ims) >= 2)
-    result: dict[str, Any] = dict(
-        folder=folder, source=run.get("source"), sampler=run.get("sampler"), nfe=run.get("nfe"),
-        prompts=len(d["prompts"]), images=sum(len(v) for v in images.values()), missing=d["missing"],
-        corrupt=d["corrupt"], prompts_with_2plus=len(keep),
-    )
-    not_computed = tower_gaps(towers)
-    computed = []
-    if run.get("data_kind") == "toy":
-        toy = toy_metrics(d)
-        result.update(toy)
-        if toy:
-            computed.append(TOY_METRICS)
+    r = metrics.Results(
+        dict(folder=folder, source=run.get("source"), sampler=run.get("sampler"), nfe=run.get("nfe"),
+             prompts=len(d["prompts"]), images=sum(len(v) for v in images.values()), missing=d["missing"],
+             corrupt=d["corrupt"], prompts_with_2plus=len(keep)),
+        {p: dict(prompt_index=p, prompt=d["prompts"][p], seeds=d["seeds"].get(p, []), images=len(images.get(p, [])))
+         for p in sorted(d["prompts"])})
+    r.not_computed.update(tower_gaps(towers) | metrics.scorer_gaps(scorers, reference))
+    toy = run.get("data_kind") == "toy"
+    pixel = {p: pixel_prompt_diversity(images[p]) for p in keep}
+    if toy:  # its analytic metrics include diversity_pixel (on the prompts with all their seeds)
+        toy_values = toy_metrics(d)
+        if toy_values:
+            r.add(TOY_METRICS, toy_values, {"diversity_pixel": pixel})
         else:
-            not_computed[TOY_METRICS] = "no prompt has all its seeds' images readable (2 or more seeds needed)"
-    if run.get("data_kind") != "toy":  # the toy's metrics include it
-        if keep:
-            result["diversity_pixel"] = pixel_diversity(d, keep)
-            computed.append("diversity_pixel")
-        else:
-            not_computed["diversity_pixel"] = "no prompt has 2 or more readable images"
-    wanted = [m for m in TOWER_METRICS if m not in not_computed]
-    if wanted and not keep:
-        not_computed.update({m: "no prompt has 2 or more readable images" for m in wanted})
-    elif wanted:
-        result.update(tower_metrics(d, keep, towers))
-        computed += wanted
-    result["computed"] = computed
-    result["not_computed"] = not_computed
+            r.skip(TOY_METRICS, "no prompt has all its seeds' images readable (2 or more seeds needed)")
+    elif keep:
+        r.add("diversity_pixel", {"diversity_pixel": float(np.mean(list(pixel.values())))}, {"diversity_pixel": pixel})
+    else:
+        r.skip("diversity_pixel", NO_PAIRS)
+    flat, prompt_of = flat_images(d)
+    is_reference = reference is not None and metrics.same_folder(reference.path, folder)
+    if reference is not None and not is_reference:
+        prepare_reference(reference, scorers, toy, progress)
+    if toy:
+        metrics.toy_layout_metrics(r, flat, prompt_of, keep, reference, is_reference)
+    tower_metrics(r, d, flat, prompt_of, keep, towers)
+    if scorers is not None and scorers.inception is not None:
+        metrics.inception_metrics(r, scorers, flat, prompt_of, keep, reference, is_reference, epath.Path(folder).name)
+    if scorers is not None:
+        metrics.preference_metrics(r, scorers, flat, [d["prompts"][p] for p in prompt_of], prompt_of)
+    result = r.as_dict()
     name = epath.Path(folder).name
-    notes = "\n".join(metric_notes({name: result}))
+    notes = "\n".join(metric_notes({name: result}) + metrics.notes({name: result}, reference))
     (epath.Path(folder) / "eval.json").write_text(json.dumps(result, indent=2))
-    (epath.Path(folder) / "eval.md").write_text(f"{table({name: result})}\n\n{notes}\n")
+    (epath.Path(folder) / "eval.md").write_text(f"{table({name: result})}\n\n{notes}\n\nPer prompt: "
+                                                f"{metrics.PROMPTS_FILE}\n")
+    metrics.write_per_prompt(folder, r.per_prompt)
     return result
 
 
-def pixel_diversity(d: dict[str, Any], keep: Sequence[int]) -> float:
-    """The paper's diversity on raw pixel vectors in [-1, 1] (the toy's `diversity_pixel`): no tower
-    needed, so every folder gets a diversity number; it sees colour and layout, not semantics."""
-    return diversity([np.stack(d["images"][p]).reshape(len(d["images"][p]), -1).astype(np.float32) / 127.5 - 1.0
-                      for p in keep])
+def prepare_reference(reference: Reference, scorers: metrics.Scorers | None, toy: bool, progress: bool,
+                      scan: dict[str, Any] | None = None) -> None:
+    """`metrics.fill_reference`, with a sample folder's readable listed PNGs (read as the evaluated
+    folders are; `scan`: its `scan_folder`, if done)."""
+    flat = None
+    if reference.kind == metrics.SAMPLES and any(metrics.reference_wants(reference, scorers, toy)):
+        flat = flat_images(read_folder(reference.path, scan, progress))[0]
+    metrics.fill_reference(reference, scorers, toy, flat)
 
 
-def tower_metrics(d: dict[str, Any], keep: Sequence[int], towers: Towers) -> dict[str, float]:
-    """diversity_clip / diversity_dino / clip_score (those `towers` can give) on the prompts `keep`."""
-    images = d["images"]
-    flat = np.concatenate([np.stack(images[p]) for p in keep])
+def pixel_prompt_diversity(images: Sequence[np.ndarray]) -> float:
+    """The paper's diversity of one prompt's images on raw pixel vectors in [-1, 1] (the toy's
+    `diversity_pixel`): no tower needed, so every folder gets a diversity number; it sees colour and
+    layout, not semantics."""
+    return prompt_diversity(np.stack(images).reshape(len(images), -1).astype(np.float32) / 127.5 - 1.0)
+
+
+def tower_metrics(r: metrics.Results, d: dict[str, Any], flat: np.ndarray, prompt_of: np.ndarray,
+                  keep: Sequence[int], towers: Towers | None) -> None:
+    """diversity_clip / diversity_dino / clip_score on the prompts `keep`, and vendi_clip /
+    vendi_dino (those `towers` can give)."""
+    wanted = [m for m in TOWER_METRICS if m not in r.not_computed]
+    if not wanted:
+        return
+    if not keep:
+        for m in wanted:
+            r.skip(m, NO_PAIRS)
+        return
     feats = towers.image_features(flat)
-    bounds = np.cumsum([0] + [len(images[p]) for p in keep])
-    out = {}
+    mask = np.isin(prompt_of, keep)
     for name in ("clip", "dino"):
         if name in feats:
-            out[f"diversity_{name}"] = diversity([feats[name][a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+            per = {p: prompt_diversity(feats[name][prompt_of == p]) for p in keep}
+            r.add(f"diversity_{name}", {f"diversity_{name}": diversity([feats[name][prompt_of == p] for p in keep])},
+                  {f"diversity_{name}": per})
     if towers.text is not None and "clip_image_embeds" in feats:
         text = towers.text_embeds([d["prompts"][p] for p in keep])
-        per_image = np.repeat(text, np.diff(bounds), axis=0)
-        out["clip_score"] = clip_score(feats["clip_image_embeds"], per_image)
-    return out
+        embeds, by = feats["clip_image_embeds"][mask], prompt_of[mask]
+        texts = text[np.searchsorted(keep, by)]  # each image's prompt
+        per = {p: clip_score(embeds[by == p], texts[by == p]) for p in keep}
+        r.add("clip_score", {"clip_score": clip_score(embeds, texts)}, {"clip_score": per})
+    for name in ("clip", "dino"):
+        if name in feats:
+            values, per = metrics.vendi_metrics(name, feats[name], prompt_of, keep)
+            r.add(f"vendi_{name}", values, {f"vendi_{name}": per})
 
 
 def metric_notes(results: dict[str, dict]) -> list[str]:
-    """Per run: which metrics were computed, and each one that was not, with the reason."""
+    """Per run: which metrics were computed, and those that were not, with the reason."""
     lines = []
     for name, r in results.items():
         done = ", ".join(r.get("computed", [])) or "none"
         lines.append(f"{name}: metrics computed: {done}")
-        lines += [f"  {metric}: not computed: {why}" for metric, why in r.get("not_computed", {}).items()]
+        by_reason = defaultdict(list)  # one line per reason: the metrics one missing flag stops
+        for metric, why in r.get("not_computed", {}).items():
+            by_reason[why].append(metric)
+        lines += [f"  {', '.join(ms)}: not computed: {why}" for why, ms in by_reason.items()]
     return lines
 
 
 def toy_metrics(d: dict[str, Any]) -> dict[str, float]:
     """The toy's metrics from the PNGs, on the prompts that have all R seeds."""
-    r = max(len(v) for v in d["images"].values())
+    r = max(len(v) for v in d["images"].values()) if d["images"] else 0
     full = sorted(p for p, ims in d["images"].items() if len(ims) == r)
     if r < 2 or not full:
         return {}
     images = np.concatenate([np.stack(d["images"][p]) for p in full]).astype(np.float32) / 127.5 - 1.0
     ids = np.repeat([toy_data.class_id(d["prompts"][p]) for p in full], r)
-    return {"toy_prompts": len(full), **metrics(images, ids, r)}
+    return {"toy_prompts": len(full), **metrics_of_toy(images, ids, r)}
 
 
-COLUMNS = ("nfe", "images", "prompts_with_2plus", "diversity_clip", "diversity_dino", "clip_score",
-           "diversity_layout", "diversity_pixel", "spread_cx", "spread_cy", "spread_size", "adherence", "valid",
-           "frechet_layout", "missing", "corrupt")
+COLUMNS = ("nfe", "images", "prompts_with_2plus", "diversity_clip", "diversity_dino", "clip_score", "pickscore",
+           "hpsv2", "fid", "fid_t", "vendi_clip_per_prompt", "vendi_clip_folder", "vendi_dino_per_prompt",
+           "vendi_dino_folder", "vendi_inception_per_prompt", "vendi_inception_folder", "diversity_layout",
+           "diversity_pixel", "spread_cx", "spread_cy", "spread_size", "adherence", "valid", "frechet_layout",
+           "fid_t_layout", "fid_layout", "vendi_layout_per_prompt", "vendi_layout_folder", "missing", "corrupt")
 
 
 def table(results: dict[str, dict]) -> str:
@@ -311,15 +374,21 @@ def table(results: dict[str, dict]) -> str:
 
 
 def evaluate(folders: Sequence[str], names: Sequence[str] | None = None, *, clip: str | None = None,
-             dino: str | None = None, out: str | None = None, per_device_batch: int = 8) -> dict[str, dict]:
+             dino: str | None = None, out: str | None = None, per_device_batch: int = 8, inception: str | None = None,
+             fid_reference: str | None = None, save_fid_stats: str | None = None, pickscore: str | None = None,
+             pickscore_processor: str | None = None, hpsv2: str | None = None, hpsv2_tokenizer: str | None = None,
+             progress: bool = True) -> dict[str, dict]:
     """Evaluates every folder; with several, writes comparison.md / .json to `out`.
 
-    Without a tower, text-to-image folders still get `diversity_pixel` (the paper's diversity on raw
-    pixel vectors, as the toy's), and the tower metrics are listed as not computed, naming the flag
-    each needs. Raises EvaluateError when no metric can be computed for any folder (no prompt with 2
-    readable images), once every folder was read (their eval.json / eval.md, with the reasons, are
-    written first): an error rather than a notice (exit code 2 from the command line), so scripts
-    that chain `evaluate` do not carry on with no numbers."""
+    Every input is checked first (flags, model files and folders by their headers and configs, the
+    FID reference, every folder's run.json and which of its PNGs exist), one line per problem,
+    before any model loads. Without a tower, text-to-image folders still get `diversity_pixel` (the
+    paper's diversity on raw pixel vectors, as the toy's), and the tower metrics are listed as not
+    computed, naming the flag each needs. The FID reference's folder, when it is one of `folders`,
+    is evaluated first and gives its statistics. Raises EvaluateError when no metric can be computed
+    for any folder (no prompt with 2 readable images), once every folder was read (their eval.json /
+    eval.md, with the reasons, are written first): an error rather than a notice (exit code 2 from
+    the command line), so scripts that chain `evaluate` do not carry on with no numbers."""
     folders = [absolute(f) for f in folders]  # a gs:// URI as it is
     names = list(names) if names else [epath.Path(f).name for f in folders]
     if len(names) != len(folders):
@@ -327,23 +396,52 @@ def evaluate(folders: Sequence[str], names: Sequence[str] | None = None, *, clip
     for f in folders:
         if not epath.Path(f).is_dir():
             raise EvaluateError(f"--samples: {f} is not a folder")
-    for what, path in (("--clip", clip), ("--dino", dino)):  # model folders: local inputs, read by the loaders
-        if path and not os.path.isfile(os.path.join(path, "config.json")):
-            raise EvaluateError(f"{what}={path} is not a transformers model folder (no config.json)")
-    for f in folders:
-        read_run(f)  # every folder is a sample folder, before any image is read
-    towers = None
-    if clip or dino:
-        towers = Towers(clip, dino, mesh_lib.make_mesh(fsdp=-1), per_device_batch)
-        print("\n".join(towers.describe()))
-    results = {n: evaluate_folder(f, towers) for n, f in zip(names, folders)}
-    text = table(results)
-    notes = metric_notes(results)
-    print(text + "\n\n" + "\n".join(notes))
+    problems = [f"{what}={path} is not a transformers model folder (no config.json)"
+                for what, path in (("--clip", clip), ("--dino", dino))  # model folders: local, read by the loaders
+                if path and not os.path.isfile(os.path.join(path, "config.json"))]
+    runs = [read_run(f) for f in folders]  # every folder is a sample folder, before any image is read
+    try:
+        reference = metrics.find_reference(fid_reference and absolute(fid_reference), folders, runs)
+    except EvaluateError as e:
+        reference, problems = None, [*problems, str(e)]
+    problems += metrics.input_problems(inception=inception, reference=reference, save_fid_stats=save_fid_stats,
+                                       pickscore=pickscore, pickscore_processor=pickscore_processor, hpsv2=hpsv2,
+                                       hpsv2_tokenizer=hpsv2_tokenizer)
+    if problems:
+        raise EvaluateError("\n".join(problems))
+    scans = {f: scan_folder(f) for f in folders}
+    is_reference = [reference is not None and metrics.same_folder(reference.path, f) for f in folders]
+    outside = reference is not None and not any(is_reference)
+    ref_scan = scan_folder(reference.path) if outside and reference.kind == metrics.SAMPLES else None
+    mesh = mesh_lib.make_mesh(fsdp=-1) if clip or dino or pickscore or hpsv2 else None
+    towers = Towers(clip, dino, mesh, per_device_batch, progress) if clip or dino else None
+    scorers = None
+    if inception or pickscore or hpsv2:
+        scorers = metrics.Scorers(inception=inception, pickscore=pickscore, pickscore_processor=pickscore_processor,
+                                  hpsv2=hpsv2, hpsv2_tokenizer=hpsv2_tokenizer, mesh=mesh,
+                                  per_device_batch=per_device_batch, progress=progress)
+    described = (towers.describe() if towers else []) + (scorers.lines if scorers else [])
+    if described:
+        print("\n".join(described))
+    if outside:
+        prepare_reference(reference, scorers, any(run.get("data_kind") == "toy" for run in runs), progress, ref_scan)
+    # The reference's folder first: its statistics are the others' reference.
+    order = sorted(range(len(folders)), key=lambda i: not is_reference[i])
+    done = {names[i]: evaluate_folder(folders[i], towers, scorers, reference, scan=scans[folders[i]], progress=progress)
+            for i in order}
+    results = {n: done[n] for n in names}
+    if save_fid_stats:
+        prepare_reference(reference, scorers, False, progress)
+        if reference.stats is None:
+            raise EvaluateError(f"--save_fid_stats: no statistics of {reference.path}: {reference.problem}")
+        fid.save_stats(save_fid_stats, *reference.stats)
+        print(f"FID statistics of {reference.path} written to {save_fid_stats}")
+    text = table(results) + "\n\n" + "\n".join(metric_notes(results) + metrics.notes(results, reference))
+    print(text)
     if len(folders) > 1:
         out_dir = epath.Path(absolute(out or folders[0]))
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "comparison.md").write_text(text + "\n\n" + "\n".join(notes) + "\n")
+        (out_dir / "comparison.md").write_text(text + "\n")
         (out_dir / "comparison.json").write_text(json.dumps(results, indent=2))
     if not any(r["computed"] for r in results.values()):
         reasons = sorted({f"{m} ({why})" for r in results.values() for m, why in r["not_computed"].items()})

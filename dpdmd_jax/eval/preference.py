@@ -152,7 +152,7 @@ class PreferenceScorer:
 # ---------------------------------------------------------------------------- PickScore
 
 
-def _transformers_clip_folder(path: str) -> dict[str, Any]:
+def transformers_clip_folder(path: str) -> dict[str, Any]:
     """The config.json of a full transformers CLIPModel folder; an open_clip file or folder, or a
     single-tower folder, is refused naming what loads it."""
     open_clip_file = path.endswith(".safetensors") and os.path.isfile(path) and any(
@@ -200,7 +200,7 @@ def load_pickscore(
     """
     folder = os.fspath(model)
     proc = os.fspath(processor) if processor is not None else folder
-    _transformers_clip_folder(folder)  # before any weights file is opened
+    transformers_clip_folder(folder)  # before any weights file is opened
     tokenizer = load_tokenizer(proc, "clip")
     kw = dict(dtype=dtype, mesh=mesh, rules=rules, progress=progress)
     text, vision = load_clip_text(folder, **kw), load_clip_vision(folder, **kw)

@@ -13,6 +13,7 @@ from etils import epath
 from dpdmd_jax.core import TrainState
 from dpdmd_jax.eval.grid import image_grid
 from dpdmd_jax.eval.folder import evaluate_folder
+from dpdmd_jax.eval.metrics import SAMPLES, Reference
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.parallel.multihost import SyncedJit
 from dpdmd_jax.sampling.sampler import SamplingRun, sample_with
@@ -49,7 +50,8 @@ class ToyMetrics:
     They come out of the user-facing path: `sampling.sampler` (the sample command's) writes the images (PNG) to
     workdir/eval/{teacher, student_<round>} and `eval.folder` (the evaluate command's) reads the metrics back from
     those folders, so `python -m dpdmd_jax.evaluate --samples=workdir/eval/student_<round>` gives
-    exactly the numbers in the summary. The teacher's row is cached in workdir/teacher_metrics.json."""
+    exactly the numbers in the summary (the student's `fid_t_layout` is against workdir/eval/teacher, as
+    evaluate's of both folders). The teacher's row is cached in workdir/teacher_metrics.json."""
 
     KEYS = ("diversity_layout", "diversity_pixel", "spread_cx", "spread_cy", "spread_size", "adherence", "valid",
             "frechet_layout")
@@ -66,10 +68,10 @@ class ToyMetrics:
         n = len(self.prompts) * self.seeds
         self.per_device_batch = -(-n // mesh_lib.batch_divisor(run.mesh))  # one batch: one compile
 
-    def _metrics(self, params: Any, source: str, sampler: str, folder: str) -> dict:
+    def _metrics(self, params: Any, source: str, sampler: str, folder: str, reference: Reference | None = None) -> dict:
         sample_with(self.sampling_run, params, source, folder, self.prompts, sampler=sampler, seeds=self.seeds,
                     seed=self.seed, per_device_batch=self.per_device_batch, progress=False)
-        result = evaluate_folder(folder)
+        result = evaluate_folder(folder, reference=reference)
         return {k: v for k, v in result.items() if isinstance(v, (int, float)) and v is not None}
 
     def run(self, step: int, state: TrainState, writer: Any) -> dict:
@@ -84,8 +86,10 @@ class ToyMetrics:
             cache.write_text(json.dumps(teacher, indent=2))
         rounds = int(state.step)
         params = self.sampling_run.distiller.weights("student", state.student, self.sampling_run.frozen)
+        teacher_dir = root / "eval" / "teacher"  # absent in a DMD baseline's workdir (it reuses the cached row)
+        reference = Reference(str(teacher_dir), SAMPLES, teacher=True) if (teacher_dir / "run.json").exists() else None
         student = self._metrics(params, f"{self.workdir} round {rounds}", "student",
-                                str(root / "eval" / f"student_{rounds}"))
+                                str(root / "eval" / f"student_{rounds}"), reference)
         summary = {
             "rounds": rounds,
             "teacher": {"cfg_scale": c.teacher.cfg_scale, **teacher},

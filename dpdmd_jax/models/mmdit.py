@@ -361,7 +361,9 @@ class BlockStack(nnx.Module):
 
         self.layers = create(rngs)
 
-    def __call__(self, x: jax.Array, c: jax.Array, temb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, c: jax.Array, temb: jax.Array,
+                 n: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """The blocks in order; `n` runs only the first n of them (the GAN's features stop inside a stack)."""
         def body(block: JointTransformerBlock, carry, temb):
             return block(carry[0], carry[1], temb)
 
@@ -371,7 +373,15 @@ class BlockStack(nnx.Module):
         def run(block, carry, temb):
             return body(block, carry, temb)
 
-        return run(self.layers, (x, c), temb)
+        layers = self.layers
+        if n is not None and n < self.depth():
+            graphdef, state = nnx.split(layers)  # the first n slices of every stacked parameter, as a stack
+            layers = nnx.merge(graphdef, jax.tree.map(lambda v: v[:n], state))
+        return run(layers, (x, c), temb)
+
+    def depth(self) -> int:
+        """How many blocks the stack holds (its parameters' leading "layers" axis)."""
+        return jax.tree.leaves(nnx.state(self.layers))[0].shape[0]
 
 
 class MMDiT(nnx.Module):
@@ -402,7 +412,9 @@ class MMDiT(nnx.Module):
         dual, pre_only = self.cfg.layer_kind(i)
         return dict(use_dual_attention=dual, context_pre_only=pre_only)
 
-    def __call__(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
+    def _embed(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array,
+               pooled: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(image tokens, context tokens, temb): the inputs of the first joint block."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         b, hh, ww, _ = latents.shape
@@ -413,14 +425,41 @@ class MMDiT(nnx.Module):
         t_freq = timestep_embedding(timesteps, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
         temb = self.timestep_embedder(t_freq.astype(dtype)) + self.text_embedder(pooled.astype(dtype))
         c = self.context_embedder(context.astype(dtype))
+        return x, c, temb
 
+    def _blocks(self, x: jax.Array, c: jax.Array, temb: jax.Array, stop: int) -> tuple[jax.Array, jax.Array]:
+        """Joint blocks 0..stop-1 (scanned in their stacks, or one by one), rematerialised per the config."""
+        cfg = self.cfg
         if cfg.scan_layers:
-            for stack in self.block_stacks:
-                x, c = stack(x, c, temb)
+            for (start, end), stack in zip(cfg.layer_groups(), self.block_stacks):
+                if start >= stop:
+                    break
+                x, c = stack(x, c, temb, n=None if end <= stop else stop - start)
         else:
             block_fn = _maybe_remat(lambda blk, x, c, t: blk(x, c, t), cfg.remat_policy)
-            for block in self.transformer_blocks:
+            for block in self.transformer_blocks[:stop]:
                 x, c = block_fn(block, x, c, temb)
+        return x, c
+
+    def features(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array, pooled: jax.Array,
+                 block: int = -1) -> jax.Array:
+        """The image tokens after joint block `block` (negative: from the last) on the patch grid,
+        [B, H / p, W / p, inner_dim], in the compute dtype; the forward stops there (the GAN's
+        classifier head reads them: `models.gan_head`)."""
+        n = self.cfg.num_layers
+        if not -n <= block < n:
+            raise ValueError(f"block={block} is not a joint block of this {n}-layer MMDiT (use -{n}..{n - 1})")
+        x, c, temb = self._embed(latents, timesteps, context, pooled)
+        x, _ = self._blocks(x, c, temb, stop=block % n + 1)
+        b, hh, ww, _ = latents.shape
+        p = self.cfg.patch_size
+        return shard_rows(x.reshape(b, hh // p, ww // p, x.shape[-1]))
+
+    def __call__(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        b, hh, ww, _ = latents.shape
+        x, c, temb = self._embed(latents, timesteps, context, pooled)
+        x, c = self._blocks(x, c, temb, stop=cfg.num_layers)
 
         scale, shift = self.norm_out(temb)
         x = self.proj_out(modulate(layer_norm(x, _EPS), shift, scale))

@@ -29,8 +29,11 @@ class TinyDenoiser(nnx.Module):
         self.conv_out = nnx.Conv(width, channels, (3, 3), padding="SAME", rngs=rngs,
                                  kernel_init=partitioned(nnx.initializers.lecun_normal(), (None, None, "embed", None)))
 
-    def __call__(self, z: jax.Array, timesteps: jax.Array, cond_vec: jax.Array) -> jax.Array:
+    def hidden(self, z: jax.Array, timesteps: jax.Array, cond_vec: jax.Array) -> jax.Array:
+        """The hidden features before `conv_out`, [B, H, W, width] (what the GAN's head reads)."""
         emb = self.time_proj(timestep_embedding(timesteps, self.width)) + self.cond_proj(cond_vec)
         h = jax.nn.silu(self.conv_in(z) + jax.nn.silu(emb)[:, None, None, :])
-        h = h + jax.nn.silu(self.conv_mid(h))
-        return self.conv_out(h).astype(jnp.float32)
+        return h + jax.nn.silu(self.conv_mid(h))
+
+    def __call__(self, z: jax.Array, timesteps: jax.Array, cond_vec: jax.Array) -> jax.Array:
+        return self.conv_out(self.hidden(z, timesteps, cond_vec)).astype(jnp.float32)

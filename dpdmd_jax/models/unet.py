@@ -522,8 +522,9 @@ class UNet2DConditionModel(nnx.Module):
             emb = emb + self.add_embedding(add.astype(dtype))
         return emb
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
-                 text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None) -> jax.Array:
+    def _to_mid(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
+                text_embeds: jax.Array | None, time_ids: jax.Array | None):
+        """(mid block output, skips, temb, context): the down path and the mid block."""
         dtype = jnp.dtype(self.cfg.dtype)
         b = sample.shape[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
@@ -535,7 +536,17 @@ class UNet2DConditionModel(nnx.Module):
         for block in self.down_blocks:
             x, states = block(x, temb, context)
             skips += states
-        x = self.mid_block(x, temb, context)
+        return self.mid_block(x, temb, context), skips, temb, context
+
+    def features(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
+                 text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None) -> jax.Array:
+        """The mid block's output [B, H / f, W / f, block_out_channels[-1]] in the compute dtype (what
+        DMD2's classifier head reads); the forward stops there."""
+        return shard_rows(self._to_mid(sample, timesteps, encoder_hidden_states, text_embeds, time_ids)[0])
+
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
+                 text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None) -> jax.Array:
+        x, skips, temb, context = self._to_mid(sample, timesteps, encoder_hidden_states, text_embeds, time_ids)
         for block in self.up_blocks:
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]

@@ -43,8 +43,10 @@ def train_with_baseline(c: ml_collections.ConfigDict, workdir: str) -> dict:
     if "student" not in summary or "student" not in baseline:
         return summary
     k = c.distill.anchor_k if c.distill.anchor_k != "auto" else f"{anchor.recorded_k(workdir)}, auto"
+    # The baseline terms (issue 22's regression, GAN) stay on in both: name them in both rows.
+    terms = "".join(f" + {name}" for name, on in (("regression", c.regression.weight), ("GAN", c.gan.weight)) if on)
     table = comparison_table(summary["teacher"], baseline["student"], summary["student"], anchor_k=k,
-                             rounds=summary.get("rounds"))
+                             rounds=summary.get("rounds"), regularizers=terms)
     print("\n" + table)
     if jax.process_index() == 0:
         (root / "comparison.md").write_text(table + "\n")
@@ -57,10 +59,13 @@ COMPARED = ("nfe", "diversity_layout", "diversity_pixel", "spread_cx", "spread_c
             "valid", "frechet_layout")
 
 
-def comparison_table(teacher: dict, dmd: dict, dp_dmd: dict, anchor_k: Any, rounds: int | None) -> str:
-    """Markdown: the teacher, the DMD baseline and the DP-DMD student, on the metrics all three have."""
+def comparison_table(teacher: dict, dmd: dict, dp_dmd: dict, anchor_k: Any, rounds: int | None,
+                     regularizers: str = "") -> str:
+    """Markdown: the teacher, the DMD baseline and the DP-DMD student, on the metrics all three have;
+    `regularizers` (" + GAN", ...) names the baseline terms both students train with."""
     keys = [k for k in COMPARED if all(k in row for row in (teacher, dmd, dp_dmd))]
-    named = (("teacher", teacher), ("DMD (lambda_div = 0)", dmd), (f"DP-DMD (K = {anchor_k})", dp_dmd))
+    named = (("teacher", teacher), (f"DMD (lambda_div = 0){regularizers}", dmd),
+             (f"DP-DMD (K = {anchor_k}){regularizers}", dp_dmd))
     rows = [[name, *(f"{row[k]:.0f}" if k == "nfe" else f"{row[k]:.3f}" for k in keys)] for name, row in named]
     head = f"Teacher vs students after {rounds} rounds, same settings and evaluation noise (frechet: lower is better):"
     return head + "\n\n" + markdown_table(["", *keys], rows)

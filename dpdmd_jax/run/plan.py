@@ -205,6 +205,16 @@ def model_calls(c: ml_collections.ConfigDict, anchor_k: int, n: int) -> dict[str
         forward += (n - 1 - start) / 2  # gradient-free steps up to a uniform j in start..N-1
         forward_backward += 1
     forward += guided(c.dmd.real_cfg_scale) + 1  # DMD: teacher (real score) and fake score
+    teacher_sample = c.teacher.steps * guided(c.teacher.cfg_scale)  # a T-step guided teacher sample
+    if c.regression.weight > 0:
+        forward += teacher_sample  # DMD v1's target, from the generator's noise
+    if c.gan.weight > 0:
+        # The fake score's features (counted as whole calls: an upper bound, they stop at gan.block / the
+        # UNet's mid block) on real and generated samples in each critic update, and on x in the
+        # generator's (its gradient reaches x); the head's own FLOPs are not counted.
+        forward_backward += 2 * m + 1
+        if c.gan.real == "teacher":
+            forward += m * teacher_sample  # the real side, sampled in each critic update
     return {"forward": forward, "forward_backward": forward_backward}
 
 
@@ -278,9 +288,12 @@ def out_of_memory(e: Exception) -> str | None:
 
 def arguments(run: setup.Run, state, batch: RoundBatch) -> dict[str, int]:
     """The round's arguments per device, by what they are."""
+    gan = {} if state.disc is None else {"GAN head, with its optimizer state": device_bytes((state.disc,
+                                                                                             state.opt_disc))}
     return {
         "trained parameters (student, fake score)": device_bytes((state.student, state.fake)),
         "optimizer state (student, fake score)": device_bytes((state.opt_student, state.opt_fake)),
+        **gan,
         "frozen teacher (with buffers)": device_bytes(run.frozen),
         "round batch (M + 1 conditionings, uncond)": device_bytes(batch),
         "step, rng": device_bytes((state.step, state.rng)),

@@ -141,6 +141,7 @@ def config_problems(c: ml_collections.ConfigDict) -> list[str]:
         p.append(f"distill.fake_updates_per_student={c.distill.fake_updates_per_student!r} must be an integer >= 0.")
     if c.dmd.simulation not in config_lib.SIMULATIONS:
         p.append(f"dmd.simulation={c.dmd.simulation!r}; choose one of {config_lib.SIMULATIONS}.")
+    p.extend(config_lib.baseline_problems(c))  # regression and GAN
     if schedule is not None:
         p.extend(schedule.problems(c))
     for name in ("teacher.cfg_scale", "dmd.real_cfg_scale"):

@@ -67,12 +67,13 @@ def lora_student(run: setup_lib.Run, folder: str) -> Adapted:
 
 
 def sample(c: ml_collections.ConfigDict, out: str, *, workdir: str | None = None, step: int | None = None,
-           sampler: str = "student", prompt_file: str | None = None, num_prompts: int | None = None, seeds: int = 9,
-           seed: int = 0, per_device_batch: int = 4, vae_dtype: str = "float32",
-           devices: Sequence[Any] | None = None, lora: str | None = None) -> dict:
+           sampler: str = "student", prompt_file: str | None = None, prompt_column: str = "",
+           num_prompts: int | None = None, seeds: int = 9, seed: int = 0, per_device_batch: int = 4,
+           vae_dtype: str = "float32", devices: Sequence[Any] | None = None, lora: str | None = None) -> dict:
     """Samples prompts x `seeds` images into `out` (resumably) on `devices` (default: all); returns a
-    summary dict (`preempted`: a SIGTERM stopped it early, and a re-run finishes). `lora`: a diffusers
-    LoRA folder of the student, sampled over the teacher instead of a checkpoint."""
+    summary dict (`preempted`: a SIGTERM stopped it early, and a re-run finishes). `prompt_column`:
+    the prompt field of a structured `prompt_file` ("" = the config's data.prompt_column, else auto).
+    `lora`: a diffusers LoRA folder of the student, sampled over the teacher instead of a checkpoint."""
     if seeds < 1 or per_device_batch < 1:
         raise SampleError(f"--seeds={seeds} and --per_device_batch={per_device_batch} must be >= 1")
     if sampler == "teacher" and (workdir or lora):
@@ -83,8 +84,12 @@ def sample(c: ml_collections.ConfigDict, out: str, *, workdir: str | None = None
         raise SampleError(" ".join(problems))
     if workdir:  # the run's config must be this one (before any prompt-source change below)
         workdir_lib.check_workdir_config(workdir_lib.absolute(workdir), c, write=False)
-    run = setup_lib.build(data_lib.for_prompt_file(c, prompt_file), devices)
-    prompts = prompt_list(run.data, prompt_file)[:num_prompts]
+    column = prompt_column or c.data.prompt_column
+    c = data_lib.for_prompt_file(c, prompt_file)  # a copy
+    if prompt_file:  # the column goes with the file: a pipeline's text source reads the file too
+        c.data.prompt_column = column
+    run = setup_lib.build(c, devices)
+    prompts = prompt_list(run.data, prompt_file, column)[:num_prompts]
     if not prompts:
         raise SampleError("no prompts to sample")
     params, source = load_student(run, workdir, step, lora) if sampler == "student" else (

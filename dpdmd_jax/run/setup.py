@@ -96,26 +96,32 @@ def batch_spec(run: Run) -> RoundBatch:
     """Shapes of a round's global batch, from the backbone (no data is built)."""
     c, spec = run.config, run.backbone.cond_spec(run.config.batch_size)
     rows = c.distill.fake_updates_per_student + 1
+    real = None
+    if run.distiller.gan and c.gan.real == "data":  # the GAN's real latents, aligned with the conditionings
+        real = jax.ShapeDtypeStruct((rows, c.batch_size, *run.backbone.latent_shape()), jnp.float32)
     return RoundBatch(cond=jax.tree.map(lambda s: jax.ShapeDtypeStruct((rows, *s.shape), s.dtype), spec),
-                      uncond=spec)
+                      uncond=spec, real=real)
 
 
 # ---------------------------------------------------------------------------- state and the round
 
 
 def state_shardings(run: Run, state: TrainState) -> TrainState:
-    """Params sharded by their logical axes; optimizer moments like the params they belong to
-    (found by optax from the optimizer's own structure); every other leaf replicated."""
+    """Params sharded by their logical axes (the GAN's head by its own); optimizer moments like the
+    params they belong to (found by optax from the optimizer's own structure); every other leaf
+    replicated."""
     d = run.distiller
     params = lambda role: d.adapters[role][1] if role in d.adapters else run.frozen.teacher  # LoRA: its adapters
     param_sh = {role: mesh_lib.state_shardings(params(role), run.mesh, run.rules) for role in adapters.ROLES}
     rep = mesh_lib.replicated(run.mesh)
     opt_sh = lambda tx, opt_state, sh: optax.tree_map_params(
         tx, lambda _, sharding: sharding, opt_state, sh, transform_non_params=lambda _: rep)
+    disc_sh = None if state.disc is None else mesh_lib.state_shardings(state.disc, run.mesh, run.rules)
     return TrainState(
         step=rep, rng=rep, student=param_sh["student"], fake=param_sh["fake"],
         opt_student=opt_sh(d.tx_student, state.opt_student, param_sh["student"]),
         opt_fake=opt_sh(d.tx_fake, state.opt_fake, param_sh["fake"]),
+        disc=disc_sh, opt_disc=None if state.opt_disc is None else opt_sh(d.tx_disc, state.opt_disc, disc_sh),
     )
 
 
@@ -145,7 +151,9 @@ def init_train_state(run: Run) -> tuple[TrainState, TrainState]:
 
 
 def _initial_state(run: Run):
-    return lambda teacher: init_state(run.distiller, teacher, run.config.seed)
+    # The buffers' shapes only: the GAN head is sized by the features they take part in (nothing is computed).
+    buffers = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), run.frozen.buffers)
+    return lambda teacher: init_state(run.distiller, teacher, run.config.seed, buffers)
 
 
 def compile_round(run: Run, state_sh: TrainState) -> SyncedJit:

@@ -20,7 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from dpdmd_jax.config import ConfigError
+from dpdmd_jax.config import ConfigError, base_config
 from dpdmd_jax.core import Params, TrainingError, TrainState
 from dpdmd_jax.distill.anchor import RECORD as ANCHOR_RECORD
 from dpdmd_jax.run_config import RECORD, absolute
@@ -61,7 +61,9 @@ def check_workdir_config(workdir: str, c: ml_collections.ConfigDict, write: bool
     current = json.loads(c.to_json_best_effort())
     if path.exists():
         saved = json.loads(path.read_text())
-        a, b = _flat(saved), _flat(current)
+        # A field the record lacks was added to the code after the run started: the run used what is
+        # now its default (e.g. gan.weight = 0), so the record is read as if it held that default.
+        a, b = {**_flat(json.loads(base_config().to_json_best_effort())), **_flat(saved)}, _flat(current)
         diff = sorted(k for k in set(a) | set(b) if k not in _RESUMABLE_CHANGES and a.get(k) != b.get(k))
         if diff:
             changes = ", ".join(f"{k}: {a.get(k)} -> {b.get(k)}" for k in diff[:8])

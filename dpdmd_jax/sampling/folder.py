@@ -146,11 +146,12 @@ def to_unit(images) -> Any:
     return np.clip((np.asarray(images, np.float32) + 1) / 2, 0, 1)
 
 
-def read_prompts(path: str) -> list[str]:
+def read_prompts(path: str, column: str = "") -> list[str]:
+    """A prompt file's prompts (`data.prompts.read_prompt_file`: `column` of a structured file, "" = auto)."""
     try:
-        prompts, bad = read_prompt_file(path)
+        prompts, bad = read_prompt_file(path, column)
     except PromptFileError as e:
-        raise SampleError(f"--prompt_file: {e}; point it at a UTF-8 text file with one prompt per line.") from e
+        raise SampleError(f"--prompt_file: {e}") from e
     if bad:
         print(f"{path}: skipped {bad} lines that are not valid UTF-8; {len(prompts)} prompts remain")
     return prompts

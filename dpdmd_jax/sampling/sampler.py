@@ -45,10 +45,11 @@ class SamplingRun(Protocol):
     data: DataSource
 
 
-def prompt_list(data: DataSource, prompt_file: str | None) -> list[str]:
-    """--prompt_file's prompts (checked against what the source can encode), else the source's own."""
+def prompt_list(data: DataSource, prompt_file: str | None, column: str = "") -> list[str]:
+    """--prompt_file's prompts (its `column` for a structured file, "" = auto; checked against what the
+    source can encode), else the source's own."""
     if prompt_file:
-        prompts = read_prompts(prompt_file)
+        prompts = read_prompts(prompt_file, column)
         problems = data.prompt_problems(prompts)
         if problems:
             raise SampleError(f"{prompt_file}: " + "; ".join(problems))

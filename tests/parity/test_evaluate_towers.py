@@ -1,6 +1,7 @@
 """`dpdmd_jax.evaluate` with towers: CLIP / DINO diversity and the CLIP score of a sample folder
 against transformers' towers, each tower fed at its own resolution as its image processor would;
-every metric not computed named with its reason (API and command line). The toy sample folder
+FID-T, Vendi and PickScore with random weights equal to the eval modules' direct computation; every
+metric not computed named with its reason (API and command line). The toy sample folder
 (`toy_samples`) is a session fixture of tests/conftest.py."""
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
+from dpdmd_jax.eval import fid, metrics, preprocess, vendi
 from dpdmd_jax.eval import folder as eval_folder
-from dpdmd_jax.eval import preprocess
 from dpdmd_jax.diversity import clip_score, diversity
+from dpdmd_jax.weights.inception import load_inception
 
 
 @pytest.fixture(scope="module")
@@ -114,23 +116,26 @@ def test_pipeline_samples_name_each_metric_not_computed_and_why(toy_samples, tow
     d = eval_folder.read_folder(pipe)
     by_hand = diversity([np.stack(ims).reshape(len(ims), -1) / 127.5 - 1.0 for ims in d["images"].values()])
     assert bare["diversity_pixel"] == pytest.approx(by_hand, rel=1e-6) and 0.0 < by_hand
-    assert set(bare["not_computed"]) == {"diversity_clip", "diversity_dino", "clip_score"}
+    assert set(bare["not_computed"]) == {"diversity_clip", "diversity_dino", "clip_score", "vendi_clip", "vendi_dino",
+                                         "vendi_inception", "fid_t", "pickscore", "hpsv2"}
     proc = subprocess.run([sys.executable, "-m", "dpdmd_jax.evaluate", f"--samples={pipe}"], capture_output=True,
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "pipe: metrics computed: diversity_pixel" in proc.stdout
-    assert "diversity_dino: not computed: no --dino tower given" in proc.stdout
+    assert "diversity_dino, vendi_dino: not computed: no --dino tower given" in proc.stdout
 
     # A DINO tower only: diversity_dino is computed, the CLIP metrics are named with the flag they need,
     # in the printed output, eval.json and eval.md.
     capsys.readouterr()
     r = eval_folder.evaluate([pipe], dino=towers["dino_dir"], per_device_batch=1)["pipe"]
     printed = capsys.readouterr().out
-    assert r["computed"] == ["diversity_pixel", "diversity_dino"] and 0.0 < r["diversity_dino"]
+    assert r["computed"] == ["diversity_pixel", "diversity_dino", "vendi_dino"] and 0.0 < r["diversity_dino"]
     assert "diversity_clip" not in r
-    assert r["not_computed"] == {"diversity_clip": eval_folder.NO_CLIP, "clip_score": eval_folder.NO_CLIP_SCORE}
-    assert "pipe: metrics computed: diversity_pixel, diversity_dino" in printed
-    assert "diversity_clip: not computed: no --clip tower given (a transformers CLIP folder)" in printed
+    no_clip = eval_folder.NO_CLIP
+    assert {k: r["not_computed"][k] for k in ("diversity_clip", "vendi_clip", "clip_score")} == {
+        "diversity_clip": no_clip, "vendi_clip": no_clip, "clip_score": eval_folder.NO_CLIP_SCORE}
+    assert "pipe: metrics computed: diversity_pixel, diversity_dino, vendi_dino" in printed
+    assert "diversity_clip, vendi_clip: not computed: no --clip tower given (a transformers CLIP folder)" in printed
     with open(os.path.join(pipe, "eval.json")) as f:
         assert json.load(f)["not_computed"] == r["not_computed"]
     with open(os.path.join(pipe, "eval.md")) as f:
@@ -184,5 +189,93 @@ def test_towers_see_images_at_their_own_resolution(toy_samples, tmp_path):
     assert tuple(clip_in.shape[-2:]) == (48, 48) and tuple(dino_in.shape[-2:]) == (56, 56)
     assert r["diversity_clip"] == pytest.approx(diversity(cls.reshape(6, 3, -1)), rel=1e-5)
     assert r["diversity_dino"] == pytest.approx(diversity(pooled.reshape(6, 3, -1)), rel=1e-5)
-    assert r["computed"] == ["diversity_pixel", "diversity_clip", "diversity_dino"]
+    assert r["computed"] == ["diversity_pixel", "diversity_clip", "diversity_dino", "vendi_clip", "vendi_dino"]
     assert "vision tower only" in r["not_computed"]["clip_score"]
+
+
+def _random_inception(path: str) -> str:
+    """The FID Inception's state-dict keys with random numbers, as a .safetensors: conv / fc weights
+    N(0, 1 / fan_in), BatchNorm scale, shift and statistics perturbed around identity (pool3 features
+    stay O(0.01), most of them positive). Drawn in NumPy: initialising the NNX module takes ~1 min on
+    this machine's CPUs, pytorch-fid's ~10 s with the conversion."""
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from dpdmd_jax.weights import inception as inception_lib
+
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for src in inception_lib.key_map(nnx.state(inception_lib.abstract_inception())).values():
+        (key,), shape = src.keys, src.shape
+        leaf = key.rsplit(".", 1)[1]
+        if leaf == "weight" and len(shape) > 1:  # conv (O, I, kh, kw), fc (out, in)
+            x = rng.normal(size=shape) / np.sqrt(np.prod(shape[1:]))
+        elif leaf in ("weight", "running_var"):
+            x = rng.uniform(0.5, 1.5, size=shape)
+        else:  # bias, running_mean
+            x = rng.normal(0.0, 0.1, size=shape)
+        tensors[key] = x.astype(np.float32)
+    save_file(tensors, path)
+    return path
+
+
+def test_fid_t_vendi_and_pickscore_equal_the_eval_modules(toy_samples, towers, tmp_path):
+    """--inception (random weights) / --fid_reference (a teacher sample folder: FID-T) /
+    --save_fid_stats / --pickscore (the tiny CLIPModel): evaluate's numbers, per folder and per
+    prompt, are the direct computation's on the same PNGs: FID from the eval modules' features and
+    `fid.stats`, the Frechet distance written out as the nuclear norm of A_s A_t^T (n < 2048); Vendi
+    through `eval.vendi`; PickScore on transformers' CLIPModel as PickScore's README computes it."""
+    inception = _random_inception(str(tmp_path / "inception.safetensors"))
+    # The teacher's prompt 0, and another run's prompts 2 and 3 as the student's; 2 seeds each.
+    teacher, student = (_as_pipeline_samples(toy_samples, tmp_path / name) for name in ("teacher", "student"))
+    with open(os.path.join(student, "run.json")) as f:
+        run = json.load(f)
+    with open(os.path.join(student, "run.json"), "w") as f:
+        json.dump({**run, "sampler": "student"}, f)
+    keep = {teacher: [(0, 0), (0, 1)], student: [(2, 0), (2, 1), (3, 0), (3, 1)]}
+    for folder, images in keep.items():
+        with open(os.path.join(folder, "samples.jsonl")) as f:
+            rows = [row for row in f if (json.loads(row)["prompt_index"], json.loads(row)["seed"]) in images]
+        with open(os.path.join(folder, "samples.jsonl"), "w") as f:
+            f.writelines(rows)
+    r = eval_folder.evaluate([student], inception=inception, fid_reference=teacher,
+                             save_fid_stats=str(tmp_path / "teacher.npz"), pickscore=towers["clip_dir"],
+                             per_device_batch=2)["student"]
+
+    png = lambda f, p, s: np.asarray(Image.open(os.path.join(f, "images", f"p{p:05d}_s{s:03d}.png")))
+    images = np.stack([png(f, p, s) for f in (student, teacher) for p, s in keep[f]])
+    features = fid.InceptionFeatures(load_inception(inception, progress=False), batch_size=2, progress=False)
+    f_s, f_t = np.split(features(images).astype(np.float64), [4])
+    (mu_s, _), (mu_t, sigma_t) = fid.stats(f_s), fid.stats(f_t)
+    saved = fid.load_stats(tmp_path / "teacher.npz")
+    np.testing.assert_allclose(saved[0], mu_t, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(saved[1], sigma_t, rtol=1e-6, atol=1e-12)
+    a_s, a_t = ((f - f.mean(0)) / np.sqrt(len(f) - 1) for f in (f_s, f_t))
+    want = np.sum((mu_s - mu_t) ** 2) + np.sum(a_s ** 2) + np.sum(a_t ** 2) - 2 * np.linalg.svd(a_s @ a_t.T)[1].sum()
+    assert r["fid_t"] == pytest.approx(want, rel=1e-5) and r["fid_reference"] == teacher and "fid" not in r
+    assert r["vendi_inception_folder"] == pytest.approx(vendi.vendi_score(f_s), rel=1e-5)
+    by_prompt = vendi.per_group(f_s, [2, 2, 3, 3])
+    assert r["vendi_inception_per_prompt"] == pytest.approx(by_prompt.mean, rel=1e-5)
+    # PickScore as its README computes it, on transformers' CLIPModel (our preprocessing: tested separately).
+    from transformers import CLIPTokenizer
+
+    ids = CLIPTokenizer.from_pretrained(towers["clip_dir"])([toy_config_prompt(p) for p in (2, 2, 3, 3)],
+                                                           padding="max_length", max_length=77, return_tensors="pt")
+    model = towers["clip"]
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.asarray(preprocess.clip_preprocess(images[:4])).transpose(0, 3, 1, 2).copy())
+        image = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        text = model.text_projection(model.text_model(input_ids=ids.input_ids).pooler_output)
+        cos = torch.nn.functional.cosine_similarity(image, text, dim=-1)
+        scores = (model.logit_scale.exp() * cos).numpy().astype(np.float64)
+    assert r["pickscore"] == pytest.approx(scores.mean(), rel=1e-5)
+    assert {"fid_t", "vendi_inception", "pickscore"} <= set(r["computed"])
+    with open(os.path.join(student, metrics.PROMPTS_FILE)) as f:
+        rows = [json.loads(line) for line in f]
+    assert [row["prompt_index"] for row in rows] == [2, 3] and rows[1]["seeds"] == [0, 1]
+    assert rows[1]["pickscore_per_seed"] == pytest.approx(scores[2:], rel=1e-5)
+    assert rows[0]["vendi_inception"] == pytest.approx(by_prompt.scores[0], rel=1e-5)
+    with open(os.path.join(student, "eval.md")) as f:
+        text = f.read()
+    assert "| fid_t " in text and f"FID reference: {teacher} (the teacher's sample folder: FID-T)" in text
+    assert "fewer than the 2048 Inception features" in text and "random-weight towers" in text

@@ -84,3 +84,21 @@ def test_an_unreadable_record_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"seed": 0, "model": {')  # cut short
     with pytest.raises(run_config.RecordError, match="cannot be read"):
         run_config.with_recorded_config(["s", f"--workdir={tmp_path}"])
+
+
+def test_a_record_from_before_a_field_existed_resumes_with_its_default(tmp_path):
+    """A run recorded before `gan` / `regression` / `data.prompt_column` existed ran with what are now
+    their defaults: it resumes and samples; a field it does record still has to match."""
+    c = toy_config.get_config("smoke")
+    saved = _record(tmp_path, c)
+    for section in ("gan", "regression"):
+        del saved[section]
+    del saved["data"]["prompt_column"]
+    json.dump(saved, open(tmp_path / "config.json", "w"))
+    workdir_lib.check_workdir_config(str(tmp_path), c, write=False)
+    assert run_config.get_config(str(tmp_path)).gan.weight == 0.0  # read over base_config()
+    workdir_lib.check_workdir_config(str(tmp_path), c)  # resumes, and records the fields from now on
+    assert json.load(open(tmp_path / "config.json"))["gan"]["weight"] == 0.0
+    changed = toy_config.get_config("smoke,gan")
+    with pytest.raises(ConfigError, match=r"different config \(gan.weight: 0.0 -> 0.005"):
+        workdir_lib.check_workdir_config(str(tmp_path), changed, write=False)
