@@ -14,6 +14,8 @@ benchmarks/results/toy_diversity_VARIANT (the default's: toy_diversity_shift0.37
   python -m benchmarks.toy_diversity --variant shift3 --arms study --only "DMD wide grid;DP-DMD K=30 wide grid"
   python -m benchmarks.toy_diversity --variant unet --arms eps   # epsilon toy: DMD, DP-DMD K=1,5,10,T; 100 rounds
   python -m benchmarks.toy_diversity --arms main,auto --only "DMD;DP-DMD K=auto" --seeds 0,1,2,3,4 --tag 5seeds
+  python -m benchmarks.toy_diversity --arms main,auto,baselines --only "DMD;DP-DMD K=auto;DMD + regression w=0.25;\
+      DMD + GAN w=0.005;DP-DMD K=auto + GAN w=0.005" --seeds 0,1,2,3,4 --tag baselines   # the paper's baselines
   python -m benchmarks.toy_diversity --arms main,auto,lora --only "DMD;DP-DMD K=auto;DMD LoRA r=4;DP-DMD K=auto \
       LoRA r=4;DMD LoRA r=16;DP-DMD K=auto LoRA r=16" --seeds 0,1,2 --tag lora   # LoRA vs full fine-tuning
   # both cores, one run per core, then the table:
@@ -64,6 +66,14 @@ ARMS = {
              for r in (4, 16)
              for method, overrides in (("DMD", {"distill.lambda_div": 0.0}),
                                        ("DP-DMD K=auto", {"distill.anchor_k": "auto"}))},
+    # The paper's baselines (issue 22): DMD v1's regression to the teacher's sample (L2 on the toy's
+    # images) and DMD2's GAN on the toy's real images, each at a small sweep of its weight so the
+    # comparison is fair to them, and DP-DMD with the GAN on too.
+    "baselines": {
+        **{f"DMD + regression w={w}": {"distill.lambda_div": 0.0, "regression.weight": w} for w in (0.05, 0.25, 1.0)},
+        **{f"DMD + GAN w={w}": {"distill.lambda_div": 0.0, "gan.weight": w} for w in (1e-3, 5e-3, 2e-2)},
+        "DP-DMD K=auto + GAN w=0.005": {"distill.anchor_k": "auto", "gan.weight": 5e-3},
+    },
     "study": {
         "DP-DMD K=5 lambda=0.5": {"distill.anchor_k": 5, "distill.lambda_div": 0.5},
         "DP-DMD K=5 lambda=2": {"distill.anchor_k": 5, "distill.lambda_div": 2.0},
@@ -113,7 +123,18 @@ def setting_of(c) -> dict:
             "distill.lambda_div": c.distill.lambda_div,
             "distill.anchor_k": None if plain else c.distill.anchor_k,
             "distill.target": None if plain else c.distill.target,
-            **_lora_setting(c)}
+            **_lora_setting(c), **_baseline_setting(c)}
+
+
+def _baseline_setting(c) -> dict:
+    """The regression / GAN terms, only for runs that have them (other runs' setting is unchanged)."""
+    regression, gan = c.get("regression"), c.get("gan")
+    out = {}
+    if regression and regression.weight:
+        out["regression"] = [regression.weight, regression.distance]
+    if gan and gan.weight:
+        out["gan"] = [gan.weight, gan.cls_weight, gan.real, gan.block, gan.head_width]
+    return out
 
 
 def _lora_setting(c) -> dict:

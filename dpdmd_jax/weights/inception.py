@@ -18,15 +18,15 @@ missing, unexpected or mis-shaped key.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from jax.sharding import Mesh
 
+from dpdmd_jax import cli
 from dpdmd_jax.models.inception import InceptionConfig, InceptionV3
 from dpdmd_jax.parallel.mesh import DEFAULT_RULES
 from dpdmd_jax.weights import loader
@@ -172,15 +172,11 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    try:
-        out = convert_pth(FLAGS.pth, FLAGS.out)
-    except CheckpointError as e:
-        print(f"\nError: {e}", file=sys.stderr)
-        sys.exit(2)
+    out = convert_pth(FLAGS.pth, FLAGS.out)
     print(f"Wrote {out}; dpdmd_jax.weights.inception.load_inception({out!r}) reads it.")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, user_errors=(CheckpointError, FileExistsError))
 

@@ -16,7 +16,6 @@ none unexpected, shapes equal) before anything is read, and a mismatch is one er
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dpdmd_jax import cli
 from dpdmd_jax.models.vgg import LPIPS
 from dpdmd_jax.weights import loader
 from dpdmd_jax.weights.safetensors_io import CheckpointError, TensorInfo, read_header
@@ -137,10 +137,11 @@ def convert_pth(path_in: str | os.PathLike, path_out: str | os.PathLike, *, over
     return path_out
 
 
+def main(argv: list[str]) -> None:
+    if len(argv) != 3:
+        raise cli.UsageError("usage: python -m dpdmd_jax.weights.lpips IN.pth OUT.safetensors")
+    print(f"Wrote {convert_pth(argv[1], argv[2])}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m dpdmd_jax.weights.lpips IN.pth OUT.safetensors")
-    try:
-        print(convert_pth(sys.argv[1], sys.argv[2]))
-    except (CheckpointError, FileExistsError) as e:
-        raise SystemExit(f"Error: {e}") from None
+    cli.run(main, user_errors=(CheckpointError, FileExistsError))

@@ -39,7 +39,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -47,10 +46,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from jax.sharding import Mesh
 
+from dpdmd_jax import cli
 from dpdmd_jax.models.clip import (
     LEGACY_EOS_TOKEN_ID,
     CLIPTextConfig,
@@ -429,14 +429,9 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    try:
-        out = convert_pt(FLAGS.pt, FLAGS.out, FLAGS.config)
-    except (CheckpointError, FileExistsError) as e:
-        print(f"\nError: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"Wrote {out}")
+    print(f"Wrote {convert_pt(FLAGS.pt, FLAGS.out, FLAGS.config)}")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, user_errors=(CheckpointError, FileExistsError))

@@ -21,12 +21,12 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import sys
 from types import SimpleNamespace
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
+from dpdmd_jax import cli
 from dpdmd_jax.config import base_config
 from dpdmd_jax.weights import loader, sd3
 from dpdmd_jax.weights.export import ExportError, write_student_pipeline
@@ -100,15 +100,11 @@ def import_pt(pt: str, pipeline: str, out: str, link: str = "copy") -> str:
 
 def main(argv):
     del argv
-    try:
-        out = import_pt(FLAGS.pt, FLAGS.pipeline, FLAGS.out)
-    except (CheckpointError, ExportError) as e:
-        print(f"\nError: {e}", file=sys.stderr)
-        sys.exit(2)
+    out = import_pt(FLAGS.pt, FLAGS.pipeline, FLAGS.out)
     print(f"Wrote {out}; sample it with python -m dpdmd_jax.sample --config=configs/sd35.py "
           f"--config.model.source={out} --prompt_file=PROMPTS --out=DIR")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, user_errors=(CheckpointError, ExportError))
