@@ -31,7 +31,7 @@ from dpdmd_jax.models.inception import InceptionConfig, InceptionV3
 from dpdmd_jax.parallel.mesh import DEFAULT_RULES
 from dpdmd_jax.weights import loader
 from dpdmd_jax.weights.safetensors_io import CheckpointError, read_header, write_file
-from dpdmd_jax.weights.torch_import import read_pt_state_dict
+from dpdmd_jax.weights.torch_files import pt_to_safetensors
 
 PTH_NAME = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's FID_WEIGHTS_URL
 CONVERT_COMMAND = "python -m dpdmd_jax.weights.inception --pth=PTH --out=OUT.safetensors"
@@ -147,20 +147,9 @@ def save_inception(model: InceptionV3, path: str | os.PathLike, *, dtype: str | 
 def convert_pth(path_in: str | os.PathLike, path_out: str | os.PathLike, *, overwrite: bool = False) -> str:
     """pytorch-fid's `.pth` state dict -> a `.safetensors` of the same keys and tensors (less the
     training-only `num_batches_tracked` counters), checked against the FID Inception before
-    anything is written.
-
-    torch reads the `.pth` (with `weights_only=True`: tensors only, no code run) inside
-    `read_pt_state_dict`, imported there and only there: conversion is a one-off step with the
-    dev requirements, and computing FID never needs torch."""
-    path_in, path_out = os.fspath(path_in), os.fspath(path_out)
-    if os.path.exists(path_out) and not overwrite:
-        raise CheckpointError(f"{path_out} exists; choose another output file or remove it")
-    state = read_pt_state_dict(path_in)
-    check_keys({k: tuple(v.shape) for k, v in state.items()}, path_in)
-    arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in state.items() if not k.endswith(IGNORED_SUFFIX)}
-    shapes = {k: (a.shape, a.dtype) for k, a in arrays.items()}
-    write_file(path_out, iter(arrays.items()), shapes)
-    return path_out
+    anything is written (`torch_files.pt_to_safetensors`: needs torch, computing FID does not)."""
+    return pt_to_safetensors(path_in, path_out, lambda shapes: check_keys(shapes, os.fspath(path_in)),
+                             keep=lambda k: not k.endswith(IGNORED_SUFFIX), overwrite=overwrite)
 
 
 def define_flags() -> None:
@@ -178,5 +167,5 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, user_errors=(CheckpointError, FileExistsError))
+    cli.run(main, user_errors=(CheckpointError,))
 

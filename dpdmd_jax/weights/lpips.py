@@ -27,7 +27,7 @@ from dpdmd_jax import cli
 from dpdmd_jax.models.vgg import LPIPS
 from dpdmd_jax.weights import loader
 from dpdmd_jax.weights.safetensors_io import CheckpointError, TensorInfo, read_header
-from dpdmd_jax.weights.torch_import import read_pt_state_dict
+from dpdmd_jax.weights.torch_files import pt_to_safetensors
 
 # torchvision's index of each conv of VGG16 inside `features` (ReLUs and max-pools sit between).
 FEATURES_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
@@ -124,17 +124,9 @@ def load_lpips(
 
 def convert_pth(path_in: str | os.PathLike, path_out: str | os.PathLike, *, overwrite: bool = False) -> str:
     """Writes the state dict of a torch .pth (read with weights_only=True) as .safetensors, the
-    format `load_lpips` reads. Needs torch; refuses to overwrite unless asked."""
-    # safetensors.torch imports torch, a conversion-only dependency (requirements-dev): imported here
-    # so that loading the converted file never needs it.
-    from safetensors.torch import save_file
-
-    path_out = os.fspath(path_out)
-    if os.path.exists(path_out) and not overwrite:
-        raise FileExistsError(f"{path_out} exists; pass overwrite=True or choose another path")
-    state = read_pt_state_dict(os.fspath(path_in))
-    save_file({k: v.contiguous() for k, v in state.items()}, path_out)
-    return path_out
+    format `load_lpips` reads (`torch_files.pt_to_safetensors`: needs torch); refuses to overwrite
+    unless asked. Its keys are checked when the file is loaded (either half of LPIPS may come in)."""
+    return pt_to_safetensors(path_in, path_out, check=lambda shapes: None, overwrite=overwrite)
 
 
 def main(argv: list[str]) -> None:
@@ -144,4 +136,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main, user_errors=(CheckpointError, FileExistsError))
+    cli.run(main, user_errors=(CheckpointError,))

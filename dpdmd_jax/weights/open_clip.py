@@ -63,6 +63,7 @@ from dpdmd_jax.parallel.mesh import DEFAULT_RULES, replicated
 from dpdmd_jax.weights import loader
 from dpdmd_jax.weights.clip import TEXT_MODEL_PREFIX, VISION_MODEL_PREFIX, abstract_clip_text, abstract_clip_vision
 from dpdmd_jax.weights.safetensors_io import CheckpointError, TensorInfo, read_header, read_tensor
+from dpdmd_jax.weights.torch_files import WRAPPER_PREFIXES, pt_to_safetensors
 
 FLAGS = flags.FLAGS
 
@@ -72,7 +73,6 @@ LOGIT_SCALE_KEY = "logit_scale"
 HF_WEIGHTS_NAME = "open_clip_model.safetensors"
 HF_CONFIG_NAME = "open_clip_config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers in saved training states
 CONVERT_HINT = ("convert it once with `python -m dpdmd_jax.weights.open_clip --pt={path} --out=OUT.safetensors` "
                 "(or dpdmd_jax.weights.open_clip.convert_pt), then load the .safetensors")
 
@@ -370,50 +370,19 @@ def load_open_clip(
     return OpenCLIPTowers(text, vision, logit_scale)
 
 
-def read_pt(path: str) -> dict[str, Any]:
-    """{key: torch.Tensor} of an open_clip `.pt` / `.bin`: a plain state dict, or a training
-    checkpoint holding it under "state_dict" (HPSv2's files), read with weights_only=True (a file
-    that needs arbitrary unpickling is refused: it could run code). A DDP `module.` prefix is removed."""
-    import torch  # conversion only: torch is a test / conversion dependency, not a runtime one
-
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # refused pickles, truncated or non-torch files
-        raise CheckpointError(f"{path}: not a torch state dict that loads with weights_only=True "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise CheckpointError(f"{path} is not a state dict (name -> tensor), nor a checkpoint with one under "
-                              "'state_dict'")
-    for prefix in WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
 def convert_pt(path_in: str | os.PathLike, path_out: str | os.PathLike,
                config: str | os.PathLike | Mapping[str, Any] = "ViT-H-14", *, overwrite: bool = False) -> str:
     """Writes the open_clip state dict of a `.pt` (e.g. HPSv2's HPS_v2_compressed.pt /
-    HPS_v2.1_compressed.pt) as a `.safetensors` that `load_open_clip` reads, after checking every
-    key and shape against `config`'s towers (nothing is written for a wrong file). Tensors keep their
-    stored dtype. Imports torch: run it once wherever torch is installed."""
-    from safetensors.torch import save_file  # needs torch, as read_pt
+    HPS_v2.1_compressed.pt: a training checkpoint with it under "state_dict") as a `.safetensors` that
+    `load_open_clip` reads, after checking every key and shape against `config`'s towers (nothing is
+    written for a wrong file). Tensors keep their stored dtype. Needs torch (`torch_files`)."""
 
-    path_in, path_out = os.fspath(path_in), os.fspath(path_out)
-    if os.path.exists(path_out) and not overwrite:
-        raise FileExistsError(f"{path_out} exists; pass overwrite=True or choose another name")
-    state = read_pt(path_in)
-    infos = {k: SimpleNamespace(shape=tuple(v.shape)) for k, v in state.items()}  # what the checks read
-    check_layout(infos, path_in)
-    check_keys(infos, *tower_configs(config), path_in, config)
-    tmp = path_out + ".tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-    os.replace(tmp, path_out)  # never leave a half-written file under the final name
-    return path_out
+    def check(shapes: dict[str, tuple[int, ...]]) -> None:
+        infos = {k: SimpleNamespace(shape=shape) for k, shape in shapes.items()}  # what the checks read
+        check_layout(infos, os.fspath(path_in))
+        check_keys(infos, *tower_configs(config), os.fspath(path_in), config)
+
+    return pt_to_safetensors(path_in, path_out, check, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -434,4 +403,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, user_errors=(CheckpointError, FileExistsError))
+    cli.run(main, user_errors=(CheckpointError,))

@@ -19,7 +19,6 @@ the default 4-step student grid (FlowMatchEuler, shift 3), as the method samples
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 from types import SimpleNamespace
 from typing import Any
@@ -33,9 +32,9 @@ from dpdmd_jax.weights.export import ExportError, write_student_pipeline
 from dpdmd_jax.weights.pipeline import resolve_pipeline
 from dpdmd_jax.weights.safetensors_io import CheckpointError
 from dpdmd_jax.weights.sd3 import WEIGHTS_NAME, resolve_folder
+from dpdmd_jax.weights.torch_files import read_pt_state_dict
 
 FLAGS = flags.FLAGS
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def define_flags() -> None:
@@ -44,31 +43,6 @@ def define_flags() -> None:
     flags.DEFINE_string("pipeline", None, "The teacher's diffusers StableDiffusion3Pipeline folder.")
     flags.DEFINE_string("out", None, "The student pipeline folder to write (must not exist).")
     flags.mark_flags_as_required(["pt", "pipeline", "out"])
-
-
-def read_pt_state_dict(path: str) -> dict[str, Any]:
-    """{key: torch.Tensor} of a `.pt` state dict, read with weights_only=True."""
-    import torch  # torch is for conversion only (requirements-dev), not a runtime dependency
-
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} holds pickled Python objects besides tensors, which torch.load(weights_only=True) refuses "
-            f"(loading them could run arbitrary code): {str(e).splitlines()[0]}. Re-save it as a plain "
-            "state dict: torch.save({k: v for k, v in model.state_dict().items()}, path)."
-        ) from e
-    except Exception as e:  # truncated, not a torch file, ...
-        raise CheckpointError(f"{path}: not a readable torch .pt file ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise CheckpointError(f"{path} is not a state dict (a dict of name -> tensor); got {type(state).__name__}")
-    for prefix in WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
 
 
 def check_against_config(state: dict[str, Any], transformer_folder: str, what: str) -> None:
