@@ -97,6 +97,17 @@ def prepare_jax(target: Target) -> None:
         jax.config.update("jax_platforms", "cpu")
     if target.kind == "tpu":  # no chip is opened: plans may run side by side (libtpu's lock file would refuse)
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        _drop_cpu_only_xla_flags()
+
+
+def _drop_cpu_only_xla_flags() -> None:
+    """libtpu parses XLA_FLAGS itself and aborts the process on a flag it does not know, which
+    the XLA:CPU-only `--xla_cpu_*` flags are: they say nothing about a TPU program, so they go."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    dropped = [f for f in flags if f.startswith("--xla_cpu_")]
+    if dropped:
+        os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f not in dropped)
+        print(f"XLA_FLAGS: leaving out {' '.join(dropped)} (XLA:CPU only; libtpu refuses flags it does not know)")
 
 
 def target_devices(target: Target) -> list[jax.Device]:

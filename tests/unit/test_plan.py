@@ -9,6 +9,8 @@ libtpu is in tests/integration/test_plan_tpu.py (it needs libtpu, which the unit
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +41,17 @@ def test_targets_parse_and_bad_ones_say_the_accepted_forms(monkeypatch):
     (problem,) = plan_lib.target_problems(plan_lib.Target("tpu", "v5p:2x2x1"))
     assert "libtpu" in problem and "requirements-plan.txt" in problem
     assert plan_lib.target_problems(CPU8) == []
+
+
+def test_a_tpu_plan_leaves_out_the_xla_cpu_flags_libtpu_would_abort_on(monkeypatch, capsys):
+    """libtpu parses XLA_FLAGS itself and aborts on flags it does not know (the tests' own
+    --xla_cpu_use_fusion_emitters=false once killed the TPU plan CLI); the generic ones stay."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false "
+                                    "--xla_backend_optimization_level=0")
+    monkeypatch.delenv("ALLOW_MULTIPLE_LIBTPU_LOAD", raising=False)
+    plan_lib.prepare_jax(plan_lib.Target("tpu", "v5p:2x2x1"))
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    assert "leaving out --xla_cpu_use_fusion_emitters=false" in capsys.readouterr().out
 
 
 def test_the_compiled_arguments_are_the_state_the_run_holds():
