@@ -23,8 +23,10 @@ The paper's baselines (docs/DESIGN.md; each leaves lambda_div as it is: add `dmd
 baseline): `:gan` (`:gan=W`, default 5e-3: DMD2's classifier head on the fake score's image tokens
 after joint block `gan.block`, -1 = the last, and its non-saturating generator loss) and
 `:regression` (`:regression=W`, default 0.25: DMD v1's regression to the teacher's sample from the
-same noise, L2 on latents). No image folder source is wired yet, so the GAN's real side is the
-teacher's samples (`gan.real=teacher`, a data-free variant, not DMD2 itself):
+same noise, L2 on latents; DMD v1's LPIPS on the VAE-decoded samples with
+`--config.regression.distance=lpips` and its two weight files, `regression.vgg` and
+`regression.lpips_heads`). No image folder source is wired yet, so the GAN's real side is the teacher's
+samples (`gan.real=teacher`, a data-free variant, not DMD2 itself):
 
   python -m dpdmd_jax.main --config=configs/sd35.py:dmd,gan --workdir=runs/sd35m_dmd_gan --config.gan.real=teacher \
       --config.model.source=/ckpts/stable-diffusion-3.5-medium \

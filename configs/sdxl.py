@@ -22,11 +22,13 @@ simulation), `:tiny` (the tiny random pipeline of `python -m dpdmd_jax.tools.tin
 The paper's baselines (docs/DESIGN.md; each leaves lambda_div as it is, so `:gan` alone is DP-DMD + GAN):
 `:gan` (`:gan=W`, default 5e-3: DMD2's classifier head on the fake score's mid block and its
 non-saturating generator loss), `:regression` (`:regression=W`, default 0.25: DMD v1's regression
-to the teacher's sample from the same noise, L2 on latents), and `:dmd2`, DMD2's published SDXL
-recipe where it fits our engine: plain DMD (lambda_div 0) + GAN (weight 5e-3, classifier weight
-1e-2), real-score guidance 8, 5 fake updates per student update, backward simulation, lr 5e-7. The
-GAN's real samples must be named: no image folder source is wired yet, so `gan.real=teacher` (the
-teacher's samples: a data-free variant, not DMD2 itself):
+to the teacher's sample from the same noise, L2 on latents; DMD v1's LPIPS on the VAE-decoded
+samples with `--config.regression.distance=lpips` and its two weight files, `regression.vgg` and
+`regression.lpips_heads`), and `:dmd2`, DMD2's published SDXL recipe where it fits our engine:
+plain DMD (lambda_div 0) + GAN (weight 5e-3, classifier weight 1e-2), real-score guidance 8, 5 fake
+updates per student update, backward simulation, lr 5e-7. The GAN's real samples must be named: no
+image folder source is wired yet, so `gan.real=teacher` (the teacher's samples: a data-free variant,
+not DMD2 itself):
 
   python -m dpdmd_jax.main --config=configs/sdxl.py:dmd2 --workdir=runs/sdxl_dmd2 --config.gan.real=teacher \
       --config.model.source=/ckpts/stable-diffusion-xl-base-1.0 \
@@ -36,9 +38,10 @@ teacher's samples: a data-free variant, not DMD2 itself):
       --config.data.prompt_file=data/diffusiondb_prompts.txt
   python -m dpdmd_jax.main --config=configs/sdxl.py:dmd,regression --workdir=runs/sdxl_dmd_reg \
       --config.model.source=/ckpts/stable-diffusion-xl-base-1.0 \
-      --config.data.prompt_file=data/diffusiondb_prompts.txt `:lora` (`:lora=R`, default rank 64): LoRA student and
-fake score over one frozen bf16 copy of the UNet (docs/DESIGN.md, "LoRA students"), for one
-accelerator:
+      --config.data.prompt_file=data/diffusiondb_prompts.txt
+
+`:lora` (`:lora=R`, default rank 64): LoRA student and fake score over one frozen bf16 copy of the
+UNet (docs/DESIGN.md, "LoRA students"), for one accelerator:
 
   python -m dpdmd_jax.main --config=configs/sdxl.py:lora --workdir=runs/sdxl_lora --config.batch_size=4 \
       --config.model.source=/ckpts/stable-diffusion-xl-base-1.0 \

@@ -14,7 +14,7 @@ from dpdmd_jax.diffusion.flow import flow_match_sigmas
 from dpdmd_jax.parallel.mesh import DEFAULT_RULES
 
 SIMULATIONS = ("rollout", "backward")
-REGRESSION_DISTANCES = ("l2",)  # "lpips" once the LPIPS port is wired (issue 22)
+REGRESSION_DISTANCES = ("l2", "lpips")
 GAN_REAL = ("data", "teacher")
 DATA_WITH_REAL = ("toy",)  # data sources that give real latents for gan.real="data"
 TOY_IMAGE_SIZE = (16, 16)  # the toy generator's images (dpdmd_jax.toy.data.IMAGE_SIZE), its latents
@@ -116,8 +116,13 @@ def base_config() -> ml_collections.ConfigDict:
     # DMD v1's regression: the student's sample x (what the DMD loss acts on) is pulled towards the
     # teacher's full guided ODE sample from the same noise, computed online. distance "l2": mean
     # squared error on latents (on the toy, the latents are the images: the toy's stand-in for DMD
-    # v1's LPIPS in image space).
-    c.regression = ml_collections.ConfigDict(dict(weight=0.0, distance="l2"))
+    # v1's LPIPS in image space); "lpips" (DMD v1): LPIPS (VGG16, v0.1) between the two samples
+    # decoded by the pipeline's VAE and resized (bilinear) to image_size^2 (0 = as decoded; 224 as
+    # LPIPS is usually fed), from local files: `vgg` (torchvision's VGG16 state dict) and
+    # `lpips_heads` (the lpips package's weights/v0.1/vgg.pth), each as .safetensors
+    # (python -m dpdmd_jax.weights.lpips IN.pth OUT.safetensors).
+    c.regression = ml_collections.ConfigDict(dict(weight=0.0, distance="l2", vgg="", lpips_heads="",
+                                                  image_size=224))
     # DMD2's GAN: a classifier head on the fake score's features (`Backbone.features`: the UNet's mid
     # block; the MMDiT's image tokens after joint block `block`, -1 = the last) trained with the fake
     # score in its updates (loss weight `cls_weight`, DMD2's guidance_cls_loss_weight) to tell real
@@ -155,10 +160,10 @@ def baseline_problems(c: ml_collections.ConfigDict) -> list[str]:
     p, r, g = [], c.regression, c.gan
     if r.weight < 0:
         p.append(f"regression.weight={r.weight} is negative; 0 turns the regression off (DMD v1: 0.25).")
-    if r.distance == "lpips":
-        p.append("regression.distance='lpips' is not wired yet; use 'l2' (mean squared error on latents).")
-    elif r.distance not in REGRESSION_DISTANCES:
+    if r.distance not in REGRESSION_DISTANCES:
         p.append(f"regression.distance={r.distance!r}; choose one of {REGRESSION_DISTANCES}.")
+    if not isinstance(r.image_size, int) or r.image_size < 0:
+        p.append(f"regression.image_size={r.image_size!r} must be an integer >= 0 (0 = the decoded size).")
     if g.weight < 0 or g.cls_weight < 0:
         p.append(f"gan.weight={g.weight} and gan.cls_weight={g.cls_weight} must be >= 0 (gan.weight 0 = no GAN).")
     if not isinstance(g.block, int) or not isinstance(g.head_width, int) or g.head_width < 0:

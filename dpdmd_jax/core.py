@@ -64,11 +64,25 @@ class RoundBatch:
 
 
 @flax.struct.dataclass
+class Perceptual:
+    """The image-space distance of DMD v1's regression (regression.distance="lpips"): the pipeline's
+    VAE, which decodes latents to images, and LPIPS on them (`models.vgg.LPIPS`); frozen. Each
+    `*_graphdef` merges with its parameters."""
+
+    vae_graphdef: Any = flax.struct.field(pytree_node=False)
+    vae: Params
+    lpips_graphdef: Any = flax.struct.field(pytree_node=False)
+    lpips: Params
+
+
+@flax.struct.dataclass
 class Frozen:
-    """What no update touches: teacher parameters and the non-trainable buffers all models share."""
+    """What no update touches: teacher parameters and the non-trainable buffers all models share;
+    with an LPIPS regression also the VAE and LPIPS it measures with (None, no pytree node, else)."""
 
     teacher: Params
     buffers: Params
+    perceptual: Perceptual | None = None
 
 
 @flax.struct.dataclass

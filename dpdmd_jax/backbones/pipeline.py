@@ -156,20 +156,33 @@ class PipelineBackbone:
         return []
 
     def needs_vae(self) -> bool:
-        """The VAE is read only to decode sample grids (evaluators of type "samples")."""
-        return any(e.get("type") == "samples" for e in self.c.get("evals", {}).values())
+        """The VAE is read to decode sample grids (evaluators of type "samples") and the samples of
+        DMD v1's LPIPS regression."""
+        return bool(self._vae_uses())
+
+    def _vae_uses(self) -> dict[str, str]:
+        """What the VAE decodes in this run -> how to do without it."""
+        uses = {}
+        if any(e.get("type") == "samples" for e in self.c.get("evals", {}).values()):
+            uses["the sample grids of evals of type 'samples'"] = "drop those evals (--config.evals={})"
+        r = self.c.get("regression", {})
+        if r.get("weight", 0) > 0 and r.get("distance") == "lpips":
+            uses["the samples of regression.distance='lpips'"] = ("use regression.distance='l2' (on the toy the "
+                                                                   "latents are the images)")
+        return uses
 
     def vae_problems(self) -> list[str]:
+        uses = " and ".join(self._vae_uses())
         if self.builtin_source() and not self.c.text.source:
-            return [f"evals of type 'samples' decode with a pipeline's VAE, and model.source={self.source!r} has "
-                    "none: set --config.text.source to a pipeline folder, or drop those evals (--config.evals={})."]
+            return [f"{uses} decode with a pipeline's VAE, and model.source={self.source!r} has none: set "
+                    f"--config.text.source to a pipeline folder, or {' and '.join(self._vae_uses().values())}."]
         try:
             root = self.pipeline_root
         except CheckpointError as e:
             return [f"text.source: {e}"]
         missing = component_problems(root, ["vae"])
         if missing:
-            return [f"{m} (its VAE decodes the sample grids of evals of type 'samples')" for m in missing]
+            return [f"{m} (its VAE decodes {uses})" for m in missing]
         try:
             read_config(os.path.join(root, "vae"))
         except CheckpointError as e:

@@ -15,7 +15,8 @@ Generator update, from initial noise eps (the student's first level):
      gradient, its input produced without) -> x; DMD loss at a random training level.
 
 The paper's baselines, each independent of lambda_div and skipped entirely at weight 0:
-  regression (DMD v1): + regression.weight * mean |x - sg(teacher's T-step guided sample from eps)|^2;
+  regression (DMD v1): + regression.weight * d(x, sg(teacher's T-step guided sample from eps)), d the
+     mean squared error on latents ("l2") or LPIPS between their VAE-decoded images ("lpips");
   GAN (DMD2): a classifier head on the fake score's features (`Backbone.features`) trains with the
      fake score in each critic update (+ gan.cls_weight * the classifier loss on real samples and
      the critic's student sample, both noised at a training level); the generator adds
@@ -243,8 +244,8 @@ class Distiller:
         loss = loss_dmd + self.c.distill.lambda_div * loss_div
         aux = {"loss_dmd": loss_dmd, "loss_div": loss_div, "dmd_level": jnp.mean(level)}
         if self.regression_weight > 0:  # DMD v1: towards the teacher's sample from the same noise
-            aux["loss_reg"] = losses.regression_loss(x, self.teacher_sample(frozen.teacher, frozen.buffers, eps, cond,
-                                                                            uncond))
+            target = self.teacher_sample(frozen.teacher, frozen.buffers, eps, cond, uncond)
+            aux["loss_reg"] = self.regression_distance(frozen, x, target)
             loss = loss + self.regression_weight * aux["loss_reg"]
         if self.gan:  # DMD2: the classifier should call x real; fake score and head do not move
             logits = self.realism_logits(jax.lax.stop_gradient(fake), jax.lax.stop_gradient(disc), frozen.buffers, x,
@@ -252,6 +253,31 @@ class Distiller:
             aux["loss_gan_gen"] = losses.gan_generator_loss(logits)
             loss = loss + self.gan_weight * aux["loss_gan_gen"]
         return loss, aux
+
+    def regression_distance(self, frozen: Frozen, x: jax.Array, target: jax.Array) -> jax.Array:
+        """DMD v1's distance of the student's sample x to the teacher's (detached), averaged over the
+        batch: "l2", the mean squared error on latents; "lpips", LPIPS between the two decoded by the
+        VAE and resized (bilinear, no antialiasing, as the consistency-model and DMD codes feed it) to
+        regression.image_size^2. The teacher's side is decoded without gradient: only x's decode is
+        differentiated."""
+        if self.c.regression.distance == "l2":
+            return losses.regression_loss(x, target)
+        p = frozen.perceptual
+        if p is None:
+            raise ValueError("regression.distance='lpips' needs the VAE and LPIPS in Frozen.perceptual "
+                             "(run.setup.build loads them)")
+        vae = nnx.merge(p.vae_graphdef, p.vae, copy=True)
+        lpips = nnx.merge(p.lpips_graphdef, p.lpips, copy=True)
+        ours = self._for_lpips(self.backbone.decode(vae, x))
+        theirs = jax.lax.stop_gradient(self._for_lpips(self.backbone.decode(vae, jax.lax.stop_gradient(target))))
+        return jnp.mean(lpips(ours, theirs).astype(jnp.float32))
+
+    def _for_lpips(self, images: jax.Array) -> jax.Array:
+        size = int(self.c.regression.image_size)
+        if size:
+            images = jax.image.resize(images, (images.shape[0], size, size, images.shape[-1]), "bilinear",
+                                      antialias=False)
+        return images
 
     def critic_loss(self, fake, student, frozen: Frozen, eps, cond: Cond, key):
         """Denoising score matching of the fake score on fresh student samples (flow: flow matching,

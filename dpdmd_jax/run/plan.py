@@ -161,6 +161,10 @@ def abstract_run(c: ml_collections.ConfigDict, devices: list[jax.Device]) -> set
     """The run `setup.build` would assemble, shape-only on `devices` (no data source, no teacher
     weights: the frozen teacher is ShapeDtypeStructs on its shardings)."""
     problems = preflight.config_problems(c) + preflight.mesh_problems(c, devices)
+    if c.regression.weight > 0 and c.regression.distance == "lpips":
+        problems.append("regression.distance='lpips' cannot be planned yet (its VAE and LPIPS are not built "
+                        "shape-only): plan regression.distance='l2', which leaves out the round's two VAE decodes "
+                        "and its VGG16 pass.")
     if problems:
         raise ConfigError("the run cannot be planned:\n  - " + "\n  - ".join(problems))
     mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)

@@ -65,10 +65,30 @@ def source_problems(c: ml_collections.ConfigDict) -> list[str]:
         backbone = backbones.get(c)
     except (KeyError, ImportError):
         return []  # reported by the config's own checks
-    problems = data_lib.problems(c) + backbone.check_source()
+    problems = data_lib.problems(c) + backbone.check_source() + regression_problems(c, backbone)
     if not problems:  # LoRA's targets against the architecture (its config only, no weights)
         problems += adapters.problems(c, backbone)
     return problems
+
+
+def regression_problems(c: ml_collections.ConfigDict, backbone) -> list[str]:
+    """DMD v1's LPIPS regression: a backbone whose latents a VAE decodes (a pipeline backbone checks
+    its VAE in `vae_problems`), and LPIPS' two weight files (their keys are checked when they load)."""
+    r = c.regression
+    if r.weight <= 0 or r.distance != "lpips":
+        return []
+    p = []
+    if not hasattr(backbone, "vae_problems"):  # a pipeline backbone checks its VAE itself
+        p.append(f"regression.distance='lpips' compares VAE-decoded images, and backbone {c.backbone!r} has no "
+                 "VAE: use regression.distance='l2'.")
+    for key, what in (("vgg", "torchvision's VGG16 state dict"),
+                      ("lpips_heads", "the lpips package's weights/v0.1/vgg.pth")):
+        if not r[key]:
+            p.append(f"regression.distance='lpips' needs --config.regression.{key}: {what} as .safetensors "
+                     "(python -m dpdmd_jax.weights.lpips IN.pth OUT.safetensors).")
+        elif not epath.Path(r[key]).is_file():
+            p.append(f"regression.{key}={r[key]!r} does not exist ({what} as .safetensors).")
+    return p
 
 
 def mesh_problems(c: ml_collections.ConfigDict, devices=None) -> list[str]:

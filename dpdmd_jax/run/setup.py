@@ -20,12 +20,13 @@ from jax.sharding import Mesh
 
 from dpdmd_jax import backbones
 from dpdmd_jax import data as data_lib
-from dpdmd_jax.core import Backbone, DataSource, Frozen, Params, RoundBatch, TrainState
+from dpdmd_jax.core import Backbone, DataSource, Frozen, Params, Perceptual, RoundBatch, TrainState
 from dpdmd_jax.distill import adapters, anchor
 from dpdmd_jax.distill.step import Distiller, init_state
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.parallel.multihost import SyncedJit
 from dpdmd_jax.run.preflight import check_can_start
+from dpdmd_jax.weights.lpips import load_lpips
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +56,24 @@ def build(c: ml_collections.ConfigDict, devices=None, checked: bool = False, wor
     backbone = backbones.get(c)
     teacher = backbone.load(mesh, rules)
     graphdef, params, buffers = nnx.split(teacher, nnx.Param, ...)
-    frozen = Frozen(teacher=_stored(params, c.model.teacher_dtype), buffers=buffers)
+    frozen = Frozen(teacher=_stored(params, c.model.teacher_dtype), buffers=buffers,
+                    perceptual=_perceptual(c, backbone, mesh, rules))
     nnx.update(teacher, frozen.teacher)  # the module holds what the run holds (the cast donated the rest)
     lora = adapters.adapted_roles(c, backbone, graphdef, frozen.teacher, buffers)
     data = data_lib.make_source(c, backbone, mesh, rules)
     k = anchor.resolve_k(c, workdir, Distiller(c, backbone, graphdef, anchor_k=None), frozen, mesh, data)
     return Run(c, mesh, rules, backbone, Distiller(c, backbone, graphdef, anchor_k=k, adapters=lora), frozen,
                teacher, data)
+
+
+def _perceptual(c: ml_collections.ConfigDict, backbone: Backbone, mesh: Mesh, rules) -> Perceptual | None:
+    """The VAE and LPIPS of DMD v1's LPIPS regression (frozen, float32), or None without it."""
+    r = c.regression
+    if r.weight <= 0 or r.distance != "lpips":
+        return None
+    vae_graphdef, vae = nnx.split(backbone.load_vae(mesh, rules))
+    lpips_graphdef, lpips = nnx.split(load_lpips(r.vgg, r.lpips_heads, mesh=mesh, progress=True))
+    return Perceptual(vae_graphdef, vae, lpips_graphdef, lpips)
 
 
 def _stored(params: Params, dtype: str) -> Params:

@@ -329,9 +329,20 @@ def test_bad_baseline_settings_are_named_before_anything_loads():
     [problem] = [p for p in config_problems(dmd2) if p.startswith("gan.")]
     assert "an image folder source is not wired yet" in problem and "--config.gan.real=teacher" in problem
     assert not [p for p in config_problems(override(dmd2, {"gan.real": "teacher"})) if p.startswith("gan.")]
-    lpips = override(toy_config.get_config("regression"), {"regression.distance": "lpips"})
-    assert config_problems(lpips) == ["regression.distance='lpips' is not wired yet; use 'l2' (mean squared "
-                                      "error on latents)."]
+    # LPIPS compares VAE-decoded images: the toy has no VAE, and the two weight files are named.
+    lpips = override(toy_config.get_config("regression"), {"regression.distance": "lpips",
+                                                            "regression.lpips_heads": "/nowhere/vgg_v01.safetensors"})
+    assert config_problems(lpips) == []
+    assert [p for p in run_problems(lpips, check_mesh=False) if "regression" in p] == [
+        "the samples of regression.distance='lpips' decode with a pipeline's VAE, and model.source='toy' has "
+        "none: set --config.text.source to a pipeline folder, or use regression.distance='l2' (on the toy the "
+        "latents are the images).",
+        "regression.distance='lpips' needs --config.regression.vgg: torchvision's VGG16 state dict as "
+        ".safetensors (python -m dpdmd_jax.weights.lpips IN.pth OUT.safetensors).",
+        "regression.lpips_heads='/nowhere/vgg_v01.safetensors' does not exist (the lpips package's "
+        "weights/v0.1/vgg.pth as .safetensors)."]
+    negative = override(lpips, {"regression.image_size": -1})
+    assert "regression.image_size=-1 must be" in " ".join(config_problems(negative))
     assert "data.latent_size=(16, 16)" in " ".join(config_problems(toy_config.get_config("smoke,gan")))
     # The MMDiT's depth is read from its config only (here the smoke config's 2-layer random MMDiT).
     deep = override(toy_config.get_config("smoke,gan"), {"gan.real": "teacher", "gan.block": 2})

@@ -99,6 +99,8 @@ def test_a_budget_too_small_does_not_fit_and_search_finds_the_first_setting_that
 def test_bad_input_is_named_before_anything_compiles():
     with pytest.raises(ConfigError, match="batch_size"):
         plan_lib.plan(tiny(batch_size=12), CPU8)  # 12 rows do not split over 8 devices
+    with pytest.raises(ConfigError, match="regression.distance='lpips' cannot be planned yet"):
+        plan_lib.plan(tiny(**{"regression.weight": 0.25, "regression.distance": "lpips"}), CPU8)
     with pytest.raises(plan_lib.PlanError, match="exists"):
         plan_lib.write_json(__file__, {})
 
