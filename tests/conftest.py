@@ -10,10 +10,12 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 # (HLO-level optimisation, hence numerics, is unchanged).
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
-# XLA:CPU's MLIR fusion emitters run an MLIR pass pipeline per fusion: a third of a round's compile
-# CPU time here; the older LLVM IR emitters compile the same fusions with about 40 % less CPU (the
-# round of configs/toy.py:smoke: 21 -> 12 CPU-s). The suite is CPU-bound on 2 cores, so this is its
-# largest single saving; the numbers the tests compare are computed under the same flags.
+# XLA:CPU's MLIR fusion emitters run an MLIR pass pipeline per fusion, a third of a small round's
+# compile; the older LLVM IR emitters need less CPU for the tests' programs (a script compiling the
+# toy smoke round's generator update: 33.3 -> 24.8 CPU-s; the suite: user 39:44 -> 32:20), though
+# more for SDXL's larger round (docs/benchmarks/scan-remat-compile.md, "XLA:CPU's two kernel
+# emitters"). The suite is CPU-bound on 2 cores; the numbers tests compare are computed under the
+# same flags (CLI subprocesses inherit them).
 if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 os.environ["HF_HUB_OFFLINE"] = "1"
