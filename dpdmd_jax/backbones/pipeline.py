@@ -172,10 +172,11 @@ class PipelineBackbone:
         return uses
 
     def vae_problems(self) -> list[str]:
-        uses = " and ".join(self._vae_uses())
+        without = self._vae_uses()
+        uses = " and ".join(without)
         if self.builtin_source() and not self.c.text.source:
             return [f"{uses} decode with a pipeline's VAE, and model.source={self.source!r} has none: set "
-                    f"--config.text.source to a pipeline folder, or {' and '.join(self._vae_uses().values())}."]
+                    f"--config.text.source to a pipeline folder, or {' and '.join(without.values())}."]
         try:
             root = self.pipeline_root
         except CheckpointError as e:

@@ -22,6 +22,15 @@ from dpdmd_jax.parallel.multihost import SyncedJit
 from dpdmd_jax.sampling.sampler import SamplingRun
 
 
+def _vae(run: SamplingRun, dtype: str) -> tuple[nnx.GraphDef, nnx.State]:
+    """The VAE in `dtype`: an LPIPS regression run's own (`Frozen.perceptual`, float32) when it is
+    that dtype, rather than a second copy on device; else loaded."""
+    p = run.frozen.perceptual
+    if p is not None and all(x.dtype == jnp.dtype(dtype) for x in jax.tree.leaves(p.vae)):
+        return p.vae_graphdef, p.vae
+    return nnx.split(run.backbone.load_vae(run.mesh, run.rules, dtype))
+
+
 class SampleGrid:
     def __init__(self, run: SamplingRun, workdir: str, num_prompts: int = 4, seeds: int = 4, vae_dtype: str = "float32",
                  scale: int = 1):
@@ -42,8 +51,7 @@ class SampleGrid:
                                                                np.zeros((pad, *d.latent_shape), noise.dtype)]))
         self.n, self.cols, self.scale = n, seeds, scale
         self.buffers, self.frozen, self.distiller = run.frozen.buffers, run.frozen, d
-        vae = run.backbone.load_vae(mesh, run.rules, vae_dtype)
-        vae_graph, self.vae_state = nnx.split(vae)
+        vae_graph, self.vae_state = _vae(run, vae_dtype)
         key = jax.random.key(4322)  # stochastic (VP) student steps
 
         def sample_and_decode(params, buffers, vae_state, eps, cond):

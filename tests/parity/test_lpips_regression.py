@@ -18,6 +18,7 @@ import torch
 
 from configs import sd35 as sd35_config
 from dpdmd_jax.config import override
+from dpdmd_jax.eval import samples as eval_samples
 from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.weights.lpips import convert_pth
 from tests.helpers import train_rounds
@@ -68,6 +69,8 @@ def test_the_distance_is_lpips_between_the_vaes_decoded_samples(case):
     # The student's side is differentiated, the teacher's sample is a target.
     assert np.abs(np.asarray(gx)).max() > 0 and not np.any(np.asarray(gy))
     assert float(jax.jit(d.regression_distance)(frozen, x, x)) == 0.0
+    # A sample grid of such a run decodes with this VAE (float32) instead of loading a second copy.
+    assert eval_samples._vae(run, "float32")[1] is frozen.perceptual.vae
 
 
 def test_a_round_with_the_lpips_regression_trains(case):
