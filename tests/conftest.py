@@ -73,3 +73,58 @@ def tiny_sd3_pipeline(tmp_path_factory):
     return root, StableDiffusion3Pipeline.from_pretrained(root)
 
 
+@pytest.fixture(scope="session")
+def uninterrupted_smoke_run(tmp_path_factory):
+    """`configs/toy.py:smoke` trained without interruption for 8 rounds (a checkpoint every 2) on the
+    shared sharded mesh (tests.helpers.SHARDED_MESH on jax.devices()[:4]), once per session: the
+    reference that a SIGKILLed and resumed CLI run (test_trainer_runs.py) and a pre-empted and
+    requeued two-process SLURM job (test_slurm.py) must end like. Returns its metrics.jsonl rows."""
+    import json
+
+    import jax
+
+    from configs import toy as toy_config
+    from dpdmd_jax.config import override
+    from dpdmd_jax.run import train as run_train
+    from tests.helpers import SHARDED_DEVICES, SHARDED_MESH, built_once
+
+    c = override(toy_config.get_config("smoke"), {"num_rounds": 8, "checkpoint_every": 2, **SHARDED_MESH})
+    train = lambda folder: run_train.train(c, str(folder), devices=jax.devices()[:SHARDED_DEVICES])
+    with open(built_once(tmp_path_factory, "uninterrupted_smoke_run", train) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def sdxl_tiny_run(tmp_path_factory):
+    """A folder with `pipe/` (the tiny random SDXL pipeline), `prompts.txt` and `run/`: `configs/sdxl.py:tiny`
+    (the shipped setting: scan + full remat) trained for 2 rounds by the CLI, once per session.
+    tests/integration/test_sdxl_pipeline.py checks the run and its export; test_real_configs.py
+    compares its first round with the plain round. Needs torch (the pipeline is saved by diffusers)."""
+    import re
+    import subprocess
+    import sys
+
+    from dpdmd_jax.tools.tiny_pipeline import make_tiny_pipeline
+    from tests.helpers import REPO, built_once
+    from tests.parity.test_sdxl_encoding import PROMPTS
+
+    def build(folder):
+        folder.mkdir()
+        make_tiny_pipeline(str(folder / "pipe"), family="sdxl")
+        (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+        cmd = [sys.executable, "-m", "dpdmd_jax.main", "--config=configs/sdxl.py:tiny", f"--workdir={folder / 'run'}",
+               f"--config.model.source={folder / 'pipe'}", f"--config.data.prompt_file={folder / 'prompts.txt'}",
+               "--config.num_rounds=2"]
+        # The CLI trains on one device with XLA:CPU's fusion emitters: the SDXL round compiles in 79 CPU-s
+        # so, against 141 on the 8 virtual devices with the LLVM emitters the rest of the suite uses
+        # (the flags above; for SDXL's large round those emit each kernel in time that grows with the
+        # module).
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+|--xla_cpu_use_fusion_emitters=\w+", "",
+                       os.environ.get("XLA_FLAGS", ""))
+        env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=1 "
+                                         "--xla_cpu_use_fusion_emitters=true")
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "sdxl_tiny_run", build)
+

@@ -15,6 +15,15 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The sharded toy run several tests share: `configs/toy.py:smoke` on a data=2 x fsdp=2 mesh of 4 devices
+# (batch rows over both axes, parameters over fsdp). The in-process tests train it on jax.devices()[:4]
+# and the CLI runs they compare with see 4 devices, so each side compiles its round once per session
+# (the persistent compile cache is keyed on the devices a program sees).
+SHARDED_MESH = {"mesh.data": 2, "mesh.fsdp": 2}
+SHARDED_DEVICES = 4
+SHARDED_FLAGS = tuple(f"--config.{k}={v}" for k, v in SHARDED_MESH.items())
+
+
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
     """The folder `name`, built by `build(folder)` once per test session whichever pytest-xdist
     worker asks first; the others wait for it under a file lock and read it. (A session fixture runs

@@ -7,8 +7,8 @@ the CLI, checkpoint, grids, export) runs them.
 A round traced with them once failed: `nnx.merge` inside the round's loops made Variables of an
 outer trace level, which the scanned / rematerialised model's `nnx.scan` / `nnx.remat` refuse. Here
 each family's round runs plain and with the shipped setting and gives the same losses (scan and
-remat change how the round is computed, never what); the shipped setting trains, checkpoints and
-resumes; and every remat policy, with and without scan, runs the pattern that failed (the model
+remat change how the round is computed, never what); the shipped setting trains and checkpoints
+(and, on SD3, resumes); and every remat policy, with and without scan, runs the pattern that failed (the model
 merged inside a `lax.scan`, under `grad` and `jit`) and gives the plain model's value and gradient.
 A tiny round compiles in ~25 s here, the pattern in a few, hence the split."""
 
@@ -24,6 +24,7 @@ import pytest
 
 from configs import sd35 as sd35_config
 from configs import sdxl as sdxl_config
+from dpdmd_jax import run_config
 from dpdmd_jax.config import override
 from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import train as run_train
@@ -75,26 +76,35 @@ def _loop_value_and_grad(setup, batch: int):
     return jax.jit(jax.value_and_grad(loss))(frozen.teacher)
 
 
-def test_shipped_setting_trains_resumes_and_gives_the_plain_rounds_losses(family, tmp_path):
-    """The shipped setting through the trainer (one device): 2 rounds and a checkpoint, then a resume
-    to round 3 in a new build; its first round's losses are the plain round's."""
+def test_shipped_setting_trains_resumes_and_gives_the_plain_rounds_losses(family, tmp_path, request):
+    """The shipped setting through the trainer (one device): 2 rounds and a checkpoint, then (SD3) a
+    resume to round 3 in a new build; its first round's losses are the plain round's. SDXL's run is
+    the CLI's of `configs/sdxl.py:tiny` (`sdxl_tiny_run`, tests/conftest.py; its checkpoint, grids and
+    export: tests/integration/test_sdxl_pipeline.py), compared with the plain round of its recorded
+    config: SDXL's round is this file's largest compile, and that run compiles it already. The resume
+    is the trainer's and Orbax's, which know no family."""
     name, c = family
+    if name == "sdxl":
+        workdir = str(request.getfixturevalue("sdxl_tiny_run") / "run")
+        c, rounds = run_config.get_config(workdir), 2
+    else:
+        workdir, rounds, one_device = str(tmp_path / "run"), 3, jax.devices()[:1]
+        run_train.train(override(c.copy_and_resolve_references(), {"num_rounds": 2}), workdir, one_device)
+        assert workdir_lib.checkpoint_steps(workdir) == [2]
+        run_train.train(override(c.copy_and_resolve_references(), {"num_rounds": rounds}), workdir, one_device)
+    assert (c.model.scan_layers, c.model.remat_policy) == (True, "full")  # the shipped setting
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert [m["step"] for m in logged] == list(range(1, rounds + 1))
+    assert workdir_lib.checkpoint_steps(workdir)[-1] == rounds
+    assert all(np.isfinite(m[k]) for m in logged for k in METRICS)
+
     plain_setup = _setup(c, *PLAIN)
     state, shardings = setup_lib.init_train_state(plain_setup)
     _, metrics = setup_lib.compile_round(plain_setup, shardings)(state, plain_setup.frozen,
                                                                   setup_lib.round_batch(plain_setup, 0))
     plain = {k: float(v) for k, v in jax.device_get(metrics).items()}
     assert all(np.isfinite(plain[k]) and plain[k] != 0 for k in METRICS), plain
-
-    assert (c.model.scan_layers, c.model.remat_policy) == (True, "full")  # the shipped setting
-    workdir, one_device = str(tmp_path / "run"), jax.devices()[:1]
-    run_train.train(override(c.copy_and_resolve_references(), {"num_rounds": 2}), workdir, one_device)
-    assert workdir_lib.checkpoint_steps(workdir) == [2]
-    run_train.train(override(c.copy_and_resolve_references(), {"num_rounds": 3}), workdir, one_device)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        logged = [json.loads(line) for line in f]
-    assert [m["step"] for m in logged] == [1, 2, 3] and workdir_lib.checkpoint_steps(workdir)[-1] == 3
-    assert all(np.isfinite(m[k]) for m in logged for k in METRICS)
     for k in METRICS:
         np.testing.assert_allclose(logged[0][k], plain[k], rtol=2e-5, err_msg=f"{name}: {k}")
 

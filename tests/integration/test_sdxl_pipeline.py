@@ -6,51 +6,31 @@ embeddings against `encode_prompt`: tests/parity/test_sdxl_encoding.py.)"""
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import torch
 
-from dpdmd_jax.tools.tiny_pipeline import make_tiny_pipeline
-from tests.helpers import REPO
-from tests.parity.test_sdxl_encoding import PROMPTS
 from tests.torch_helpers import rel_err
 
 
-def test_sdxl_config_trains_checkpoints_writes_grids_and_exports(tmp_path):
-    """configs/sdxl.py:tiny through the same CLI as SD3.5: the VP teacher, CLIP prompts, VAE grids."""
+def test_sdxl_config_trains_checkpoints_writes_grids_and_exports(sdxl_tiny_run, tmp_path):
+    """configs/sdxl.py:tiny through the same CLI as SD3.5 (`sdxl_tiny_run`, tests/conftest.py: one
+    device, XLA:CPU's fusion emitters): the VP teacher, CLIP prompts, VAE grids. Nothing below
+    compares numbers with that process: the checks read its files."""
     from configs import sdxl as sdxl_config
     from dpdmd_jax.config import override
     from dpdmd_jax.run import setup as setup_lib
     from tests.integration.test_sd35_pipeline import _image_tags, _metrics
 
-    root = str(tmp_path / "pipe")
-    make_tiny_pipeline(root, family="sdxl")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dpdmd_jax.main", "--config=configs/sdxl.py:tiny", f"--workdir={workdir}",
-           f"--config.model.source={root}", f"--config.data.prompt_file={prompts}", "--config.num_rounds=2"]
-    # The CLI trains on one device with XLA:CPU's fusion emitters: the SDXL round compiles in 79 CPU-s
-    # so, against 141 on the 8 virtual devices with the LLVM emitters the rest of the suite uses
-    # (tests/conftest.py; for SDXL's large round those emit each kernel in time that grows with the
-    # module). Nothing below compares numbers with this process: the checks read its files.
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+|--xla_cpu_use_fusion_emitters=\w+", "",
-                   os.environ.get("XLA_FLAGS", ""))
-    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=1 "
-                                     "--xla_cpu_use_fusion_emitters=true")
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    root, prompts, workdir = str(sdxl_tiny_run / "pipe"), sdxl_tiny_run / "prompts.txt", sdxl_tiny_run / "run"
     assert [m["step"] for m in _metrics(workdir)] == [1, 2]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
     assert "student_samples" in _image_tags(workdir)
 
     logged = _metrics(workdir)
     assert all(np.isfinite(m[k]) for m in logged for k in ("loss", "loss_dmd", "loss_div", "loss_fake"))
-    # (Resuming the shipped SDXL setting: tests/integration/test_real_configs.py.)
+    # (Resuming the shipped setting: tests/integration/test_real_configs.py, on SD3: resuming knows no family.)
     c = override(sdxl_config.get_config("tiny"), {"model.source": root, "data.prompt_file": str(prompts),
                                                    "num_rounds": 2})
 

@@ -14,9 +14,9 @@ after 30 s), as a host with a cold compile cache or a busy CPU does: the compile
 --signal=TERM`: the tasks get what `--signal=TERM@...` sends before a time limit) lands after the
 first checkpoint: both processes save the same round and exit 75, the script requeues the job, and
 the requeued job resumes from that round and finishes with the metrics of an uninterrupted run, the
-same config and mesh trained in this process meanwhile on 4 of its devices. (A SIGTERM to one host
-only is the sampler's two-process test, tests/integration/test_sample_cli.py: the same
-`multihost.Preemption`.)
+same config and mesh trained in one process on 4 devices (`uninterrupted_smoke_run`,
+tests/conftest.py). (A SIGTERM to one host only is the sampler's two-process test,
+tests/integration/test_sample_cli.py: the same `multihost.Preemption`.)
 
 Two quick tests put a stand-in `python` under the script: a failing run ends the job with its exit
 code, unrequeued; and the header's recipe to stop a job for good still saves (75) without requeue.
@@ -36,20 +36,19 @@ import sys
 import threading
 import time
 
-import jax
 import numpy as np
 import pytest
 
-from configs import toy as toy_config
-from dpdmd_jax.config import override
-from dpdmd_jax.run import train as run_train
 from tests import slurm_cluster
-from tests.helpers import REPO
+from tests.helpers import REPO, SHARDED_MESH
 
 SCRIPT = os.path.join(REPO, "launch", "slurm", "dpdmd.sbatch")
-ROUNDS = 8  # the smoke config checkpoints every 2: SIGTERM after round 2's lands rounds before the end
+# uninterrupted_smoke_run's rounds; the smoke config checkpoints every 2: SIGTERM after round 2's checkpoint
+# lands rounds before the end.
+ROUNDS = 8
 DEVICES_PER_PROCESS = 2
-MESH = {"mesh.data": 2, "mesh.fsdp": DEVICES_PER_PROCESS}  # data parallel over processes, fsdp within
+MESH = SHARDED_MESH  # data=2 over the processes, fsdp=2 within each: the tests' shared sharded mesh
+assert MESH["mesh.fsdp"] == DEVICES_PER_PROCESS
 TIMEOUT_S = 900
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
@@ -198,7 +197,8 @@ def test_sbatch_stopped_for_good_keeps_the_round_without_requeue(cluster, tmp_pa
     assert "requeue failed; submit the same command again" in text, text
 
 
-def test_sbatch_two_processes_preempted_requeued_and_resumed_like_uninterrupted(cluster, tmp_path):
+def test_sbatch_two_processes_preempted_requeued_and_resumed_like_uninterrupted(cluster, uninterrupted_smoke_run,
+                                                                                 tmp_path):
     """Two processes under sbatch join one jax.distributed job and checkpoint together; the scheduler's
     SIGTERM saves the same round on both, the script requeues, and the resumed job ends like an
     uninterrupted run."""
@@ -218,11 +218,8 @@ def test_sbatch_two_processes_preempted_requeued_and_resumed_like_uninterrupted(
     watcher = threading.Thread(target=_sigterm_after_first_checkpoint, args=(cluster, job_id, workdir, seen),
                                daemon=True)
     watcher.start()
-    # The uninterrupted reference, trained while the job starts, compiles and runs (on one process).
-    ref_dir = tmp_path / "ref"
-    run_train.train(override(toy_config.get_config("smoke"), {"num_rounds": ROUNDS, **MESH}), str(ref_dir),
-                    devices=jax.devices()[:2 * DEVICES_PER_PROCESS])
-    reference = _metrics(ref_dir)
+    # The uninterrupted reference: the same config and mesh, trained in one process (tests/conftest.py).
+    reference = uninterrupted_smoke_run
     watcher.join(TIMEOUT_S)
     if "error" in seen:
         raise AssertionError(f"{seen['error']}\n{_tail(log)}") from seen["error"]

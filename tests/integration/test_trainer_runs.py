@@ -22,7 +22,7 @@ import pytest
 from dpdmd_jax.run import train as run_train
 from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import workdir as workdir_lib
-from tests.helpers import REPO, built_once, train_rounds
+from tests.helpers import REPO, SHARDED_DEVICES, SHARDED_FLAGS, SHARDED_MESH, built_once, train_rounds
 from tests.unit.test_trainer import smoke
 
 
@@ -40,8 +40,9 @@ def single_device_run():
 
 
 def test_sharded_rounds_equal_single_device(single_device_run):
-    """On data=2 x fsdp=4: batch rows over both axes, parameters over fsdp (the fsdp=8 mesh trains
-    in `finished_run` and is restored onto this one below)."""
+    """On data=2 x fsdp=4: batch rows over both axes, parameters over fsdp. (Eight devices, not the
+    shared 4-device mesh: there XLA's propagation alone splits the rows nearly as well, 0.28 of the
+    single-device FLOPs against 0.27, so the FLOPs could not tell a missing split.)"""
     _, ref_state, ref_hist, ref_flops = single_device_run
     setup, state, hist, flops = run_rounds(smoke(**{"mesh.data": 2, "mesh.fsdp": 4}), jax.devices())
     # Each device computes its rows of the batch (1 of 8 here), not the whole batch: the models'
@@ -77,22 +78,23 @@ def test_vp_backbone_trains_through_the_same_trainer(tmp_path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """`smoke(num_rounds=2)`, the CLI's `--config=configs/toy.py:smoke` run, trained once per session
-    for the tests that need a finished run (mesh.fsdp=-1 is all 8 devices: fsdp=8 here). Each test
-    works on its own copy."""
-    train = lambda folder: run_train.train(smoke(num_rounds=2), str(folder))
+    """`smoke(num_rounds=2)` on the shared data=2 x fsdp=2 mesh, the CLI's `--config=configs/toy.py:smoke`
+    run with SHARDED_FLAGS on 4 devices, trained once per session for the tests that need a finished
+    run. Each test works on its own copy."""
+    train = lambda folder: run_train.train(smoke(num_rounds=2, **SHARDED_MESH), str(folder),
+                                           devices=jax.devices()[:SHARDED_DEVICES])
     return built_once(tmp_path_factory, "finished_run", train)
 
 
 def test_checkpoint_restores_onto_another_mesh(finished_run, tmp_path):
-    c = smoke(**{"num_rounds": 2, "mesh.fsdp": 8})
-    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)  # c trained (on the 8-device fsdp mesh)
+    c = smoke(num_rounds=2, **SHARDED_MESH)
+    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)  # c trained (on data=2 x fsdp=2)
     mngr = workdir_lib.checkpoint_manager(str(tmp_path), c)
     assert mngr.latest_step() == 2
-    saved_setup = setup_lib.build(c)
+    saved_setup = setup_lib.build(c, devices=jax.devices()[:SHARDED_DEVICES])
     like, sh = setup_lib.init_train_state(saved_setup)
     saved = workdir_lib.restore(mngr, 2, like, sh)
-    other = smoke(**{"num_rounds": 2, "mesh.data": 2, "mesh.fsdp": 4})
+    other = smoke(**{"num_rounds": 2, "mesh.fsdp": 8})  # all 8 devices, one fsdp axis
     setup = setup_lib.build(other)
     like, shardings = setup_lib.init_train_state(setup)
     restored = workdir_lib.restore(mngr, 2, like, shardings)
@@ -101,7 +103,7 @@ def test_checkpoint_restores_onto_another_mesh(finished_run, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         assert x.sharding.is_equivalent_to(s, x.ndim)
     kernel = restored.fake["context_embedder"]["kernel"].get_value()
-    assert dict(kernel.sharding.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(kernel.sharding.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
 
     # Export (no pipeline behind a random / toy teacher): the student's transformer folder, loaded by
     # diffusers with the student's weights, and a scheduler whose 4 steps are the student's grid.
@@ -109,7 +111,7 @@ def test_checkpoint_restores_onto_another_mesh(finished_run, tmp_path):
 
     from dpdmd_jax.run import export as run_export
 
-    out = run_export.export_student(c, str(tmp_path), str(tmp_path / "export"))
+    out = run_export.export_student(c, str(tmp_path), str(tmp_path / "export"), run=saved_setup)
     assert sorted(os.listdir(out)) == ["dpdmd_student.json", "scheduler", "transformer"]
     ref = SD3Transformer2DModel.from_pretrained(os.path.join(out, "transformer"))
     np.testing.assert_array_equal(ref.context_embedder.weight.detach().numpy().T,
@@ -119,17 +121,15 @@ def test_checkpoint_restores_onto_another_mesh(finished_run, tmp_path):
     np.testing.assert_allclose(scheduler.sigmas.numpy(), saved_setup.distiller.student_grid, atol=1e-6)
 
 
-# The CLI runs that train many rounds see 2 devices (fsdp=2), not 8: on 2 cores an 8-way round is
-# mostly partitioning overhead. The in-process references train on the same 2 (the same program).
-TWO = 2
-
-
-def _main(workdir, *flags, wait=True, devices=None):
-    cmd = [sys.executable, "-m", "dpdmd_jax.main", "--config=configs/toy.py:smoke", f"--workdir={workdir}", *flags]
+def _main(workdir, *flags, wait=True):
+    """The CLI on `configs/toy.py:smoke`, seeing 4 devices and training on the shared data=2 x fsdp=2
+    mesh: the program of this file's in-process runs (on 4 of this process's 8 devices); all these
+    CLI runs share one persistent-cache entry."""
+    cmd = [sys.executable, "-m", "dpdmd_jax.main", "--config=configs/toy.py:smoke", f"--workdir={workdir}",
+           *SHARDED_FLAGS, *flags]
     env = dict(os.environ)
-    if devices:
-        env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+",
-                                  f"--xla_force_host_platform_device_count={devices}", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+",
+                              f"--xla_force_host_platform_device_count={SHARDED_DEVICES}", env.get("XLA_FLAGS", ""))
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
@@ -154,22 +154,20 @@ def _wait_for(predicate, proc, timeout=1500):
 LONG = ["--config.num_rounds=8", "--config.checkpoint_every=2"]
 
 
-def test_sigkill_resume_gives_identical_metrics(tmp_path):
-    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
-    proc = _main(killed_dir, *LONG, wait=False, devices=TWO)
+def test_sigkill_resume_gives_identical_metrics(uninterrupted_smoke_run, tmp_path):
+    killed_dir = tmp_path / "killed"
+    proc = _main(killed_dir, *LONG, wait=False)
     _wait_for(lambda: os.path.isdir(killed_dir / "checkpoints" / "2"), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(m["step"] for m in _metrics(killed_dir))
     assert killed_at < 8, "the run finished before it could be killed"
-    resumed = _main(killed_dir, *LONG, wait=False, devices=TWO)
-    # The uninterrupted reference, trained in this process while the resumed CLI runs (the same
-    # program: the compile flags are the environment's).
-    run_train.train(smoke(num_rounds=8, checkpoint_every=2), str(ref_dir), devices=jax.devices()[:TWO])
+    resumed = _main(killed_dir, *LONG, wait=False)
     out, err = resumed.communicate(timeout=1800)
     assert resumed.returncode == 0, err[-3000:]
     assert "Resuming from checkpoint step" in out
-    assert _metrics(killed_dir) == _metrics(ref_dir)  # bit-identical, every logged round once
+    # Bit-identical to the uninterrupted run (the same program, trained in-process), every logged round once.
+    assert _metrics(killed_dir) == uninterrupted_smoke_run
     # The end-of-run message: what was written, where, and the next commands.
     assert f"Done: 8 rounds in {killed_dir}" in out and f"{killed_dir}/checkpoints (latest: 8)" in out
     assert f"python -m dpdmd_jax.sample --workdir={killed_dir}" in out
@@ -178,8 +176,7 @@ def test_sigkill_resume_gives_identical_metrics(tmp_path):
 def test_sigterm_saves_current_round(tmp_path):
     """Also runs from a relative --workdir, as the README does (Orbax wants absolute paths)."""
     relative = os.path.relpath(tmp_path, REPO)
-    proc = _main(relative, "--config.num_rounds=100000", "--config.checkpoint_every=100000", wait=False,
-                 devices=TWO)
+    proc = _main(relative, "--config.num_rounds=100000", "--config.checkpoint_every=100000", wait=False)
     _wait_for(lambda: os.path.exists(tmp_path / "metrics.jsonl") and len(_metrics(tmp_path)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
@@ -204,7 +201,8 @@ def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
 def test_corrupt_checkpoint_and_changed_config_are_reported(finished_run, tmp_path, capsys):
     shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)  # the CLI's run, trained in this process
     capsys.readouterr()
-    run_train.train(smoke(num_rounds=2), str(tmp_path))  # a rerun of the finished run says so
+    # A rerun of the finished run says so.
+    run_train.train(smoke(num_rounds=2, **SHARDED_MESH), str(tmp_path), devices=jax.devices()[:SHARDED_DEVICES])
     assert f"{tmp_path} already finished at round 2 (num_rounds=2)" in capsys.readouterr().out
     changed = _main(tmp_path, "--config.num_rounds=2", "--config.distill.lambda_div=0.5")
     assert changed.returncode == 2 and "holds a run with a different config" in changed.stderr
