@@ -155,6 +155,12 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def lpips_regression(c: ml_collections.ConfigDict) -> bool:
+    """Whether the run has DMD v1's LPIPS regression: what makes it load a VAE and LPIPS."""
+    r = c.get("regression", {})
+    return r.get("weight", 0) > 0 and r.get("distance") == "lpips"
+
+
 def baseline_problems(c: ml_collections.ConfigDict) -> list[str]:
     """The regression and GAN settings' problems, one sentence each (`run.preflight.config_problems`)."""
     p, r, g = [], c.regression, c.gan

@@ -19,6 +19,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
+from dpdmd_jax.config import lpips_regression
 from dpdmd_jax.models.vae import from_model_latent
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.weights.loader import abstract_model
@@ -165,8 +166,7 @@ class PipelineBackbone:
         uses = {}
         if any(e.get("type") == "samples" for e in self.c.get("evals", {}).values()):
             uses["the sample grids of evals of type 'samples'"] = "drop those evals (--config.evals={})"
-        r = self.c.get("regression", {})
-        if r.get("weight", 0) > 0 and r.get("distance") == "lpips":
+        if lpips_regression(self.c):
             uses["the samples of regression.distance='lpips'"] = ("use regression.distance='l2' (on the toy the "
                                                                    "latents are the images)")
         return uses

@@ -36,7 +36,7 @@ from flax import nnx
 
 from dpdmd_jax import backbones
 from dpdmd_jax.backbones.pipeline import PRESET, TEXT_KINDS
-from dpdmd_jax.config import ConfigError, override
+from dpdmd_jax.config import ConfigError, lpips_regression, override
 from dpdmd_jax.core import Frozen, RoundBatch
 from dpdmd_jax.diffusion.sampler import is_unguided
 from dpdmd_jax.distill import adapters
@@ -161,7 +161,7 @@ def abstract_run(c: ml_collections.ConfigDict, devices: list[jax.Device]) -> set
     """The run `setup.build` would assemble, shape-only on `devices` (no data source, no teacher
     weights: the frozen teacher is ShapeDtypeStructs on its shardings)."""
     problems = preflight.config_problems(c) + preflight.mesh_problems(c, devices)
-    if c.regression.weight > 0 and c.regression.distance == "lpips":
+    if lpips_regression(c):
         problems.append("regression.distance='lpips' cannot be planned yet (its VAE and LPIPS are not built "
                         "shape-only): plan regression.distance='l2', which leaves out the round's two VAE decodes "
                         "and its VGG16 pass.")

@@ -74,9 +74,9 @@ def source_problems(c: ml_collections.ConfigDict) -> list[str]:
 def regression_problems(c: ml_collections.ConfigDict, backbone) -> list[str]:
     """DMD v1's LPIPS regression: a backbone whose latents a VAE decodes (a pipeline backbone checks
     its VAE in `vae_problems`), and LPIPS' two weight files (their keys are checked when they load)."""
-    r = c.regression
-    if r.weight <= 0 or r.distance != "lpips":
+    if not config_lib.lpips_regression(c):
         return []
+    r = c.regression
     p = []
     if not hasattr(backbone, "vae_problems"):  # a pipeline backbone checks its VAE itself
         p.append(f"regression.distance='lpips' compares VAE-decoded images, and backbone {c.backbone!r} has no "

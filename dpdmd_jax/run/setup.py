@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dpdmd_jax import backbones
+from dpdmd_jax import config as config_lib
 from dpdmd_jax import data as data_lib
 from dpdmd_jax.core import Backbone, DataSource, Frozen, Params, Perceptual, RoundBatch, TrainState
 from dpdmd_jax.distill import adapters, anchor
@@ -68,9 +69,9 @@ def build(c: ml_collections.ConfigDict, devices=None, checked: bool = False, wor
 
 def _perceptual(c: ml_collections.ConfigDict, backbone: Backbone, mesh: Mesh, rules) -> Perceptual | None:
     """The VAE and LPIPS of DMD v1's LPIPS regression (frozen, float32), or None without it."""
-    r = c.regression
-    if r.weight <= 0 or r.distance != "lpips":
+    if not config_lib.lpips_regression(c):
         return None
+    r = c.regression
     vae_graphdef, vae = nnx.split(backbone.load_vae(mesh, rules))
     lpips_graphdef, lpips = nnx.split(load_lpips(r.vgg, r.lpips_heads, mesh=mesh, progress=True))
     return Perceptual(vae_graphdef, vae, lpips_graphdef, lpips)
