@@ -56,9 +56,14 @@ def test_same_images_on_2_and_8_devices_and_any_batch(run_dir, tmp_path):
     assert a["images"] == b["images"] == c["images"] == 18 and a["rows"] == 18
     ia, ib, ic = pngs(a["out"]), pngs(b["out"]), pngs(c["out"])
     assert list(ia) == [f"p{p:05d}_s{s:03d}.png" for p in range(6) for s in range(3)]
-    for name in ia:
-        np.testing.assert_array_equal(ia[name], ib[name], err_msg=name)
-        np.testing.assert_array_equal(ia[name], ic[name], err_msg=name)
+    # The same images up to the last bit of 8-bit quantization: another batch or device layout may sum
+    # XLA's reductions in another order, and a value on a rounding boundary then moves one level (seen on
+    # an AMD EPYC: 1 channel of 1 pixel in 18 images; bit-equal on the Intel machines before). Another
+    # noise or prompt for an image would change most of its pixels by far more.
+    for other in (ib, ic):
+        assert list(other) == list(ia)
+        diff = np.stack([np.abs(ia[n].astype(int) - other[n]) for n in ia])
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= 4, (diff.max(), np.count_nonzero(diff))
     # Seeds differ, and so do the images of one prompt (the student's noise really is per image).
     assert not np.array_equal(ia["p00000_s000.png"], ia["p00000_s001.png"])
     r = rows(a["out"])
