@@ -75,7 +75,7 @@ def tiny_sd3_pipeline(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def uninterrupted_smoke_run(tmp_path_factory):
-    """`configs/toy.py:smoke` trained without interruption for 8 rounds (a checkpoint every 2) on the
+    """`configs/toy.py:smoke` trained without interruption for 6 rounds (a checkpoint every 2) on the
     shared sharded mesh (tests.helpers.SHARDED_MESH on jax.devices()[:4]), once per session: the
     reference that a SIGKILLed and resumed CLI run (test_trainer_runs.py) and a pre-empted and
     requeued two-process SLURM job (test_slurm.py) must end like. Returns its metrics.jsonl rows."""
@@ -86,9 +86,10 @@ def uninterrupted_smoke_run(tmp_path_factory):
     from configs import toy as toy_config
     from dpdmd_jax.config import override
     from dpdmd_jax.run import train as run_train
-    from tests.helpers import SHARDED_DEVICES, SHARDED_MESH, built_once
+    from tests.helpers import SHARDED_DEVICES, SHARDED_MESH, UNINTERRUPTED_ROUNDS, built_once
 
-    c = override(toy_config.get_config("smoke"), {"num_rounds": 8, "checkpoint_every": 2, **SHARDED_MESH})
+    c = override(toy_config.get_config("smoke"), {"num_rounds": UNINTERRUPTED_ROUNDS, "checkpoint_every": 2,
+                                                  **SHARDED_MESH})
     train = lambda folder: run_train.train(c, str(folder), devices=jax.devices()[:SHARDED_DEVICES])
     with open(built_once(tmp_path_factory, "uninterrupted_smoke_run", train) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]

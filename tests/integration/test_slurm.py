@@ -40,12 +40,10 @@ import numpy as np
 import pytest
 
 from tests import slurm_cluster
-from tests.helpers import REPO, SHARDED_MESH
+from tests.helpers import REPO, SHARDED_MESH, UNINTERRUPTED_ROUNDS
 
 SCRIPT = os.path.join(REPO, "launch", "slurm", "dpdmd.sbatch")
-# uninterrupted_smoke_run's rounds; the smoke config checkpoints every 2: SIGTERM after round 2's checkpoint
-# lands rounds before the end.
-ROUNDS = 8
+ROUNDS = UNINTERRUPTED_ROUNDS  # SIGTERM after round 2's checkpoint lands rounds before the end
 DEVICES_PER_PROCESS = 2
 MESH = SHARDED_MESH  # data=2 over the processes, fsdp=2 within each: the tests' shared sharded mesh
 assert MESH["mesh.fsdp"] == DEVICES_PER_PROCESS

@@ -16,7 +16,7 @@ from flax import nnx
 
 from dpdmd_jax.diffusion import flow
 from dpdmd_jax.toy import data, metrics, teacher
-from tests.helpers import REPO
+from tests.helpers import REPO, optimized_jit
 from tests.unit.test_toy_teacher import _load_config
 
 
@@ -33,7 +33,10 @@ def test_shipped_teacher_samples_the_toy_distribution(toy_teacher):
     # 6 classes x 9 seeds, the 30-step shift-3 teacher grid, CFG 3.5 (docs/DESIGN.md's teacher).
     ids = teacher.eval_class_ids(seeds=9, repeats=1)
     noise = jax.random.normal(jax.random.key(123), (ids.size, 16, 16, 3))
-    images = np.asarray(teacher.sample_flow(toy_teacher, noise, ids, flow.flow_match_sigmas(30, 3.0), 3.5))
+    graphdef, state = nnx.split(toy_teacher)
+    draw = optimized_jit(lambda state, noise: teacher.sample_flow(nnx.merge(graphdef, state), noise, ids,
+                                                                  flow.flow_match_sigmas(30, 3.0), 3.5))
+    images = np.asarray(draw(state, noise))
     m = metrics.toy_metrics(images, ids, R=9)
     # Thresholds from the measured teacher with margin (RESULTS.md, CFG 3.5, over this 54-sample
     # draw, three other 54-sample draws and the 216-sample table: colour 1.00, shape 0.89-0.98,
@@ -86,7 +89,10 @@ def test_shipped_unet_teacher_samples_the_toy_distribution(unet_teacher):
     # 6 classes x 9 seeds, the 30-step leading DDIM grid, CFG UNET_CFG (RESULTS.md of teacher_unet).
     ids = teacher.eval_class_ids(seeds=9, repeats=1)
     noise = jax.random.normal(jax.random.key(123), (ids.size, 16, 16, 3))
-    images = np.asarray(teacher.sample_toy(unet_teacher, noise, ids, teacher.teacher_grid("unet"), UNET_CFG))
+    graphdef, state = nnx.split(unet_teacher)
+    draw = optimized_jit(lambda state, noise: teacher.sample_toy(nnx.merge(graphdef, state), noise, ids,
+                                                                 teacher.teacher_grid("unet"), UNET_CFG))
+    images = np.asarray(draw(state, noise))
     m = metrics.toy_metrics(images, ids, R=9)
     # Thresholds from the measured teacher with margin (teacher_unet/RESULTS.md, CFG 3.5, over this
     # 54-sample draw, three other 54-sample draws and the 216-sample table: colour 1.00, shape

@@ -22,7 +22,8 @@ import pytest
 from dpdmd_jax.run import train as run_train
 from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import workdir as workdir_lib
-from tests.helpers import REPO, SHARDED_DEVICES, SHARDED_FLAGS, SHARDED_MESH, built_once, train_rounds
+from tests.helpers import (REPO, SHARDED_DEVICES, SHARDED_FLAGS, SHARDED_MESH, UNINTERRUPTED_ROUNDS, built_once,
+                           train_rounds)
 from tests.unit.test_trainer import smoke
 
 
@@ -151,7 +152,7 @@ def _wait_for(predicate, proc, timeout=1500):
         time.sleep(0.05)
 
 
-LONG = ["--config.num_rounds=8", "--config.checkpoint_every=2"]
+LONG = [f"--config.num_rounds={UNINTERRUPTED_ROUNDS}", "--config.checkpoint_every=2"]
 
 
 def test_sigkill_resume_gives_identical_metrics(uninterrupted_smoke_run, tmp_path):
@@ -161,7 +162,7 @@ def test_sigkill_resume_gives_identical_metrics(uninterrupted_smoke_run, tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(m["step"] for m in _metrics(killed_dir))
-    assert killed_at < 8, "the run finished before it could be killed"
+    assert killed_at < UNINTERRUPTED_ROUNDS, "the run finished before it could be killed"
     resumed = _main(killed_dir, *LONG, wait=False)
     out, err = resumed.communicate(timeout=1800)
     assert resumed.returncode == 0, err[-3000:]
@@ -169,7 +170,8 @@ def test_sigkill_resume_gives_identical_metrics(uninterrupted_smoke_run, tmp_pat
     # Bit-identical to the uninterrupted run (the same program, trained in-process), every logged round once.
     assert _metrics(killed_dir) == uninterrupted_smoke_run
     # The end-of-run message: what was written, where, and the next commands.
-    assert f"Done: 8 rounds in {killed_dir}" in out and f"{killed_dir}/checkpoints (latest: 8)" in out
+    assert f"Done: {UNINTERRUPTED_ROUNDS} rounds in {killed_dir}" in out
+    assert f"{killed_dir}/checkpoints (latest: {UNINTERRUPTED_ROUNDS})" in out
     assert f"python -m dpdmd_jax.sample --workdir={killed_dir}" in out
 
 
