@@ -58,7 +58,7 @@ def test_same_images_on_2_and_8_devices_and_any_batch(run_dir, tmp_path):
     assert list(ia) == [f"p{p:05d}_s{s:03d}.png" for p in range(6) for s in range(3)]
     # The same images up to the last bit of 8-bit quantization: another batch or device layout may sum
     # XLA's reductions in another order, and a value on a rounding boundary then moves one level (seen on
-    # an AMD EPYC: 1 channel of 1 pixel in 18 images; bit-equal on the Intel machines before). Another
+    # an AMD EPYC with AVX-512: 1 channel of 1 pixel in 18 images; bit-equal on the machines before). Another
     # noise or prompt for an image would change most of its pixels by far more.
     for other in (ib, ic):
         assert list(other) == list(ia)
