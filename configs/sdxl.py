@@ -59,8 +59,8 @@ def get_config(arg: str | None = None):
     c.model.param_dtype = "float32"
     c.model.scan_layers = True
     # Full rematerialisation, as for SD3.5-M, whose plan at 4 per v5p chip needs 101.85 GB of temporaries
-    # with dots_no_batch and fits with full (BENCHMARKS.md "Plans"); SDXL's own full-size plan is not yet
-    # recorded (its TPU compile ran past 28 min on the 2-core dev VM).
+    # with dots_no_batch and fits with full. SDXL's own plan at 4 per chip on a v5p-8 with full remat
+    # fits: peak 53.0 GiB of 95 (docs/benchmarks/plans.md; dots_no_batch not planned for SDXL).
     c.model.remat_policy = "full"
     c.data.kind = "prompts"
     c.data.latent_size = (128, 128)  # 1024^2 images
