@@ -24,6 +24,14 @@ from tests.unit.test_toy_teacher import _load_config
 UNET_CFG = 3.5
 
 
+def _draw(model, sampler, noise, *args) -> np.ndarray:
+    """`sampler(model, noise, *args)` as one LLVM-optimised program (54 images x 30 steps: it runs far
+    longer than it compiles), the model's weights as its argument."""
+    graphdef, state = nnx.split(model)
+    draw = optimized_jit(lambda state, noise: sampler(nnx.merge(graphdef, state), noise, *args))
+    return np.asarray(draw(state, noise))
+
+
 @pytest.fixture(scope="module")
 def toy_teacher():
     return teacher.load_toy_teacher()
@@ -33,10 +41,7 @@ def test_shipped_teacher_samples_the_toy_distribution(toy_teacher):
     # 6 classes x 9 seeds, the 30-step shift-3 teacher grid, CFG 3.5 (docs/DESIGN.md's teacher).
     ids = teacher.eval_class_ids(seeds=9, repeats=1)
     noise = jax.random.normal(jax.random.key(123), (ids.size, 16, 16, 3))
-    graphdef, state = nnx.split(toy_teacher)
-    draw = optimized_jit(lambda state, noise: teacher.sample_flow(nnx.merge(graphdef, state), noise, ids,
-                                                                  flow.flow_match_sigmas(30, 3.0), 3.5))
-    images = np.asarray(draw(state, noise))
+    images = _draw(toy_teacher, teacher.sample_flow, noise, ids, flow.flow_match_sigmas(30, 3.0), 3.5)
     m = metrics.toy_metrics(images, ids, R=9)
     # Thresholds from the measured teacher with margin (RESULTS.md, CFG 3.5, over this 54-sample
     # draw, three other 54-sample draws and the 216-sample table: colour 1.00, shape 0.89-0.98,
@@ -89,10 +94,7 @@ def test_shipped_unet_teacher_samples_the_toy_distribution(unet_teacher):
     # 6 classes x 9 seeds, the 30-step leading DDIM grid, CFG UNET_CFG (RESULTS.md of teacher_unet).
     ids = teacher.eval_class_ids(seeds=9, repeats=1)
     noise = jax.random.normal(jax.random.key(123), (ids.size, 16, 16, 3))
-    graphdef, state = nnx.split(unet_teacher)
-    draw = optimized_jit(lambda state, noise: teacher.sample_toy(nnx.merge(graphdef, state), noise, ids,
-                                                                 teacher.teacher_grid("unet"), UNET_CFG))
-    images = np.asarray(draw(state, noise))
+    images = _draw(unet_teacher, teacher.sample_toy, noise, ids, teacher.teacher_grid("unet"), UNET_CFG)
     m = metrics.toy_metrics(images, ids, R=9)
     # Thresholds from the measured teacher with margin (teacher_unet/RESULTS.md, CFG 3.5, over this
     # 54-sample draw, three other 54-sample draws and the 216-sample table: colour 1.00, shape
