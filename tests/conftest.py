@@ -35,6 +35,17 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 import pytest  # noqa: E402  (after the environment above: nothing here imports jax at module level)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """With `-n N`, idle workers take queued tests from busy ones (xdist's worksteal: the tests' lengths
+    vary from 0.1 s to minutes). A hook rather than `--dist worksteal` in pyproject.toml's addopts, so a
+    plain `python -m pytest tests/unit` works where pytest-xdist is not installed (the unit tier needs
+    only requirements.txt and pytest)."""
+    from xdist.scheduler import WorkStealingScheduling
+
+    return WorkStealingScheduling(config, log)
+
+
 # Fixtures shared by tests of several tiers: session-scoped, so the tests of every tier that read
 # them in one pytest process (one xdist worker) build them once. `run_dir` and `toy_samples` are
 # torch-free (the unit tier uses them); `tiny_sd3_pipeline` needs torch (parity, integration).

@@ -30,13 +30,14 @@ class ToyGrid:
         eps = jax.random.normal(jax.random.key(1234), (len(prompts), *d.latent_shape))
         key = jax.random.key(1235)  # stochastic (VP) student steps
         self.cols = seeds
-        self.buffers = run.frozen.buffers
+        self.distiller, self.frozen = d, run.frozen
         self._sample = SyncedJit(lambda p, b: d.sample(p, b, eps, cond, key), "toy_grid",
                                  out_shardings=mesh_lib.replicated(run.mesh))
 
     def grid(self, state: TrainState) -> np.ndarray:
         """[rows * H * 4, cols * W * 4, C] in [0, 1]."""
-        images = self._sample(state.student, self.buffers)  # replicated: every process holds all of it
+        params = self.distiller.weights("student", state.student, self.frozen)  # with LoRA: base + adapters
+        images = self._sample(params, self.frozen.buffers)  # replicated: every process holds all of it
         return image_grid(np.asarray(images.addressable_data(0)), cols=self.cols)
 
     def run(self, step: int, state: TrainState, writer: Any) -> None:

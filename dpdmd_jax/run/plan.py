@@ -11,7 +11,7 @@ compile-time out-of-memory is the verdict the hardware would give.
 FLOPs: XLA's `cost_analysis()` counts a loop's body once, whatever its trip count (the critic
 scan, the teacher's anchor loop, the student's steps), so the round's count is ours: the method's
 model calls per round (`model_calls`, docs/DESIGN.md section 2) times XLA's count of one call,
-lowered unscanned (`call_flops`). tests/unit/test_plan.py checks the product against the
+lowered unscanned (`call_flops`). tests/integration/test_plan_compile.py checks the product against the
 compiled count of a small round with every loop unrolled.
 """
 
@@ -264,7 +264,7 @@ def call_flops(run: setup.Run, remat_policy: str = "none") -> dict[str, float]:
 def unrolled_loops():
     """While tracing inside, `jax.lax.scan` and static-bound `jax.lax.fori_loop` fully unroll, so XLA's
     cost analysis sees every iteration (it counts a loop body once): the check of `model_calls` x
-    `call_flops` against a whole round (tests/unit/test_plan.py, benchmarks/step_cost.py)."""
+    `call_flops` against a whole round (tests/integration/test_plan_compile.py, benchmarks/step_cost.py)."""
     scan0, fori0 = jax.lax.scan, jax.lax.fori_loop
 
     def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kw):

@@ -17,6 +17,8 @@ from dpdmd_jax.backbones.sd3 import SD3Backbone
 from dpdmd_jax.config import ConfigError
 from dpdmd_jax.core import Adapted
 from dpdmd_jax.distill import adapters
+from dpdmd_jax.eval.grid import image_grid
+from dpdmd_jax.eval.toy import ToyGrid
 from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import train as run_train
 from dpdmd_jax.run import workdir as workdir_lib
@@ -117,6 +119,17 @@ def test_rounds_train_only_the_adapters_and_the_state_holds_no_copy_of_the_base(
     assert lora_bytes < nbytes(run.frozen.teacher)
     assert not any(x.shape == y.shape and x.ndim >= 2 for x in jax.tree.leaves(state.student)
                    for y in jax.tree.leaves(run.frozen.teacher))
+
+
+def test_the_toy_grid_samples_base_plus_adapters(single):
+    """The toy's TensorBoard grid (`eval.toy.ToyGrid`, every `log_every` rounds of a toy run) samples the
+    student as the base plus its adapters: at step 0 the teacher's images, after training others."""
+    run, _, start, state, _ = single
+    toy_grid = ToyGrid(run, "unused", seeds=2)
+    teacher = np.asarray(toy_grid._sample(run.frozen.teacher, run.frozen.buffers).addressable_data(0))
+    at_start = toy_grid.grid(start)
+    np.testing.assert_allclose(at_start, image_grid(teacher, cols=2), rtol=0, atol=1e-5)
+    assert np.abs(toy_grid.grid(state) - at_start).max() > 1e-3
 
 
 def test_sharded_lora_rounds_equal_single_device():

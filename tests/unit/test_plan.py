@@ -1,10 +1,11 @@
-"""The planner (`dpdmd_jax.run.plan`): targets, per-device memory from an ahead-of-time compile, the
-fit verdict and `--search`, and the FLOPs per round against a compile with every loop unrolled.
+"""The planner (`dpdmd_jax.run.plan`): targets, the arguments of an ahead-of-time compile, bad input
+named before anything compiles, preset sources.
 
-The memory tests plan the `tiny_flow` test backbone on the 8 virtual CPU devices (its round
-compiles in seconds; the planner's code path is the same for every backbone); the FLOPs test
-lowers the toy MMDiT's round (lowering only, nothing compiled). The TPU-topology compile through
-libtpu is in tests/integration/test_plan_tpu.py (it needs libtpu, which the unit tier does not).
+The memory test plans the `tiny_flow` test backbone on the 8 virtual CPU devices (its round compiles
+in seconds; the planner's code path is the same for every backbone). The fit verdict, `--search` and
+the FLOPs count against a whole unrolled round compile several rounds each:
+tests/integration/test_plan_compile.py; the TPU-topology compile through libtpu:
+tests/integration/test_plan_cli.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import pytest
 from configs import toy
 from dpdmd_jax.config import ConfigError, override
 from dpdmd_jax.run import plan as plan_lib
-from dpdmd_jax.run import setup
 
 CPU8 = plan_lib.Target("cpu", "8")
 
@@ -71,31 +71,6 @@ def test_the_compiled_arguments_are_the_state_the_run_holds():
     assert plan_lib.device_bytes(state.student) < whole / 4  # split, not replicated
 
 
-def test_a_budget_too_small_does_not_fit_and_search_finds_the_first_setting_that_does():
-    c = tiny(batch_size=32)
-    full = plan_lib.plan(c, CPU8)
-    assert full["fits"] is None and full["devices"] == 8 and full["per_device_batch"] == 4
-    peak = full["memory_per_device"]["peak"]
-    m = full["memory_per_device"]
-    assert peak >= m["round program"]["temporaries"] + sum(m["round arguments"].values())
-
-    squeezed = plan_lib.plan(c, CPU8, memory_bytes=peak - 1)
-    assert squeezed["fits"] is False and squeezed["margin_bytes"] == -1
-
-    # A budget between the plan at a quarter of the batch and the plan at half: the search must walk
-    # past the remat steps (no effect on this model), then halve the batch twice, and stop there.
-    quarter = plan_lib.plan(tiny(batch_size=8), CPU8)["memory_per_device"]["peak"]
-    half = plan_lib.plan(tiny(batch_size=16), CPU8)["memory_per_device"]["peak"]
-    assert quarter < half < peak
-    result = plan_lib.search(c, CPU8, memory_bytes=(quarter + half) // 2, log=lambda _: None)
-    assert c.batch_size == 32 and c.model.remat_policy == "none"  # the caller's config is left as it was
-    best = result["best"]
-    assert best["fits"] is True and best["batch_size"] == 8 and best["setting"]["model.remat_policy"] == "full"
-    assert [p["fits"] for p in result["tried"]] == [False] * (len(result["tried"]) - 1) + [True]
-    assert result["tried"][-2]["batch_size"] == 16
-    assert "the first that fits" in plan_lib.format_search(result)
-
-
 def test_bad_input_is_named_before_anything_compiles():
     with pytest.raises(ConfigError, match="batch_size"):
         plan_lib.plan(tiny(batch_size=12), CPU8)  # 12 rows do not split over 8 devices
@@ -103,32 +78,6 @@ def test_bad_input_is_named_before_anything_compiles():
         plan_lib.plan(tiny(**{"regression.weight": 0.25, "regression.distance": "lpips"}), CPU8)
     with pytest.raises(plan_lib.PlanError, match="exists"):
         plan_lib.write_json(__file__, {})
-
-
-@pytest.mark.parametrize("changes", [
-    {},  # DP-DMD, velocity target
-    {"distill.target": "denoise", "dmd.real_cfg_scale": 1.0},  # a guided call more at the anchor; unguided real score
-    {"distill.lambda_div": 0.0, "distill.fake_updates_per_student": 3},  # plain DMD: no anchor
-])
-def test_round_flops_are_the_calls_times_one_call_as_an_unrolled_compile_counts(changes):
-    """Our count (model calls per round x XLA's FLOPs of one call) against XLA's count of the whole
-    round with every loop unrolled (toy MMDiT, 1 device, lowered only). What the count leaves out
-    (optimizer, losses, noise) is well under 1% here."""
-    c = override(toy.get_config(), {"distill.anchor_k": 2, "teacher.steps": 4, "distill.fake_updates_per_student": 2,
-                                    "model.scan_layers": False, **changes})
-    run = plan_lib.abstract_run(c, jax.devices()[:1])
-    calls = plan_lib.model_calls(c, 2, len(run.distiller.student_grid) - 1)
-    per_call = plan_lib.call_flops(run)
-    ours = sum(calls[k] * per_call[k] for k in calls)
-    with plan_lib.unrolled_loops():
-        lowered = jax.jit(lambda s, f, b: run.distiller.train_round(s, f, b)).lower(
-            setup.abstract_train_state(run), run.frozen, setup.batch_spec(run))
-    theirs = lowered.cost_analysis()["flops"]
-    assert theirs * 0.99 < ours <= theirs
-    # Full remat runs each forward once more inside the backward; the run's own config is not touched.
-    full = plan_lib.call_flops(run, "full")
-    assert full["forward"] == per_call["forward"] and full["forward_backward"] > 1.25 * per_call["forward_backward"]
-    assert run.config.model.remat_policy == "none"
 
 
 def test_a_preset_source_builds_its_architecture_with_random_weights_on_the_mesh(monkeypatch):
@@ -161,4 +110,3 @@ def test_a_preset_source_builds_its_architecture_with_random_weights_on_the_mesh
     bad = backbones.get(override(c, {"model.source": "preset:sd9"}))
     (problem,) = bad.check_source()
     assert "preset:sd9" in problem and "preset:sd3.5-medium" in problem
-
