@@ -1,20 +1,19 @@
 """The paper's baselines in the engine (issue 22): DMD v1's regression to the teacher's sample and
 DMD2's GAN (a classifier head on the fake score's features). The losses' gradients and signs by
 hand; each GAN term reaches only the parameters it should; weight 0 is the plain round, program
-and numbers; sharded == single device and an interrupted run resumes exactly with the GAN on; the
-features stop inside scanned, rematerialised stacks as the shipped configs run them; bad settings
-are named before anything loads. All on the tiny backbones, 1-2 rounds."""
+and numbers; the features stop inside scanned, rematerialised stacks as the shipped configs run
+them; bad settings are named before anything loads. All on the tiny backbones, 1-2 rounds. (Sharded
+GAN rounds equal one device's: tests/integration/test_sharded_rounds.py; an interrupted GAN run
+resumes exactly: tests/integration/test_resume_exact.py.)"""
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
 from configs import sdxl as sdxl_config
 from configs import toy as toy_config
@@ -28,7 +27,6 @@ from dpdmd_jax.models.layers import layer_norm, modulate
 from dpdmd_jax.models.unet import UNet2DConditionModel
 from dpdmd_jax.parallel.mesh import make_mesh
 from dpdmd_jax.run import setup as setup_lib
-from dpdmd_jax.run import train as run_train
 from dpdmd_jax.run.preflight import config_problems, run_problems, validate
 from dpdmd_jax.toy.teacher import toy_unet_config
 from dpdmd_jax.weights.sd3 import load_mmdit
@@ -204,50 +202,6 @@ def test_gan_rounds_train_the_head_on_real_toy_images(single):
     moved = [not np.array_equal(a, np.asarray(b)) for a, b in
              zip(jax.tree.leaves(start.disc), jax.tree.leaves(state.disc), strict=True)]
     assert all(moved) and int(state.opt_disc.total_notfinite) == 0
-
-
-@pytest.fixture
-def fresh_compiles():
-    """No persistent compilation cache while the test runs. A GAN round on 8 CPU devices loaded back from
-    the cache deadlocks (jax 0.10.2): one device enters an all-gather while the others wait in another
-    ("Termination timeout for `all gather ...`", then abort), in 7 of 7 cached runs here and in none of
-    6 freshly compiled ones; the plain round's cached executables run."""
-    enabled = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()  # the cache's "in use" is decided once per process: decide it again
-    yield
-    jax.config.update("jax_enable_compilation_cache", enabled)
-    compilation_cache.reset_cache()
-
-
-def test_sharded_gan_rounds_equal_single_device(single, fresh_compiles):
-    _, _, ref_state, ref_history, _ = single
-    _, _, state, history, _ = train_rounds(gan_config(**{"mesh.fsdp": 8}), jax.devices(), rounds=2)
-    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.disc))  # by its logical axes
-    for a, b in zip(history, ref_history, strict=True):
-        for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-7, err_msg=k)
-    for x, y in zip(jax.tree.leaves((state.fake, state.disc)), jax.tree.leaves((ref_state.fake, ref_state.disc)),
-                    strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=2e-6)
-
-
-def _metrics(workdir):
-    with open(f"{workdir}/metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
-def test_gan_resume_is_exact(single, tmp_path):
-    """Stopped after round 1 and resumed from its checkpoint (head and its optimizer included), the run
-    logs exactly the rounds of the uninterrupted one (`single`: the same config and program)."""
-    c = lambda n: gan_config(num_rounds=n, checkpoint_every=1)
-    one = jax.devices()[:1]
-    run_train.train(c(1), str(tmp_path), one)
-    run_train.train(c(2), str(tmp_path), one)
-    metrics, history = _metrics(tmp_path), single[3]
-    assert [m["step"] for m in metrics] == [1, 2] and "loss_gan_cls" in history[1]
-    for row, ref in zip(metrics, history, strict=True):
-        assert {k: row[k] for k in ref} == ref
 
 
 # ---------------------------------------------------------------------------- features of the shipped settings

@@ -1,11 +1,11 @@
 """LoRA students and fake scores over one shared frozen base (`distill.adapters`, `models.lora`):
-exact at step 0, only adapters train, one copy of the base in the state, sharded == single device,
-exact resume, and bad targets named before any weight is read. The smoke config's random MMDiT is
+exact at step 0, only adapters train, one copy of the base in the state, the toy's grid samples
+base + adapters, and bad targets named before any weight is read (sharded == single device:
+tests/integration/test_sharded_rounds.py; exact resume: tests/integration/test_resume_exact.py). The smoke config's random MMDiT is
 scanned and rematerialised, as the shipped configs run it."""
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,7 @@ from dpdmd_jax.core import Adapted
 from dpdmd_jax.distill import adapters
 from dpdmd_jax.eval.grid import image_grid
 from dpdmd_jax.eval.toy import ToyGrid
-from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import train as run_train
-from dpdmd_jax.run import workdir as workdir_lib
 from tests.helpers import train_rounds
 from tests.unit.test_trainer import smoke
 
@@ -130,39 +128,6 @@ def test_the_toy_grid_samples_base_plus_adapters(single):
     at_start = toy_grid.grid(start)
     np.testing.assert_allclose(at_start, image_grid(teacher, cols=2), rtol=0, atol=1e-5)
     assert np.abs(toy_grid.grid(state) - at_start).max() > 1e-3
-
-
-def test_sharded_lora_rounds_equal_single_device():
-    """On the tiny flow backbone (its linear layers' kernels shard over fsdp): a cheap compile."""
-    c = lambda fsdp: lora_smoke(**{"backbone": "tiny_flow", "data.kind": "random", "mesh.fsdp": fsdp})
-    _, _, ref_state, ref_history = rounds(c(1), jax.devices()[:1])
-    run, _, state, history = rounds(c(8), jax.devices())
-    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.student))  # B: (None, embed)
-    for a, b in zip(history, ref_history, strict=True):
-        for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-7, err_msg=k)
-    for role in adapters.ROLES:
-        for x, y in zip(jax.tree.leaves(getattr(state, role)), jax.tree.leaves(getattr(ref_state, role)), strict=True):
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=2e-6)
-
-
-def _metrics(workdir):
-    with open(f"{workdir}/metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
-def test_lora_resume_is_exact_and_checkpoints_hold_only_adapters(tmp_path):
-    c = lambda n: lora_smoke(num_rounds=n, checkpoint_every=1, backbone="tiny_flow", **{"data.kind": "random"})
-    one = jax.devices()[:1]
-    run_train.train(c(2), str(tmp_path / "ref"), one)
-    run_train.train(c(1), str(tmp_path / "resumed"), one)
-    run_train.train(c(2), str(tmp_path / "resumed"), one)  # continues from round 1's checkpoint
-    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "ref")
-    mngr = workdir_lib.checkpoint_manager(str(tmp_path / "ref"), c(2))
-    run = setup_lib.build(c(2), jax.devices()[:1])
-    student = workdir_lib.restore_student(mngr, 2, setup_lib.abstract_student(run))
-    paths = list(_flat(student))
-    assert paths and all(p[-2] == "lora" for p in paths)
 
 
 def test_unknown_target_is_named_before_any_weight_is_read(tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -140,30 +139,3 @@ def test_a_rerun_remakes_truncated_pngs_and_keeps_the_bad_files_aside(run_dir, t
     _check_whole(out)
     assert sampling_folder.readable_png(grid)
     assert np.asarray(Image.open(grid)).shape[1] == 2 * before["p00003_s001.png"].shape[1]
-
-
-def test_the_student_is_restored_alone_and_a_resume_builds_no_fresh_state(run_dir, tmp_path, monkeypatch):
-    """Sampling (and export) read only the checkpoint's student: the same arrays, on the same
-    shardings, as a full restore's, with no train state built (the fake score and both optimizers'
-    moments are four more copies of the model). A resume restores onto the state's shapes, never
-    beside a freshly initialised state."""
-    from dpdmd_jax.run import setup as setup_lib
-    from dpdmd_jax.run import workdir as workdir_lib
-
-    run = setup_lib.build(config())
-    like, shardings = setup_lib.train_state_shapes(run)
-    full = workdir_lib.restore(workdir_lib.checkpoint_manager(run_dir, run.config), 2, like, shardings)
-
-    def no_state(*a, **k):
-        raise AssertionError("no train state may be initialised here")
-
-    monkeypatch.setattr(setup_lib, "init_train_state", no_state)
-    student, source = run_sample.load_student(run, run_dir, None)
-    assert source.endswith("checkpoints/2")
-    for a, b in zip(jax.tree.leaves(student), jax.tree.leaves(full.student), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
-
-    shutil.copytree(run_dir, tmp_path / "run")
-    summary = run_train.train(override(config(), {"num_rounds": 3}), str(tmp_path / "run"))  # resumes at 2
-    assert summary is not None and workdir_lib.checkpoint_steps(str(tmp_path / "run"))[-1] == 3
