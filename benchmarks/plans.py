@@ -46,6 +46,8 @@ ROWS = {  # name -> plan flags (remat named, whatever the config's default)
     **{f"sd35_v5p1_lora64_b{b}_embeddings": [f"{SD35}:lora=64", V5P1, f"--per_device_batch={b}", FULL, EMB]
        for b in (8, 9, 12)},
     "sd35_v5p16_lora64_embeddings": [f"{SD35}:lora=64", "--target=tpu:v5p:2x2x2", *B4, FULL, EMB],  # 8 chips
+    "sdxl_v5p1_full_embeddings": [SDXL, V5P1, *B4, FULL, EMB],
+    "sdxl_v5p16_lora64_embeddings": [f"{SDXL}:lora=64", "--target=tpu:v5p:2x2x2", *B4, FULL, EMB],
 }
 
 
