@@ -60,7 +60,9 @@ def pytest_collection_modifyitems(config, items):
     if workers < 2:
         return
     module = lambda item: item.nodeid.split("::")[0]
-    long = sorted({module(i) for i in items} & set(LONG_MODULES), key=lambda m: -LONG_MODULES[m])
+    # Sorted by name too: every worker must build the same list (xdist refuses differing ones), and a set's
+    # order of equal-time names changes with each process's string hash seed.
+    long = sorted({module(i) for i in items} & set(LONG_MODULES), key=lambda m: (-LONG_MODULES[m], m))
     shares, load = [[] for _ in range(workers)], [0] * workers
     for m in long:
         w = load.index(min(load))
