@@ -1,8 +1,8 @@
 """LoRA students and fake scores over one shared frozen base (`distill.adapters`, `models.lora`):
 exact at step 0, only adapters train, one copy of the base in the state, the toy's grid samples
 base + adapters, and bad targets named before any weight is read (sharded == single device:
-tests/integration/test_sharded_rounds.py; exact resume: tests/integration/test_resume_exact.py). The smoke config's random MMDiT is
-scanned and rematerialised, as the shipped configs run it."""
+tests/integration/test_sharded_rounds.py; exact resume: tests/integration/test_resume_exact.py). The
+smoke config's random MMDiT is scanned and rematerialised, as the shipped configs run it."""
 
 from __future__ import annotations
 
