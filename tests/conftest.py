@@ -133,20 +133,18 @@ def uninterrupted_smoke_run(tmp_path_factory):
     shared sharded mesh (tests.helpers.SHARDED_MESH on jax.devices()[:4]), once per session: the
     reference that a SIGKILLed and resumed CLI run (test_trainer_runs.py) and a pre-empted and
     requeued two-process SLURM job (test_slurm.py) must end like. Returns its metrics.jsonl rows."""
-    import json
 
     import jax
 
     from configs import toy as toy_config
     from dpdmd_jax.config import override
     from dpdmd_jax.run import train as run_train
-    from tests.helpers import SHARDED_DEVICES, SHARDED_MESH, UNINTERRUPTED_ROUNDS, built_once
+    from tests.helpers import SHARDED_DEVICES, SHARDED_MESH, UNINTERRUPTED_ROUNDS, built_once, read_metrics
 
     c = override(toy_config.get_config("smoke"), {"num_rounds": UNINTERRUPTED_ROUNDS, "checkpoint_every": 2,
                                                   **SHARDED_MESH})
     train = lambda folder: run_train.train(c, str(folder), devices=jax.devices()[:SHARDED_DEVICES])
-    with open(built_once(tmp_path_factory, "uninterrupted_smoke_run", train) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+    return read_metrics(built_once(tmp_path_factory, "uninterrupted_smoke_run", train))
 
 
 @pytest.fixture(scope="session")

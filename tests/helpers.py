@@ -4,6 +4,7 @@ imports only these; the torch-based reference builders are in tests/torch_helper
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -54,6 +55,12 @@ def optimized_jit(fn: Callable, **kw):
     import jax
 
     return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 2}, **kw)
+
+
+def read_metrics(workdir) -> list[dict]:
+    """The rows of a run's metrics.jsonl (one per logged round)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def rel_err(ours, ref) -> float:

@@ -41,8 +41,6 @@ def test_a_budget_too_small_does_not_fit_and_search_finds_the_first_setting_that
     assert "the first that fits" in plan_lib.format_search(result)
 
 
-
-
 @pytest.mark.parametrize("changes", [
     {},  # DP-DMD, velocity target
     {"distill.target": "denoise", "dmd.real_cfg_scale": 1.0},  # a guided call more at the anchor; unguided real score
@@ -67,5 +65,3 @@ def test_round_flops_are_the_calls_times_one_call_as_an_unrolled_compile_counts(
     full = plan_lib.call_flops(run, "full")
     assert full["forward"] == per_call["forward"] and full["forward_backward"] > 1.25 * per_call["forward_backward"]
     assert run.config.model.remat_policy == "none"
-
-

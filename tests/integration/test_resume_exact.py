@@ -6,7 +6,6 @@ test_sample_cli.py, test_slurm.py.)"""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import jax
@@ -17,14 +16,10 @@ from dpdmd_jax.run import sample as run_sample
 from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import train as run_train
 from dpdmd_jax.run import workdir as workdir_lib
+from tests.helpers import read_metrics
 from tests.unit.test_baselines import gan_config
 from tests.unit.test_lora import _flat, lora_smoke
 from tests.unit.test_sample import config
-
-
-def _metrics(workdir):
-    with open(f"{workdir}/metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
 
 
 def test_gan_resume_is_exact(tmp_path):
@@ -35,9 +30,9 @@ def test_gan_resume_is_exact(tmp_path):
     run_train.train(c(2), str(tmp_path / "ref"), one)
     run_train.train(c(1), str(tmp_path / "resumed"), one)
     run_train.train(c(2), str(tmp_path / "resumed"), one)  # continues from round 1's checkpoint
-    metrics = _metrics(tmp_path / "resumed")
+    metrics = read_metrics(tmp_path / "resumed")
     assert [m["step"] for m in metrics] == [1, 2] and "loss_gan_cls" in metrics[1]
-    assert metrics == _metrics(tmp_path / "ref")
+    assert metrics == read_metrics(tmp_path / "ref")
 
 
 def test_lora_resume_is_exact_and_checkpoints_hold_only_adapters(tmp_path):
@@ -46,7 +41,7 @@ def test_lora_resume_is_exact_and_checkpoints_hold_only_adapters(tmp_path):
     run_train.train(c(2), str(tmp_path / "ref"), one)
     run_train.train(c(1), str(tmp_path / "resumed"), one)
     run_train.train(c(2), str(tmp_path / "resumed"), one)  # continues from round 1's checkpoint
-    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "ref")
+    assert read_metrics(tmp_path / "resumed") == read_metrics(tmp_path / "ref")
     mngr = workdir_lib.checkpoint_manager(str(tmp_path / "ref"), c(2))
     run = setup_lib.build(c(2), jax.devices()[:1])
     student = workdir_lib.restore_student(mngr, 2, setup_lib.abstract_student(run))

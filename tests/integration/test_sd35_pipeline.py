@@ -24,7 +24,7 @@ from dpdmd_jax.config import ConfigError, override
 from dpdmd_jax.run import train as run_train
 from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.parallel.mesh import make_mesh
-from tests.helpers import REPO
+from tests.helpers import REPO, read_metrics
 from tests.parity.test_sd35_encoding import LONG, PROMPTS
 from tests.torch_helpers import rel_err
 
@@ -44,11 +44,6 @@ def _prompt_file(folder, lines: list[bytes]) -> str:
 def tiny_config(root: str, **overrides):
     c = sd35_config.get_config("tiny")
     return override(c, {"model.source": root, **overrides})
-
-
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def _image_tags(workdir) -> set[str]:
@@ -93,7 +88,7 @@ def _prompt_run(tiny, base):
            f"--config.model.source={root}", f"--config.data.prompt_file={prompts}", "--config.num_rounds=2"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    metrics_after_cli = _metrics(workdir)
+    metrics_after_cli = read_metrics(workdir)
     checkpoints_after_cli = sorted(os.listdir(workdir / "checkpoints"))
     tags_after_cli = _image_tags(workdir)
     c = tiny_config(root, **{"data.prompt_file": prompts, "num_rounds": 2})
@@ -170,7 +165,7 @@ def _diffusiondb_run(tiny, base):
                              "data.manual_dir": str(manual), "num_rounds": 2})
     workdir = base / "run"
     run_train.train(c, str(workdir))
-    return c, _metrics(workdir), workdir
+    return c, read_metrics(workdir), workdir
 
 
 def _check_run(workdir):
@@ -206,7 +201,7 @@ def test_diffusiondb_builder_and_an_embedding_cache_train_alike(tiny, tmp_path, 
     cached = override(c.copy_and_resolve_references(), {"data.kind": "embeddings", "data.cache_dir": cache})
     workdir = tmp_path / "run"
     run_train.train(cached, str(workdir))
-    for a, b in zip(_metrics(workdir), logged, strict=True):  # same prompts, same order, same numbers
+    for a, b in zip(read_metrics(workdir), logged, strict=True):  # same prompts, same order, same numbers
         for k in ("loss", "loss_dmd", "loss_div", "loss_fake"):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=k)
     _check_run(workdir)

@@ -21,14 +21,15 @@ def test_sdxl_config_trains_checkpoints_writes_grids_and_exports(sdxl_tiny_run, 
     from configs import sdxl as sdxl_config
     from dpdmd_jax.config import override
     from dpdmd_jax.run import setup as setup_lib
-    from tests.integration.test_sd35_pipeline import _image_tags, _metrics
+    from tests.helpers import read_metrics
+    from tests.integration.test_sd35_pipeline import _image_tags
 
     root, prompts, workdir = str(sdxl_tiny_run / "pipe"), sdxl_tiny_run / "prompts.txt", sdxl_tiny_run / "run"
-    assert [m["step"] for m in _metrics(workdir)] == [1, 2]
+    assert [m["step"] for m in read_metrics(workdir)] == [1, 2]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
     assert "student_samples" in _image_tags(workdir)
 
-    logged = _metrics(workdir)
+    logged = read_metrics(workdir)
     assert all(np.isfinite(m[k]) for m in logged for k in ("loss", "loss_dmd", "loss_div", "loss_fake"))
     # (Resuming the shipped setting: tests/integration/test_real_configs.py, on SD3: resuming knows no family.)
     c = override(sdxl_config.get_config("tiny"), {"model.source": root, "data.prompt_file": str(prompts),

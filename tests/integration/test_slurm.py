@@ -29,7 +29,6 @@ round at every start."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import sys
@@ -40,7 +39,7 @@ import numpy as np
 import pytest
 
 from tests import slurm_cluster
-from tests.helpers import REPO, SHARDED_MESH, UNINTERRUPTED_ROUNDS
+from tests.helpers import REPO, SHARDED_MESH, UNINTERRUPTED_ROUNDS, read_metrics
 
 SCRIPT = os.path.join(REPO, "launch", "slurm", "dpdmd.sbatch")
 ROUNDS = UNINTERRUPTED_ROUNDS  # SIGTERM after round 2's checkpoint lands rounds before the end
@@ -78,11 +77,6 @@ def _wait_finished(cluster, job_id: str, log: str, t0: float) -> dict[str, str]:
 def _steps(workdir) -> list[int]:
     folder = os.path.join(workdir, "checkpoints")
     return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []
-
-
-def _metrics(workdir) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def _job_env(cluster: slurm_cluster.Cluster) -> dict:
@@ -250,7 +244,7 @@ def test_sbatch_two_processes_preempted_requeued_and_resumed_like_uninterrupted(
     assert _steps(workdir)[-1] == ROUNDS
 
     # Every round once, with the metrics of the uninterrupted run (collectives may sum in another order).
-    logged = _metrics(workdir)
+    logged = read_metrics(workdir)
     assert [m["step"] for m in logged] == list(range(1, ROUNDS + 1)) == [m["step"] for m in reference]
     for a, b in zip(logged, reference, strict=True):
         assert a.keys() == b.keys()

@@ -6,7 +6,6 @@ reported."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ from dpdmd_jax.run import train as run_train
 from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import workdir as workdir_lib
 from tests.helpers import (REPO, SHARDED_DEVICES, SHARDED_FLAGS, SHARDED_MESH, UNINTERRUPTED_ROUNDS, built_once,
-                           train_rounds)
+                           read_metrics, train_rounds)
 from tests.unit.test_trainer import smoke
 
 
@@ -70,7 +69,7 @@ def test_vp_backbone_trains_through_the_same_trainer(tmp_path):
     c = smoke(**{"backbone": "tiny_vp", "distill.target": "denoise", "data.kind": "random", "num_rounds": 2,
                  "evals": {}})
     run_train.train(c, str(tmp_path))
-    rows = _metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r[k]) for r in rows for k in ("loss", "loss_dmd", "loss_div", "loss_fake"))
     assert rows[0]["loss_div"] > 0 and 20 <= rows[0]["dmd_level"] <= 980
@@ -136,11 +135,6 @@ def _main(workdir, *flags, wait=True):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
 
 
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def _wait_for(predicate, proc, timeout=1500):
     t0 = time.time()
     while not predicate():
@@ -161,14 +155,14 @@ def test_sigkill_resume_gives_identical_metrics(uninterrupted_smoke_run, tmp_pat
     _wait_for(lambda: os.path.isdir(killed_dir / "checkpoints" / "2"), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = max(m["step"] for m in _metrics(killed_dir))
+    killed_at = max(m["step"] for m in read_metrics(killed_dir))
     assert killed_at < UNINTERRUPTED_ROUNDS, "the run finished before it could be killed"
     resumed = _main(killed_dir, *LONG, wait=False)
     out, err = resumed.communicate(timeout=1800)
     assert resumed.returncode == 0, err[-3000:]
     assert "Resuming from checkpoint step" in out
     # Bit-identical to the uninterrupted run (the same program, trained in-process), every logged round once.
-    assert _metrics(killed_dir) == uninterrupted_smoke_run
+    assert read_metrics(killed_dir) == uninterrupted_smoke_run
     # The end-of-run message: what was written, where, and the next commands.
     assert f"Done: {UNINTERRUPTED_ROUNDS} rounds in {killed_dir}" in out
     assert f"{killed_dir}/checkpoints (latest: {UNINTERRUPTED_ROUNDS})" in out
@@ -179,12 +173,12 @@ def test_sigterm_saves_current_round(tmp_path):
     """Also runs from a relative --workdir, as the README does (Orbax wants absolute paths)."""
     relative = os.path.relpath(tmp_path, REPO)
     proc = _main(relative, "--config.num_rounds=100000", "--config.checkpoint_every=100000", wait=False)
-    _wait_for(lambda: os.path.exists(tmp_path / "metrics.jsonl") and len(_metrics(tmp_path)) >= 3, proc)
+    _wait_for(lambda: os.path.exists(tmp_path / "metrics.jsonl") and len(read_metrics(tmp_path)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]  # dpdmd_jax.cli.EXIT_PREEMPTED: a scheduler requeues on it
     assert "run the same command again to resume" in err
-    last = max(m["step"] for m in _metrics(tmp_path))
+    last = max(m["step"] for m in read_metrics(tmp_path))
     steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert steps == [last] and "SIGTERM received" in out
 
