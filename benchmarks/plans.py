@@ -44,10 +44,14 @@ ROWS = {  # name -> plan flags (remat named, whatever the config's default)
     "sdxl_v5p1_lora64_embeddings": [f"{SDXL}:lora=64", V5P1, *B4, FULL, EMB],
     # The largest batch one chip holds with LoRA (the round's activations grow with it), and 8 chips.
     **{f"sd35_v5p1_lora64_b{b}_embeddings": [f"{SD35}:lora=64", V5P1, f"--per_device_batch={b}", FULL, EMB]
-       for b in (8, 9, 12)},
+       for b in (8, 9, 10, 11, 12)},
     "sd35_v5p16_lora64_embeddings": [f"{SD35}:lora=64", "--target=tpu:v5p:2x2x2", *B4, FULL, EMB],  # 8 chips
     "sdxl_v5p1_full_embeddings": [SDXL, V5P1, *B4, FULL, EMB],
     "sdxl_v5p16_lora64_embeddings": [f"{SDXL}:lora=64", "--target=tpu:v5p:2x2x2", *B4, FULL, EMB],
+    **{f"sdxl_v5p1_lora{r}_embeddings": [f"{SDXL}:lora={r}", V5P1, *B4, FULL, EMB] for r in (16, 128)},
+    # Full fine-tuning on the same 8 chips, against LoRA's 8-chip rows.
+    "sd35_v5p16_full_embeddings": [SD35, "--target=tpu:v5p:2x2x2", *B4, FULL, EMB],
+    "sdxl_v5p16_full_embeddings": [SDXL, "--target=tpu:v5p:2x2x2", *B4, FULL, EMB],
 }
 
 

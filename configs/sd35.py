@@ -25,12 +25,16 @@ after joint block `gan.block`, -1 = the last, and its non-saturating generator l
 `:regression` (`:regression=W`, default 0.25: DMD v1's regression to the teacher's sample from the
 same noise, L2 on latents; DMD v1's LPIPS on the VAE-decoded samples with
 `--config.regression.distance=lpips` and its two weight files, `regression.vgg` and
-`regression.lpips_heads`). No image folder source is wired yet, so the GAN's real side is the teacher's
-samples (`gan.real=teacher`, a data-free variant, not DMD2 itself):
+`regression.lpips_heads`). The GAN's real images come from an image folder with captions, encoded
+once into an embedding cache (`data.embedding_cache --images`: each image's latents beside its
+caption's embeddings), or, with `gan.real=teacher`, from the teacher's samples (a data-free variant,
+not DMD2 itself):
 
-  python -m dpdmd_jax.main --config=configs/sd35.py:dmd,gan --workdir=runs/sd35m_dmd_gan --config.gan.real=teacher \
+  python -m dpdmd_jax.data.embedding_cache --config=configs/sd35.py --out=/data/sd35_real \
+      --config.model.source=/ckpts/stable-diffusion-3.5-medium --images=/data/real_images
+  python -m dpdmd_jax.main --config=configs/sd35.py:dmd,gan --workdir=runs/sd35m_dmd_gan \
       --config.model.source=/ckpts/stable-diffusion-3.5-medium \
-      --config.data.prompt_file=data/diffusiondb_prompts.txt
+      --config.data.kind=embeddings --config.data.cache_dir=/data/sd35_real
   python -m dpdmd_jax.main --config=configs/sd35.py:gan --workdir=runs/sd35m_dpdmd_gan --config.gan.real=teacher \
       --config.model.source=/ckpts/stable-diffusion-3.5-medium \
       --config.data.prompt_file=data/diffusiondb_prompts.txt

@@ -26,13 +26,16 @@ to the teacher's sample from the same noise, L2 on latents; DMD v1's LPIPS on th
 samples with `--config.regression.distance=lpips` and its two weight files, `regression.vgg` and
 `regression.lpips_heads`), and `:dmd2`, DMD2's published SDXL recipe where it fits our engine:
 plain DMD (lambda_div 0) + GAN (weight 5e-3, classifier weight 1e-2), real-score guidance 8, 5 fake
-updates per student update, backward simulation, lr 5e-7. The GAN's real samples must be named: no
-image folder source is wired yet, so `gan.real=teacher` (the teacher's samples: a data-free variant,
-not DMD2 itself):
+updates per student update, backward simulation, lr 5e-7. The GAN's real images come from an image
+folder with captions, encoded once into an embedding cache (each image's latents beside its
+caption's embeddings; `data.embedding_cache --images`), or, with `gan.real=teacher`, from the
+teacher's samples (a data-free variant, not DMD2 itself):
 
-  python -m dpdmd_jax.main --config=configs/sdxl.py:dmd2 --workdir=runs/sdxl_dmd2 --config.gan.real=teacher \
+  python -m dpdmd_jax.data.embedding_cache --config=configs/sdxl.py --out=/data/sdxl_real \
+      --config.model.source=/ckpts/stable-diffusion-xl-base-1.0 --images=/data/real_images
+  python -m dpdmd_jax.main --config=configs/sdxl.py:dmd2 --workdir=runs/sdxl_dmd2 \
       --config.model.source=/ckpts/stable-diffusion-xl-base-1.0 \
-      --config.data.prompt_file=data/diffusiondb_prompts.txt
+      --config.data.kind=embeddings --config.data.cache_dir=/data/sdxl_real
   python -m dpdmd_jax.main --config=configs/sdxl.py:gan --workdir=runs/sdxl_dpdmd_gan --config.gan.real=teacher \
       --config.model.source=/ckpts/stable-diffusion-xl-base-1.0 \
       --config.data.prompt_file=data/diffusiondb_prompts.txt
@@ -89,8 +92,8 @@ def get_config(arg: str | None = None):
 def _dmd2(c):
     """DMD2's SDXL recipe (Yin et al. 2024b, their 4-step SDXL script) where our engine has the knob:
     plain DMD plus the GAN, real-score CFG 8, 5 fake updates per generator update, backward
-    simulation, generator and critic lr 5e-7. gan.real stays "data": validation names the choice
-    (no image source is wired for SDXL yet; gan.real="teacher" is the data-free variant)."""
+    simulation, generator and critic lr 5e-7. gan.real stays "data": real images from an embedding cache
+    built with --images (validation names it; gan.real="teacher" is the data-free variant)."""
     c.distill.lambda_div = 0.0
     c.dmd.real_cfg_scale = 8.0
     c.distill.fake_updates_per_student = 5

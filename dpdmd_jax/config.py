@@ -16,7 +16,7 @@ from dpdmd_jax.parallel.mesh import DEFAULT_RULES
 SIMULATIONS = ("rollout", "backward")
 REGRESSION_DISTANCES = ("l2", "lpips")
 GAN_REAL = ("data", "teacher")
-DATA_WITH_REAL = ("toy",)  # data sources that give real latents for gan.real="data"
+DATA_WITH_REAL = ("toy", "embeddings")  # sources of real latents for gan.real="data" (a cache built with --images)
 TOY_IMAGE_SIZE = (16, 16)  # the toy generator's images (dpdmd_jax.toy.data.IMAGE_SIZE), its latents
 # The variants' default weights: DMD2's SDXL gen_cls_loss_weight and DMD v1's lambda_reg (with LPIPS).
 GAN_WEIGHT = 5e-3
@@ -188,9 +188,11 @@ def baseline_problems(c: ml_collections.ConfigDict) -> list[str]:
                  "critic updates.")
     if g.real == "data" and c.data.kind not in DATA_WITH_REAL:
         p.append(f"gan.real='data' needs real images from the data source, and data.kind={c.data.kind!r} has "
-                 "none (only the toy's generator gives them; an image folder source is not wired yet): set "
-                 "--config.gan.real=teacher for the data-free variant (teacher samples as the real side).")
-    elif g.real == "data" and tuple(c.data.latent_size) != TOY_IMAGE_SIZE:
+                 "none: build an embedding cache from an image folder with captions (python -m "
+                 "dpdmd_jax.data.embedding_cache --images=FOLDER ...) and train from it (--config.data.kind="
+                 "embeddings --config.data.cache_dir=...), or set --config.gan.real=teacher for the data-free "
+                 "variant (teacher samples as the real side).")
+    elif g.real == "data" and c.data.kind == "toy" and tuple(c.data.latent_size) != TOY_IMAGE_SIZE:
         p.append(f"gan.real='data' takes the toy's {TOY_IMAGE_SIZE[0]}x{TOY_IMAGE_SIZE[1]} images as latents: set "
                  f"--config.data.latent_size={TOY_IMAGE_SIZE}, or --config.gan.real=teacher.")
     return p

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dpdmd_jax.config import lpips_regression
-from dpdmd_jax.models.vae import from_model_latent
+from dpdmd_jax.models.vae import from_model_latent, to_model_latent
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.weights.loader import abstract_model
 from dpdmd_jax.weights.pipeline import component_folder, component_problems, resolve_pipeline
@@ -200,3 +200,8 @@ class PipelineBackbone:
     def decode(self, vae, z: jax.Array) -> jax.Array:
         """Latents (as the denoiser sees them) -> images NHWC in [-1, 1]."""
         return vae.decode(from_model_latent(vae.cfg, z))
+
+    def encode(self, vae, images: jax.Array) -> jax.Array:
+        """Images NHWC in [-1, 1] -> latents as the denoiser sees them: the posterior's mean (diffusers'
+        `latent_dist.mode()`), not a draw, so a cache of real latents is one fixed set."""
+        return to_model_latent(vae.cfg, vae.encode(images)[0])

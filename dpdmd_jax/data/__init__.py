@@ -64,9 +64,17 @@ def problems(c: ml_collections.ConfigDict) -> list[str]:
                         f"data.manual_dir={manual!r} is not a folder; {how}"]
     if c.data.kind == "embeddings":
         try:
-            read_meta(c.data.cache_dir)
+            meta = read_meta(c.data.cache_dir)
         except FileNotFoundError as e:
             return [f"data.cache_dir: {e}"]
+        real = meta.get("real_latents")
+        if c.gan.weight > 0 and c.gan.real == "data" and not real:
+            return [f"gan.real='data' takes its real images from the embedding cache, and {c.data.cache_dir} holds "
+                    "none: build one with --images=FOLDER (python -m dpdmd_jax.data.embedding_cache), or set "
+                    "--config.gan.real=teacher."]
+        if c.gan.weight > 0 and c.gan.real == "data" and tuple(real[1:3]) != tuple(c.data.latent_size):
+            return [f"{c.data.cache_dir} holds real latents of {real[1]}x{real[2]}, and data.latent_size is "
+                    f"{tuple(c.data.latent_size)}: build the cache at this size (--config.data.latent_size)."]
     return []
 
 

@@ -3,6 +3,9 @@ files written once by `python -m dpdmd_jax.data.embedding_cache`, so the text en
 loaded. One file per field of the backbone's conditioning plus `uncond_<field>.npy` (the embedding
 of ""), stored in the encoders' output dtype (bfloat16 as its raw 16 bits), memory-mapped when read,
 so each host reads only its rows. `meta.json` records the prompts' source, the model and the shapes.
+A cache built from an image folder (`--images`) also holds `real_latents.npy`, each image's latents
+on the row of its caption: the real side of DMD2's GAN (`gan.real="data"`), each real image seen by
+the classifier with its own caption as the conditioning.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -24,6 +28,7 @@ from dpdmd_jax.data.base import HostSource
 from dpdmd_jax.data.prompts import PromptOrder
 
 _STORED = {"bfloat16": np.uint16}  # dtypes .npy cannot name, stored as their raw bits
+REAL_LATENTS = "real_latents.npy"  # a cache built with --images: the images' latents, row for row with their captions
 
 
 def _fields(cond_type) -> list[str]:
@@ -31,8 +36,10 @@ def _fields(cond_type) -> list[str]:
 
 
 def write_cache(out: str, prompts, text_encoder, cond_type, *, meta: dict, batch: int = 32,
-                dtype: str = "bfloat16") -> str:
-    """Encodes every prompt (in batches of `batch`) into the cache folder `out`."""
+                dtype: str = "bfloat16", encode_images: Callable[[int, int], np.ndarray] | None = None) -> str:
+    """Encodes every prompt (in batches of `batch`) into the cache folder `out`. With
+    `encode_images(start, stop)` (the latents of the real images whose captions are prompts
+    start..stop), `real_latents.npy` holds them row for row with the conditionings (DMD2's GAN)."""
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists; embedding caches are never overwritten: choose another --out")
     tmp = out + ".incomplete"
@@ -47,20 +54,27 @@ def write_cache(out: str, prompts, text_encoder, cond_type, *, meta: dict, batch
         row = getattr(empty, f)[0]
         np.save(os.path.join(tmp, f"uncond_{f}.npy"), _to_store(row, dtype))
         arrays[f] = np.lib.format.open_memmap(os.path.join(tmp, f"{f}.npy"), "w+", store, (n, *row.shape))
-    truncated = 0
-    for start in tqdm(range(0, n, batch), desc="encoding prompts", unit_scale=batch):
+    truncated, real = 0, None
+    what = "encoding prompts and images" if encode_images else "encoding prompts"
+    for start in tqdm(range(0, n, batch), desc=what, unit_scale=batch):
         chunk = [prompts[i] for i in range(start, min(start + batch, n))]
         k = len(chunk)
         cond = jax.device_get(text_encoder.encode(chunk + chunk[-1:] * (batch - k)))  # one shape: one compile
         truncated += int(text_encoder.tokenize(chunk)[1].sum())
         for f in fields:
             arrays[f][start:start + k] = _to_store(getattr(cond, f)[:k], dtype)
-    for a in arrays.values():
+        if encode_images:
+            latents = np.asarray(encode_images(start, start + k))
+            if real is None:
+                real = np.lib.format.open_memmap(os.path.join(tmp, REAL_LATENTS), "w+", store, (n, *latents.shape[1:]))
+            real[start:start + k] = _to_store(latents, dtype)
+    for a in [*arrays.values(), *([real] if real is not None else [])]:
         a.flush()
     shapes = {f: list(a.shape) for f, a in arrays.items()}
+    extra = {"real_latents": list(real.shape)} if real is not None else {}
     with open(os.path.join(tmp, "meta.json"), "w") as fh:
         json.dump({**meta, "num_prompts": n, "dtype": dtype, "fields": fields, "shapes": shapes,
-                   "truncated_prompts": truncated}, fh, indent=2)
+                   "truncated_prompts": truncated, **extra}, fh, indent=2)
     os.replace(tmp, out)
     return out
 
@@ -107,6 +121,11 @@ class EmbeddingSource(HostSource):
                                  f"{want}; the cache was made for another model")
         load = lambda name: np.load(os.path.join(c.data.cache_dir, name), mmap_mode="r")
         self.arrays = {f: load(f"{f}.npy") for f in fields}
+        # DMD2's GAN on real data: each row's image, with the row's caption as its conditioning.
+        self.real = load(REAL_LATENTS) if c.gan.weight > 0 and c.gan.real == "data" else None
+        if self.real is not None and tuple(self.real.shape[1:]) != tuple(backbone.latent_shape()):
+            raise ValueError(f"{c.data.cache_dir}: its real latents are {list(self.real.shape[1:])}, the model takes "
+                             f"{list(backbone.latent_shape())}; build the cache at this run's data.latent_size")
         self.empty = {f: self._decode(load(f"uncond_{f}.npy")) for f in fields}
         self.order = PromptOrder(self.meta["num_prompts"], c.seed, c.distill.fake_updates_per_student + 1,
                                  c.batch_size)
@@ -120,18 +139,20 @@ class EmbeddingSource(HostSource):
             x = x.view(ml_dtypes.bfloat16)
         return x.astype(np.float32)
 
-    def _rows(self, idx: np.ndarray):
+    def _take(self, a: np.ndarray, idx: np.ndarray) -> np.ndarray:
         flat = idx.reshape(-1)
         order = np.argsort(flat)  # memory-mapped reads in file order
-        fields = {}
-        for f, a in self.arrays.items():
-            rows = np.empty((flat.size, *a.shape[1:]), np.float32)
-            rows[order] = self._decode(a[flat[order]])
-            fields[f] = rows.reshape(*idx.shape, *a.shape[1:])
-        return self.cond_type(**fields)
+        rows = np.empty((flat.size, *a.shape[1:]), np.float32)
+        rows[order] = self._decode(a[flat[order]])
+        return rows.reshape(*idx.shape, *a.shape[1:])
+
+    def _rows(self, idx: np.ndarray):
+        return self.cond_type(**{f: self._take(a, idx) for f, a in self.arrays.items()})
 
     def round(self, r: int, rows: slice) -> RoundBatch:
-        return RoundBatch(cond=self._rows(self.order.indices(r, rows)), uncond=self.uncond(rows.stop - rows.start))
+        idx = self.order.indices(r, rows)
+        real = None if self.real is None else self._take(self.real, idx)
+        return RoundBatch(cond=self._rows(idx), uncond=self.uncond(rows.stop - rows.start), real=real)
 
     def uncond(self, n: int) -> Cond:
         return self.cond_type(**{f: np.broadcast_to(e, (n, *e.shape)) for f, e in self.empty.items()})

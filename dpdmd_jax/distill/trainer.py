@@ -1,7 +1,7 @@
 """The round loop: one jitted round after another, metrics at log steps, evaluators, checkpoints and
 pre-emption. It knows no model family, no data source and no checkpoint format: the run
-(`dpdmd_jax.run`) hands it the compiled round, the batch of each round, a `save` function and the
-evaluators.
+(`dpdmd_jax.run`) hands it the compiled round, the batch of each round, a `save` function, the
+evaluators and its periodic actions.
 
 The device is read back only at log steps (the scalars, and the count of consecutive non-finite
 generator updates, which `optax.apply_if_finite` skips), so rounds in between queue up without a
@@ -11,7 +11,7 @@ host sync, as big_vision and MaxText loops do.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -47,12 +47,11 @@ def log_scalars(c: ml_collections.ConfigDict, state: TrainState, metrics: dict, 
 def train_loop(c: ml_collections.ConfigDict, state: TrainState, start: int,
                round_fn: Callable[[TrainState, RoundBatch], tuple[TrainState, dict]],
                batch: Callable[[int], RoundBatch], save: Callable[[TrainState, int, bool], None],
-               evaluators: Evaluators, writer: Any) -> tuple[TrainState, bool]:
+               evaluators: Evaluators, writer: Any,
+               hooks: Sequence[Callable[[int], Any]] = ()) -> tuple[TrainState, bool]:
     """Rounds `start`..`c.num_rounds`; returns (state, pre-empted). `save(state, step, force)` writes a
-    checkpoint (at `checkpoint_every`, the last round, and on SIGTERM, forced)."""
-    from clu import periodic_actions  # TensorFlow underneath (seconds): imported once inputs are checked
-
-    report = periodic_actions.ReportProgress(num_train_steps=c.num_rounds, writer=writer)
+    checkpoint (at `checkpoint_every`, the last round, and on SIGTERM, forced). `hooks` are called with
+    each finished round's step (CLU's periodic actions: the run passes `ReportProgress`)."""
     preempt = multihost.Preemption()
     bar = tqdm(total=c.num_rounds, initial=start, desc="rounds", disable=jax.process_index() != 0,
                dynamic_ncols=True)
@@ -61,7 +60,8 @@ def train_loop(c: ml_collections.ConfigDict, state: TrainState, start: int,
         for r in range(start, c.num_rounds):
             state, metrics = round_fn(state, batch(r))
             step = r + 1
-            report(step)
+            for hook in hooks:
+                hook(step)
             last = step == c.num_rounds
             if step % c.log_every == 0 or last:
                 check_finite(c, state, step)

@@ -207,6 +207,46 @@ def test_diffusiondb_builder_and_an_embedding_cache_train_alike(tiny, tmp_path, 
     _check_run(workdir)
 
 
+def test_an_image_folder_cache_holds_vae_latents_and_trains_the_gan_on_them(tiny, tmp_path):
+    """DMD2's real side on a real model: an image folder with captions encoded into an embedding cache
+    (captions through the text encoders; images, resized and centre-cropped, through the pipeline's VAE:
+    the posterior mean as diffusers computes it, scaled as the pipeline scales latents), and a GAN run
+    whose real images are read from it."""
+    from PIL import Image
+
+    from dpdmd_jax.data import embedding_cache
+    from dpdmd_jax.data.image_folder import load_image, read_image_folder
+
+    root, pipe = tiny
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, prompt in enumerate(PROMPTS[:5]):
+        Image.fromarray(rng.integers(0, 256, (24 + 8 * i, 20, 3), np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(prompt)
+    c = tiny_config(root, **{"evals": {}, "num_rounds": 2})
+    cache = str(tmp_path / "cache")
+    embedding_cache.build_cache(c, cache, batch=4, images=str(folder))
+    meta = embedding_cache.read_meta(cache)
+    assert (meta["num_prompts"], meta["prompt_source"], meta["real_latents"]) == (5, "images", [5, 8, 8, 16])
+
+    side = c.data.latent_size[0] * pipe.vae_scale_factor
+    x = np.stack([load_image(path, side) for path, _ in read_image_folder(str(folder))])
+    with torch.no_grad():
+        mean = pipe.vae.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).latent_dist.mean
+    ref = ((mean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor).permute(0, 2, 3, 1).numpy()
+    assert rel_err(np.load(os.path.join(cache, "real_latents.npy")), ref) <= 1e-5
+
+    gan = override(c.copy_and_resolve_references(), {"data.kind": "embeddings", "data.cache_dir": cache,
+                                                      "gan.weight": 0.5, "gan.real": "data", "mesh.fsdp": 1})
+    workdir = tmp_path / "run"
+    run_train.train(gan, str(workdir), devices=jax.devices()[:1])  # one device: this run's sharding is not the point
+    logged = read_metrics(workdir)
+    assert [m["step"] for m in logged] == [1, 2]
+    assert all(np.isfinite(m[k]) for m in logged for k in ("loss_gan_gen", "loss_gan_cls"))
+    assert all(m["grad_norm_disc"] > 0 for m in logged)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

@@ -67,17 +67,18 @@ def run_loop(c, nonfinite_from=None, start=0, sigterm_at=None):
             st.nonfinite += 1
         return st, {"loss": 1.0, "loss_dmd": 0.5, "loss_div": 0.1, "loss_fake": 0.2}
 
-    every, once = Recorder(), Recorder()
+    every, once, hooked = Recorder(), Recorder(), []
     state, preempted = trainer.train_loop(c, state, start, round_fn, lambda r: batches.append(r) or r,
                                           lambda st, step, force: saved.append((step, force)),
-                                          {"every": (2, every), "once": (0, once)}, Writer())
-    return state, preempted, saved, batches, every, once
+                                          {"every": (2, every), "once": (0, once)}, Writer(), [hooked.append])
+    return state, preempted, saved, batches, every, once, hooked
 
 
 def test_rounds_batches_checkpoints_and_evaluators_follow_the_config():
-    state, preempted, saved, batches, every, once = run_loop(config(), start=1)
+    state, preempted, saved, batches, every, once, hooked = run_loop(config(), start=1)
     assert not preempted and state.step == 6
     assert batches == [1, 2, 3, 4, 5]  # round r's batch, from the resumed round on
+    assert hooked == [2, 3, 4, 5, 6]  # the periodic actions (progress reports) after every round
     assert saved == [(4, False), (6, False)]  # checkpoint_every and the last round
     assert every.steps == [2, 4, 6] and once.steps == []  # every = 0 runs only in final_evaluations
     assert trainer.final_evaluations({"every": (2, every), "once": (0, once)}, state, 6, Writer()) == {"last": 6}
