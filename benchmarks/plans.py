@@ -49,6 +49,14 @@ ROWS = {  # name -> plan flags (remat named, whatever the config's default)
     "sdxl_v5p1_full_embeddings": [SDXL, V5P1, *B4, FULL, EMB],
     "sdxl_v5p16_lora64_embeddings": [f"{SDXL}:lora=64", "--target=tpu:v5p:2x2x2", *B4, FULL, EMB],
     **{f"sdxl_v5p1_lora{r}_embeddings": [f"{SDXL}:lora={r}", V5P1, *B4, FULL, EMB] for r in (16, 128)},
+    # The paper's baselines against DP-DMD (sd35_v5p8_full_embeddings / sdxl_v5p8_full_embeddings) on a
+    # v5p-8, from an embedding cache (which also holds the GAN's real latents): DMD, DMD + regression (L2
+    # on latents: LPIPS cannot be planned yet), DMD + GAN, DP-DMD + GAN.
+    **{f"{name}_v5p8_{arm}_embeddings": [f"{flag}:{variant}", V5P8, *B4, FULL, EMB]
+       for name, flag in (("sd35", SD35), ("sdxl", SDXL))
+       for arm, variant in (("dmd", "dmd"), ("dmd_regression", "dmd,regression"), ("dmd_gan", "dmd,gan"),
+                            ("gan", "gan"))},
+    "sdxl_v5p8_full_embeddings": [SDXL, V5P8, *B4, FULL, EMB],
     # Full fine-tuning on the same 8 chips, against LoRA's 8-chip rows.
     "sd35_v5p16_full_embeddings": [SD35, "--target=tpu:v5p:2x2x2", *B4, FULL, EMB],
     "sdxl_v5p16_full_embeddings": [SDXL, "--target=tpu:v5p:2x2x2", *B4, FULL, EMB],
