@@ -40,10 +40,14 @@ def _from_metadata(folder: str, metadata: str, column: str) -> list[tuple[str, s
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if "file_name" not in row or not isinstance(row.get(column), str):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ImageFolderError(f"{metadata} line {n} is not JSON ({e})") from e
+            if not isinstance(row, dict) or "file_name" not in row or not isinstance(row.get(column), str):
+                has = sorted(row) if isinstance(row, dict) else row
                 raise ImageFolderError(f"{metadata} line {n}: needs 'file_name' and a string caption in {column!r} "
-                                       f"(has {sorted(row)}); name the caption column with --caption_column")
+                                       f"(has {has!r}); name the caption column with --caption_column")
             path = os.path.join(folder, row["file_name"])
             if not os.path.isfile(path):
                 raise ImageFolderError(f"{metadata} line {n}: {path} does not exist")

@@ -43,6 +43,11 @@ def test_both_folder_layouts_and_what_is_missing_is_named(tmp_path):
     with pytest.raises(ImageFolderError, match=r"needs 'file_name' and a string caption in 'text' .*--caption_column"):
         read_image_folder(str(meta))  # the default column is "text"
 
+    with open(meta / "metadata.jsonl", "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(ImageFolderError, match="line 3 is not JSON"):
+        read_image_folder(str(meta), "caption")
+
     _png(side / "2.png", (2, 0, 0))
     with pytest.raises(ImageFolderError, match=r"2.png has no caption: write it to .*2.txt"):
         read_image_folder(str(side))
