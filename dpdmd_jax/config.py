@@ -155,6 +155,11 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def gan_on_real_data(c: ml_collections.ConfigDict) -> bool:
+    """Whether the run's GAN classifies the data source's real images (`RoundBatch.real`)."""
+    return c.gan.weight > 0 and c.gan.real == "data"
+
+
 def lpips_regression(c: ml_collections.ConfigDict) -> bool:
     """Whether the run has DMD v1's LPIPS regression: what makes it load a VAE and LPIPS."""
     r = c.get("regression", {})

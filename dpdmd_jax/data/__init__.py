@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import ml_collections
 from jax.sharding import Mesh
 
+from dpdmd_jax.config import gan_on_real_data
 from dpdmd_jax.core import Backbone, DataSource, RoundBatch
 from dpdmd_jax.data.embeddings import read_meta
 from dpdmd_jax.parallel import mesh as mesh_lib
@@ -68,11 +69,11 @@ def problems(c: ml_collections.ConfigDict) -> list[str]:
         except FileNotFoundError as e:
             return [f"data.cache_dir: {e}"]
         real = meta.get("real_latents")
-        if c.gan.weight > 0 and c.gan.real == "data" and not real:
+        if gan_on_real_data(c) and not real:
             return [f"gan.real='data' takes its real images from the embedding cache, and {c.data.cache_dir} holds "
                     "none: build one with --images=FOLDER (python -m dpdmd_jax.data.embedding_cache), or set "
                     "--config.gan.real=teacher."]
-        if c.gan.weight > 0 and c.gan.real == "data" and tuple(real[1:3]) != tuple(c.data.latent_size):
+        if gan_on_real_data(c) and tuple(real[1:3]) != tuple(c.data.latent_size):
             return [f"{c.data.cache_dir} holds real latents of {real[1]}x{real[2]}, and data.latent_size is "
                     f"{tuple(c.data.latent_size)}: build the cache at this size (--config.data.latent_size)."]
     return []

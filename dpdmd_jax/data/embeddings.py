@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from dpdmd_jax.config import gan_on_real_data
 from dpdmd_jax.core import Cond, RoundBatch
 from dpdmd_jax.data.base import HostSource
 from dpdmd_jax.data.prompts import PromptOrder
@@ -122,7 +123,7 @@ class EmbeddingSource(HostSource):
         load = lambda name: np.load(os.path.join(c.data.cache_dir, name), mmap_mode="r")
         self.arrays = {f: load(f"{f}.npy") for f in fields}
         # DMD2's GAN on real data: each row's image, with the row's caption as its conditioning.
-        self.real = load(REAL_LATENTS) if c.gan.weight > 0 and c.gan.real == "data" else None
+        self.real = load(REAL_LATENTS) if gan_on_real_data(c) else None
         if self.real is not None and tuple(self.real.shape[1:]) != tuple(backbone.latent_shape()):
             raise ValueError(f"{c.data.cache_dir}: its real latents are {list(self.real.shape[1:])}, the model takes "
                              f"{list(backbone.latent_shape())}; build the cache at this run's data.latent_size")

@@ -8,6 +8,7 @@ import numpy as np
 from collections.abc import Sequence
 
 from dpdmd_jax import core
+from dpdmd_jax.config import gan_on_real_data
 from dpdmd_jax.core import Cond, RoundBatch
 from dpdmd_jax.data.base import HostSource
 from dpdmd_jax.toy import data as toy_data
@@ -40,7 +41,7 @@ class ToySource(HostSource):
                              f"{toy_teacher.CONTEXT_LEN} (use model.source='toy' or 'random')")
         self.seed, self.batch = c.seed, c.batch_size
         self.rows = c.distill.fake_updates_per_student + 1
-        self.with_real = c.gan.weight > 0 and c.gan.real == "data"
+        self.with_real = gan_on_real_data(c)
         image_shape = (toy_data.IMAGE_SIZE, toy_data.IMAGE_SIZE, 3)
         if self.with_real and tuple(backbone.latent_shape()) != image_shape:
             raise ValueError(f"gan.real='data' gives the toy's images {image_shape} as latents; backbone "

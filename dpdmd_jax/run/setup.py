@@ -110,7 +110,7 @@ def batch_spec(run: Run) -> RoundBatch:
     c, spec = run.config, run.backbone.cond_spec(run.config.batch_size)
     rows = c.distill.fake_updates_per_student + 1
     real = None
-    if run.distiller.gan and c.gan.real == "data":  # the GAN's real latents, aligned with the conditionings
+    if config_lib.gan_on_real_data(c):  # the GAN's real latents, aligned with the conditionings
         real = jax.ShapeDtypeStruct((rows, c.batch_size, *run.backbone.latent_shape()), jnp.float32)
     return RoundBatch(cond=jax.tree.map(lambda s: jax.ShapeDtypeStruct((rows, *s.shape), s.dtype), spec),
                       uncond=spec, real=real)
