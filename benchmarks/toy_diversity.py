@@ -47,6 +47,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 from configs.toy import WIDE_STUDENT_SIGMAS as WIDE_GRID  # noqa: E402  first step 1 -> 0.75, not 1 -> 0.8577
 
 T = 30
+PAIRS, PAIR_SEEDS = "{pairs}", 16  # an arm's pair cache: made once per --out (`pair_cache`), 6 prompts x 16 seeds
 
 ARMS = {
     "main": {
@@ -70,9 +71,14 @@ ARMS = {
     # images) and DMD2's GAN on the toy's real images, each at a small sweep of its weight so the
     # comparison is fair to them, and DP-DMD with the GAN on too.
     "baselines": {
-        **{f"DMD + regression w={w}": {"distill.lambda_div": 0.0, "regression.weight": w} for w in (0.05, 0.25, 1.0)},
+        **{f"DMD + regression w={w}": {"distill.lambda_div": 0.0, "regression.weight": w}
+           for w in (0.05, 0.25, 1.0, 4.0)},
         **{f"DMD + GAN w={w}": {"distill.lambda_div": 0.0, "gan.weight": w} for w in (1e-3, 5e-3, 2e-2)},
         "DP-DMD K=auto + GAN w=0.005": {"distill.anchor_k": "auto", "gan.weight": 5e-3},
+        # DMD v1's regression on a finite precomputed set, as at full size: the teacher's samples of the
+        # toy's 6 prompts x PAIR_SEEDS seeds (`pair_cache`), instead of a fresh teacher sample each round.
+        **{f"DMD + regression w={w}, {PAIR_SEEDS * 6} pairs": {"distill.lambda_div": 0.0, "regression.weight": w,
+                                                                "regression.pairs": PAIRS} for w in (1.0, 4.0)},
     },
     "study": {
         "DP-DMD K=5 lambda=0.5": {"distill.anchor_k": 5, "distill.lambda_div": 0.5},
@@ -95,7 +101,23 @@ def make_config(overrides: dict, seed: int, rounds: int, teacher: str | None):
     c.num_rounds = rounds  # logging / checkpoint / sample cadence stay the toy default's
     if teacher:
         c.model.source = teacher
+    if overrides.get("regression.pairs") == PAIRS:
+        overrides = {**overrides, "regression.pairs": pair_cache(c)}
     return override(c, overrides)
+
+
+def pair_cache(c) -> str:
+    """The teacher's pair cache (its samples of the toy's prompts x PAIR_SEEDS seeds, root seed 0) under
+    --out, written by the first arm that needs it; every training seed regresses on the same pairs."""
+    from dpdmd_jax.run import sample as run_sample
+
+    out = os.path.join(ARGS.out if ARGS else ROOT, f"pairs_{PAIR_SEEDS}seeds")
+    latents = os.path.join(out, "latents")
+    if not os.path.isdir(latents) or len(os.listdir(latents)) < 6 * PAIR_SEEDS:  # else finished: only read
+        import jax
+
+        run_sample.sample(c, out, sampler="teacher", pairs=True, seeds=PAIR_SEEDS, devices=jax.devices()[:1])
+    return out
 
 
 def workdir_of(out: str, name: str, seed: int) -> str:
@@ -132,6 +154,8 @@ def _baseline_setting(c) -> dict:
     out = {}
     if regression and regression.weight:
         out["regression"] = [regression.weight, regression.distance]
+        if regression.get("pairs"):  # a pair cache: how many pairs (its folder differs between checkouts)
+            out["regression.pairs"] = len(os.listdir(os.path.join(regression.pairs, "latents")))
     if gan and gan.weight:
         out["gan"] = [gan.weight, gan.cls_weight, gan.real, gan.block, gan.head_width]
     return out
@@ -255,6 +279,32 @@ def plot(agg: dict[str, dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+TRADEOFF = (("frechet_layout", "Frechet (layout), lower is better"), ("adherence", "adherence"),
+            ("valid", "validity"))
+
+
+def tradeoff_plot(agg: dict[str, dict], path: str) -> None:
+    """The paper's trade-off figure: layout diversity against each quality measure, one point per arm
+    (mean over training seeds, error bars one std over seeds on both axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TRADEOFF), figsize=(6 * len(TRADEOFF), 5))
+    colours = plt.get_cmap("tab10")
+    for ax, (key, label) in zip(axes, TRADEOFF):
+        for i, (name, row) in enumerate(agg.items()):
+            (x, dx), (y, dy) = row["diversity_layout"], row[key]
+            ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="s" if name == "teacher" else "o", capsize=3,
+                        color="black" if name == "teacher" else colours(i % 10), label=name)
+        ax.set_xlabel("layout diversity (higher is more diverse)")
+        ax.set_ylabel(label)
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def save_grids(out: str, arms: dict) -> None:
     """Seed-0 student sample grid of each arm (from its TensorBoard-free sampler) as PNG."""
     from PIL import Image
@@ -360,6 +410,7 @@ def main() -> None:
     with open(os.path.join(ARGS.out, f"results_{tag}.json"), "w") as f:
         json.dump(agg, f, indent=2)
     plot(agg, os.path.join(ARGS.out, f"plot_{tag}.png"))
+    tradeoff_plot(agg, os.path.join(ARGS.out, f"tradeoff_{tag}.png"))
     if ARGS.grids:
         save_grids(ARGS.out, arms)
 

@@ -25,7 +25,9 @@ after joint block `gan.block`, -1 = the last, and its non-saturating generator l
 `:regression` (`:regression=W`, default 0.25: DMD v1's regression to the teacher's sample from the
 same noise, L2 on latents; DMD v1's LPIPS on the VAE-decoded samples with
 `--config.regression.distance=lpips` and its two weight files, `regression.vgg` and
-`regression.lpips_heads`). The GAN's real images come from an image folder with captions, encoded
+`regression.lpips_heads`; the teacher's samples are computed in each round, or read from a pair
+cache, DMD v1's precomputed pairs, written once by `dpdmd_jax.sample --sampler=teacher --pairs` and
+named by `--config.regression.pairs`). The GAN's real images come from an image folder with captions, encoded
 once into an embedding cache (`data.embedding_cache --images`: each image's latents beside its
 caption's embeddings), or, with `gan.real=teacher`, from the teacher's samples (a data-free variant,
 not DMD2 itself):
@@ -41,6 +43,13 @@ not DMD2 itself):
   python -m dpdmd_jax.main --config=configs/sd35.py:dmd,regression --workdir=runs/sd35m_dmd_reg \
       --config.model.source=/ckpts/stable-diffusion-3.5-medium \
       --config.data.prompt_file=data/diffusiondb_prompts.txt
+  # DMD v1's precomputed pairs: the teacher's samples of 1000 prompts x 8 seeds, then a run from them
+  python -m dpdmd_jax.sample --config=configs/sd35.py:dmd,regression --sampler=teacher --pairs --out=/data/sd35m_pairs \
+      --config.model.source=/ckpts/stable-diffusion-3.5-medium \
+      --prompt_file=data/diffusiondb_prompts.txt --num_prompts=1000 --seeds=8
+  python -m dpdmd_jax.main --config=configs/sd35.py:dmd,regression --workdir=runs/sd35m_dmd_reg_pairs \
+      --config.model.source=/ckpts/stable-diffusion-3.5-medium \
+      --config.data.prompt_file=data/diffusiondb_prompts.txt --config.regression.pairs=/data/sd35m_pairs
 
 `:lora` (`:lora=R`, default rank 64): LoRA student and fake score over one frozen bf16 copy of the
 transformer (docs/DESIGN.md, "LoRA students"), for one accelerator:

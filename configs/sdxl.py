@@ -24,7 +24,9 @@ The paper's baselines (docs/DESIGN.md; each leaves lambda_div as it is, so `:gan
 non-saturating generator loss), `:regression` (`:regression=W`, default 0.25: DMD v1's regression
 to the teacher's sample from the same noise, L2 on latents; DMD v1's LPIPS on the VAE-decoded
 samples with `--config.regression.distance=lpips` and its two weight files, `regression.vgg` and
-`regression.lpips_heads`), and `:dmd2`, DMD2's published SDXL recipe where it fits our engine:
+`regression.lpips_heads`; the teacher's samples are computed in each round, or read from a pair
+cache, DMD v1's precomputed pairs, written once by `dpdmd_jax.sample --sampler=teacher --pairs` and
+named by `--config.regression.pairs`), and `:dmd2`, DMD2's published SDXL recipe where it fits our engine:
 plain DMD (lambda_div 0) + GAN (weight 5e-3, classifier weight 1e-2), real-score guidance 8, 5 fake
 updates per student update, backward simulation, lr 5e-7. The GAN's real images come from an image
 folder with captions, encoded once into an embedding cache (each image's latents beside its
@@ -42,6 +44,13 @@ teacher's samples (a data-free variant, not DMD2 itself):
   python -m dpdmd_jax.main --config=configs/sdxl.py:dmd,regression --workdir=runs/sdxl_dmd_reg \
       --config.model.source=/ckpts/stable-diffusion-xl-base-1.0 \
       --config.data.prompt_file=data/diffusiondb_prompts.txt
+  # DMD v1's precomputed pairs: the teacher's samples of 1000 prompts x 8 seeds, then a run from them
+  python -m dpdmd_jax.sample --config=configs/sdxl.py:dmd,regression --sampler=teacher --pairs --out=/data/sdxl_pairs \
+      --config.model.source=/ckpts/stable-diffusion-xl-base-1.0 \
+      --prompt_file=data/diffusiondb_prompts.txt --num_prompts=1000 --seeds=8
+  python -m dpdmd_jax.main --config=configs/sdxl.py:dmd,regression --workdir=runs/sdxl_dmd_reg_pairs \
+      --config.model.source=/ckpts/stable-diffusion-xl-base-1.0 \
+      --config.data.prompt_file=data/diffusiondb_prompts.txt --config.regression.pairs=/data/sdxl_pairs
 
 `:lora` (`:lora=R`, default rank 64): LoRA student and fake score over one frozen bf16 copy of the
 UNet (docs/DESIGN.md, "LoRA students"), for one accelerator:

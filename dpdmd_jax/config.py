@@ -120,9 +120,12 @@ def base_config() -> ml_collections.ConfigDict:
     # decoded by the pipeline's VAE and resized (bilinear) to image_size^2 (0 = as decoded; 224 as
     # LPIPS is usually fed), from local files: `vgg` (torchvision's VGG16 state dict) and
     # `lpips_heads` (the lpips package's weights/v0.1/vgg.pth), each as .safetensors
-    # (python -m dpdmd_jax.weights.lpips IN.pth OUT.safetensors).
+    # (python -m dpdmd_jax.weights.lpips IN.pth OUT.safetensors). `pairs`: a pair cache (a folder of
+    # `python -m dpdmd_jax.sample --sampler=teacher --pairs`) to regress on instead, as DMD v1 does:
+    # the student's sample from each cached pair's noise towards the teacher's sample stored with it
+    # (no teacher sampling in the round; "" = online).
     c.regression = ml_collections.ConfigDict(dict(weight=0.0, distance="l2", vgg="", lpips_heads="",
-                                                  image_size=224))
+                                                  image_size=224, pairs=""))
     # DMD2's GAN: a classifier head on the fake score's features (`Backbone.features`: the UNet's mid
     # block; the MMDiT's image tokens after joint block `block`, -1 = the last) trained with the fake
     # score in its updates (loss weight `cls_weight`, DMD2's guidance_cls_loss_weight) to tell real
@@ -160,6 +163,12 @@ def gan_on_real_data(c: ml_collections.ConfigDict) -> bool:
     return c.gan.weight > 0 and c.gan.real == "data"
 
 
+def regression_pairs(c: ml_collections.ConfigDict) -> str:
+    """The pair cache DMD v1's regression reads its pairs from, or "" (no regression, or online)."""
+    r = c.get("regression", {})
+    return r.get("pairs", "") if r.get("weight", 0) > 0 else ""
+
+
 def lpips_regression(c: ml_collections.ConfigDict) -> bool:
     """Whether the run has DMD v1's LPIPS regression: what makes it load a VAE and LPIPS."""
     r = c.get("regression", {})
@@ -173,6 +182,9 @@ def baseline_problems(c: ml_collections.ConfigDict) -> list[str]:
         p.append(f"regression.weight={r.weight} is negative; 0 turns the regression off (DMD v1: 0.25).")
     if r.distance not in REGRESSION_DISTANCES:
         p.append(f"regression.distance={r.distance!r}; choose one of {REGRESSION_DISTANCES}.")
+    if r.pairs and not r.weight > 0:
+        p.append(f"regression.pairs={r.pairs!r} is set but regression.weight={r.weight}: set a weight > 0 "
+                 "(DMD v1: 0.25), or drop the pair cache.")
     if not isinstance(r.image_size, int) or r.image_size < 0:
         p.append(f"regression.image_size={r.image_size!r} must be an integer >= 0 (0 = the decoded size).")
     if g.weight < 0 or g.cls_weight < 0:

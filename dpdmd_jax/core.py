@@ -52,15 +52,28 @@ class TrainingError(RuntimeError):
 
 
 @flax.struct.dataclass
+class Pairs:
+    """DMD v1's precomputed regression pairs for one generator update, [B, ...] each: a prompt's
+    conditioning, an initial noise and the teacher's guided T-step sample (latents) from that noise
+    with that prompt (`data.pairs`, written by `dpdmd_jax.sample --sampler=teacher --pairs`)."""
+
+    cond: Cond
+    noise: jax.Array
+    target: jax.Array
+
+
+@flax.struct.dataclass
 class RoundBatch:
     """Inputs of one round: conditionings for the M critic updates and the generator update
     ([M + 1, B, ...], last = generator), the unconditional conditioning ([B, ...]) and, for the
     GAN's classifier with `gan.real="data"`, real latents [M + 1, B, H, W, C] aligned with `cond`
-    (row i, sample b is an image of the prompt of cond[i, b]); None otherwise."""
+    (row i, sample b is an image of the prompt of cond[i, b]); None otherwise. `pairs`: the
+    regression's cached pairs (`regression.pairs`), None for the online regression and without one."""
 
     cond: Cond
     uncond: Cond
     real: Any = None
+    pairs: Pairs | None = None
 
 
 @flax.struct.dataclass

@@ -4,6 +4,8 @@ r"""Batch sampling: prompts x seeds -> PNGs, one grid per prompt, and a JSONL ro
     python -m dpdmd_jax.sample --workdir=runs/toy --out=runs/toy/samples
     # the teacher (T steps, CFG) of the config's model.source:
     python -m dpdmd_jax.sample --config=configs/toy.py --sampler=teacher --out=runs/toy/teacher_samples
+    # the same, kept as DMD v1's pair cache (latents, conditionings) for --config.regression.pairs:
+    python -m dpdmd_jax.sample --config=configs/toy.py --sampler=teacher --pairs --out=runs/toy/pairs --seeds=64
     # an exported student pipeline folder (no --workdir: the folder's weights are the student):
     python -m dpdmd_jax.sample --config=configs/sd35.py --config.model.source=EXPORT --out=DIR \
         --prompt_file=prompts.txt
@@ -74,6 +76,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Root of every image's key.")
     flags.DEFINE_integer("per_device_batch", 4, "Images per device per batch.")
     flags.DEFINE_string("vae_dtype", "float32", "VAE decode dtype (pipeline backbones).")
+    flags.DEFINE_bool("pairs", False, "With --sampler=teacher: also keep each image's latents and each prompt's "
+                      "conditioning, making --out a pair cache for DMD v1's regression (--config.regression.pairs).")
     multihost.define_flags()
     flags.mark_flags_as_required(["out"])
 
@@ -91,7 +95,8 @@ def main(argv):
         summary = sample(FLAGS.config, FLAGS.out, workdir=FLAGS.workdir, step=FLAGS.step, sampler=FLAGS.sampler,
                          prompt_file=FLAGS.prompt_file, prompt_column=FLAGS.prompt_column,
                          num_prompts=FLAGS.num_prompts, seeds=FLAGS.seeds, seed=FLAGS.seed,
-                         per_device_batch=FLAGS.per_device_batch, vae_dtype=FLAGS.vae_dtype, lora=FLAGS.lora)
+                         per_device_batch=FLAGS.per_device_batch, vae_dtype=FLAGS.vae_dtype, lora=FLAGS.lora,
+                         pairs=FLAGS.pairs)
     except (SampleError, ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
         raise cli.UsageError(str(e)) from e
     if summary["preempted"]:

@@ -23,9 +23,10 @@ from collections.abc import Sequence
 import ml_collections
 from jax.sharding import Mesh
 
-from dpdmd_jax.config import gan_on_real_data
+from dpdmd_jax.config import gan_on_real_data, regression_pairs
 from dpdmd_jax.core import Backbone, DataSource, RoundBatch
 from dpdmd_jax.data.embeddings import read_meta
+from dpdmd_jax.data.pairs import PairCache, PairedSource
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.data.prompts import PromptFileError, TextSource, read_prompt_file, text_file_prompts
 
@@ -110,8 +111,13 @@ def text_source(c: ml_collections.ConfigDict, backbone: Backbone, mesh, rules):
 
 
 def make_source(c: ml_collections.ConfigDict, backbone: Backbone, mesh, rules) -> DataSource:
+    """The config's data source; with DMD v1's pair cache (regression.pairs) its rounds also carry
+    the cached pairs (`data.pairs.PairedSource`)."""
     module, name = SOURCES[c.data.kind].split(":")
-    return getattr(importlib.import_module(module), name)(c, backbone, mesh, rules)
+    source = getattr(importlib.import_module(module), name)(c, backbone, mesh, rules)
+    if regression_pairs(c):
+        return PairedSource(source, PairCache.open(c, backbone))
+    return source
 
 
 def global_round(data: DataSource, mesh: Mesh, batch_size: int, r: int) -> RoundBatch:

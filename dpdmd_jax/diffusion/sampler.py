@@ -84,3 +84,16 @@ def sample(
 
     z, observed = jax.lax.scan(body, z, (first_index + jnp.arange(steps), grid[:-1], grid[1:]))
     return z if observe is None else (z, observed)
+
+
+def image_key(root_seed: Any, p: Any, s: Any) -> jax.Array:
+    """The key of sample-folder image (prompt index p, seed s) under a root seed (traced ints work,
+    under vmap): its noise, and a VP student's per-step noise, derive from it alone, so an image does
+    not depend on its batch, the device count or the order images are made in."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(root_seed), p), s)
+
+
+def image_noise(root_seed: Any, p: jax.Array, s: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
+    """The initial noises [B, *latent_shape] of images (p[b], s[b]) (`image_key`)."""
+    keys = jax.vmap(lambda p, s: image_key(root_seed, p, s))(p, s)
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), latent_shape))(keys)

@@ -16,7 +16,9 @@ Generator update, from initial noise eps (the student's first level):
 
 The paper's baselines, each independent of lambda_div and skipped entirely at weight 0:
   regression (DMD v1): + regression.weight * d(x, sg(teacher's T-step guided sample from eps)), d the
-     mean squared error on latents ("l2") or LPIPS between their VAE-decoded images ("lpips");
+     mean squared error on latents ("l2") or LPIPS between their VAE-decoded images ("lpips"); with a
+     pair cache (regression.pairs), d(student's sample from each cached pair's noise, its cached
+     teacher sample) instead, as DMD v1 precomputes its pairs (no teacher sampling in the round);
   GAN (DMD2): a classifier head on the fake score's features (`Backbone.features`) trains with the
      fake score in each critic update (+ gan.cls_weight * the classifier loss on real samples and
      the critic's student sample, both noised at a training level); the generator adds
@@ -33,7 +35,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from dpdmd_jax.core import Adapted, Backbone, Cond, Frozen, Params, RoundBatch, TrainState
+from dpdmd_jax.core import Adapted, Backbone, Cond, Frozen, Pairs, Params, RoundBatch, TrainState
 from dpdmd_jax.diffusion import sampler
 from dpdmd_jax.distill import losses
 from dpdmd_jax.models import lora
@@ -226,8 +228,10 @@ class Distiller:
 
     # ------------------------------------------------------------------ losses
 
-    def generator_loss(self, params, fake, frozen: Frozen, eps, cond: Cond, uncond: Cond, key, disc: Params = None):
-        """The student's loss and its parts; `disc` is the GAN's head (gan.weight > 0 only)."""
+    def generator_loss(self, params, fake, frozen: Frozen, eps, cond: Cond, uncond: Cond, key, disc: Params = None,
+                       pairs: Pairs | None = None):
+        """The student's loss and its parts; `disc` is the GAN's head (gan.weight > 0 only), `pairs` the
+        regression's cached pairs (regression.pairs only)."""
         params, fake = self.weights("student", params, frozen), self.weights("fake", fake, frozen)
         k_sim, k_dmd = jax.random.split(key)
         p_first, z1 = self.first_step(params, frozen.buffers, eps, cond, k_sim)
@@ -244,8 +248,12 @@ class Distiller:
         loss = loss_dmd + self.c.distill.lambda_div * loss_div
         aux = {"loss_dmd": loss_dmd, "loss_div": loss_div, "dmd_level": jnp.mean(level)}
         if self.regression_weight > 0:  # DMD v1: towards the teacher's sample from the same noise
-            target = self.teacher_sample(frozen.teacher, frozen.buffers, eps, cond, uncond)
-            aux["loss_reg"] = self.regression_distance(frozen, x, target)
+            if pairs is None:  # online: the teacher samples from the student's own noise, this round
+                x_reg, target = x, self.teacher_sample(frozen.teacher, frozen.buffers, eps, cond, uncond)
+            else:  # DMD v1's precomputed pairs: the student's sample from each pair's noise, its own step
+                x_reg, target = self.student_output(params, frozen.buffers, pairs.noise, pairs.cond,
+                                                    jax.random.fold_in(k_sim, _PAIRS_KEY)), pairs.target
+            aux["loss_reg"] = self.regression_distance(frozen, x_reg, target)
             loss = loss + self.regression_weight * aux["loss_reg"]
         if self.gan:  # DMD2: the classifier should call x real; fake score and head do not move
             logits = self.realism_logits(jax.lax.stop_gradient(fake), jax.lax.stop_gradient(disc), frozen.buffers, x,
@@ -253,6 +261,12 @@ class Distiller:
             aux["loss_gan_gen"] = losses.gan_generator_loss(logits)
             loss = loss + self.gan_weight * aux["loss_gan_gen"]
         return loss, aux
+
+    def student_output(self, params, buffers: Params, eps, cond: Cond, key) -> jax.Array:
+        """The student's sample from `eps` with the generator's gradient path (`first_step`, then
+        `remaining_steps` of dmd.simulation): what the DMD loss acts on, for other noises."""
+        _, z1 = self.first_step(params, buffers, eps, cond, key)
+        return self.remaining_steps(params, buffers, eps, z1, cond, key)
 
     def regression_distance(self, frozen: Frozen, x: jax.Array, target: jax.Array) -> jax.Array:
         """DMD v1's distance of the student's sample x to the teacher's (detached), averaged over the
@@ -378,12 +392,12 @@ class Distiller:
         state = state.replace(fake=fake, opt_fake=opt, disc=disc, opt_disc=opt_disc)
         return state, {**aux, "grad_norm_fake": gnorm, "grad_norm_disc": gnorm_disc}
 
-    def generator_update(self, state: TrainState, frozen: Frozen, cond: Cond, uncond: Cond, key):
+    def generator_update(self, state: TrainState, frozen: Frozen, cond: Cond, uncond: Cond, key,
+                         pairs: Pairs | None = None):
         k_eps, k_loss = jax.random.split(key)
         eps = self._noise(k_eps, _batch(cond))
-        gan = (state.disc,) if self.gan else ()  # the head's argument only when there is one
         (loss, aux), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
-            state.student, state.fake, frozen, eps, cond, uncond, k_loss, *gan
+            state.student, state.fake, frozen, eps, cond, uncond, k_loss, state.disc if self.gan else None, pairs
         )
         student, opt, gnorm = self._update(self.tx_student, grads, state.student, state.opt_student)
         state = state.replace(student=student, opt_student=opt)
@@ -407,7 +421,8 @@ class Distiller:
 
             state, critic_metrics = jax.lax.scan(body, state, (critic_conds, keys, reals))
             metrics.update({k: jnp.mean(v) for k, v in critic_metrics.items()})
-        state, gen_metrics = self.generator_update(state, frozen, _take(batch.cond, m), batch.uncond, k_gen)
+        state, gen_metrics = self.generator_update(state, frozen, _take(batch.cond, m), batch.uncond, k_gen,
+                                                   batch.pairs if self.regression_weight > 0 else None)
         metrics.update(gen_metrics)
         return state.replace(step=state.step + 1), metrics
 
@@ -416,6 +431,8 @@ class Distiller:
 _ADAPTER_SEED = 0x4C6F5241
 # Folded into the seed's key for the GAN head's initial parameters.
 _HEAD_SEED = 0x47414E48
+# Folded into the generator's simulation key for the cached pairs' student samples (VP students' noise).
+_PAIRS_KEY = 0x50414952
 # Folded into a loss's key for the GAN's noise levels and noises: the keys the other terms split stay
 # as they are, so turning the GAN on changes no other draw.
 _GAN_KEY = 0x47414E

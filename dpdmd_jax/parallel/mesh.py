@@ -152,11 +152,12 @@ def process_batch_rows(mesh: Mesh, batch: int) -> slice:
 
 def round_shardings(mesh: Mesh, batch: RoundBatch) -> RoundBatch:
     """A round's batch: conditionings [M + 1, B, ...] (and the GAN's real latents, aligned with them)
-    split over the batch axes on B, the unconditional conditioning [B, ...] on its first axis."""
+    split over the batch axes on B, the unconditional conditioning [B, ...] and the regression's
+    cached pairs [B, ...] on their first axis."""
     on_b = lambda x: NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2))))
-    return RoundBatch(cond=jax.tree.map(on_b, batch.cond),
-                      uncond=jax.tree.map(lambda x: batch_sharding(mesh, x.ndim), batch.uncond),
-                      real=jax.tree.map(on_b, batch.real))
+    first = lambda x: batch_sharding(mesh, x.ndim)
+    return RoundBatch(cond=jax.tree.map(on_b, batch.cond), uncond=jax.tree.map(first, batch.uncond),
+                      real=jax.tree.map(on_b, batch.real), pairs=jax.tree.map(first, batch.pairs))
 
 
 def put_round(mesh: Mesh, batch_size: int, local: RoundBatch) -> RoundBatch:
@@ -171,7 +172,8 @@ def put_round(mesh: Mesh, batch_size: int, local: RoundBatch) -> RoundBatch:
     sh = round_shardings(mesh, local)
     return RoundBatch(cond=jax.tree.map(lambda x, s: put(x, s, 1), local.cond, sh.cond),
                       uncond=jax.tree.map(lambda x, s: put(x, s, 0), local.uncond, sh.uncond),
-                      real=jax.tree.map(lambda x, s: put(x, s, 1), local.real, sh.real))
+                      real=jax.tree.map(lambda x, s: put(x, s, 1), local.real, sh.real),
+                      pairs=jax.tree.map(lambda x, s: put(x, s, 0), local.pairs, sh.pairs))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

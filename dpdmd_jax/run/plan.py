@@ -36,7 +36,7 @@ from flax import nnx
 
 from dpdmd_jax import backbones
 from dpdmd_jax.backbones.pipeline import PRESET, TEXT_KINDS
-from dpdmd_jax.config import ConfigError, lpips_regression, override
+from dpdmd_jax.config import ConfigError, lpips_regression, override, regression_pairs
 from dpdmd_jax.core import Frozen, RoundBatch
 from dpdmd_jax.diffusion.sampler import is_unguided
 from dpdmd_jax.distill import adapters
@@ -221,7 +221,10 @@ def model_calls(c: ml_collections.ConfigDict, anchor_k: int, n: int) -> dict[str
         forward_backward += 1
     forward += guided(c.dmd.real_cfg_scale) + 1  # DMD: teacher (real score) and fake score
     teacher_sample = c.teacher.steps * guided(c.teacher.cfg_scale)  # a T-step guided teacher sample
-    if c.regression.weight > 0:
+    if regression_pairs(c):  # DMD v1's cached pairs: the student's sample from their noises
+        forward_backward += n if c.dmd.simulation == "rollout" else 2
+        forward += 0 if c.dmd.simulation == "rollout" else (n - 1 - (1 if c.distill.lambda_div > 0 else 0)) / 2
+    elif c.regression.weight > 0:
         forward += teacher_sample  # DMD v1's target, from the generator's noise
     if c.gan.weight > 0:
         # The fake score's features (counted as whole calls: an upper bound, they stop at gan.block / the

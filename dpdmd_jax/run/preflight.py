@@ -23,6 +23,7 @@ from etils import epath
 from dpdmd_jax import backbones
 from dpdmd_jax import config as config_lib
 from dpdmd_jax import data as data_lib
+from dpdmd_jax.data import pairs
 from dpdmd_jax import eval as eval_lib
 from dpdmd_jax.distill import adapters, anchor
 from dpdmd_jax.parallel import mesh as mesh_lib
@@ -72,12 +73,14 @@ def source_problems(c: ml_collections.ConfigDict) -> list[str]:
 
 
 def regression_problems(c: ml_collections.ConfigDict, backbone) -> list[str]:
-    """DMD v1's LPIPS regression: a backbone whose latents a VAE decodes (a pipeline backbone checks
-    its VAE in `vae_problems`), and LPIPS' two weight files (their keys are checked when they load)."""
-    if not config_lib.lpips_regression(c):
-        return []
+    """DMD v1's regression: its pair cache, if it has one (`data.pairs.problems`); with LPIPS, a backbone
+    whose latents a VAE decodes (a pipeline backbone checks its VAE in `vae_problems`), and LPIPS' two
+    weight files (their keys are checked when they load)."""
     r = c.regression
-    p = []
+    # DMD v1's pair cache: made by this run's teacher (model, grid, CFG).
+    p = pairs.problems(c, backbone.schedule.teacher_grid(c.teacher)) if config_lib.regression_pairs(c) else []
+    if not config_lib.lpips_regression(c):
+        return p
     if not hasattr(backbone, "vae_problems"):  # a pipeline backbone checks its VAE itself
         p.append(f"regression.distance='lpips' compares VAE-decoded images, and backbone {c.backbone!r} has no "
                  "VAE: use regression.distance='l2'.")

@@ -18,7 +18,7 @@ from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import workdir as workdir_lib
 from dpdmd_jax.run.preflight import workdir_problems
 from dpdmd_jax.sampling.folder import SampleError
-from dpdmd_jax.sampling.sampler import prompt_list, sample_with
+from dpdmd_jax.sampling.sampler import check_pairs, prompt_list, sample_with
 from dpdmd_jax.weights import lora as lora_io
 
 
@@ -69,13 +69,17 @@ def lora_student(run: setup_lib.Run, folder: str) -> Adapted:
 def sample(c: ml_collections.ConfigDict, out: str, *, workdir: str | None = None, step: int | None = None,
            sampler: str = "student", prompt_file: str | None = None, prompt_column: str = "",
            num_prompts: int | None = None, seeds: int = 9, seed: int = 0, per_device_batch: int = 4,
-           vae_dtype: str = "float32", devices: Sequence[Any] | None = None, lora: str | None = None) -> dict:
+           vae_dtype: str = "float32", devices: Sequence[Any] | None = None, lora: str | None = None,
+           pairs: bool = False) -> dict:
     """Samples prompts x `seeds` images into `out` (resumably) on `devices` (default: all); returns a
     summary dict (`preempted`: a SIGTERM stopped it early, and a re-run finishes). `prompt_column`:
     the prompt field of a structured `prompt_file` ("" = the config's data.prompt_column, else auto).
-    `lora`: a diffusers LoRA folder of the student, sampled over the teacher instead of a checkpoint."""
+    `lora`: a diffusers LoRA folder of the student, sampled over the teacher instead of a checkpoint.
+    `pairs` (--sampler=teacher): `out` also keeps what makes it a pair cache for DMD v1's regression
+    (`data.pairs`): each image's latents and each prompt's conditioning."""
     if seeds < 1 or per_device_batch < 1:
         raise SampleError(f"--seeds={seeds} and --per_device_batch={per_device_batch} must be >= 1")
+    check_pairs(sampler, pairs)
     if sampler == "teacher" and (workdir or lora):
         raise SampleError("--sampler=teacher samples the config's model.source; drop --workdir and --lora")
     out = workdir_lib.absolute(out)
@@ -88,6 +92,7 @@ def sample(c: ml_collections.ConfigDict, out: str, *, workdir: str | None = None
     c = data_lib.for_prompt_file(c, prompt_file)  # a copy
     if prompt_file:  # the column goes with the file: a pipeline's text source reads the file too
         c.data.prompt_column = column
+    c.regression.pairs = ""  # sampling reads no pair cache (and may be writing this run's)
     run = setup_lib.build(c, devices)
     prompts = prompt_list(run.data, prompt_file, column)[:num_prompts]
     if not prompts:
@@ -95,4 +100,5 @@ def sample(c: ml_collections.ConfigDict, out: str, *, workdir: str | None = None
     params, source = load_student(run, workdir, step, lora) if sampler == "student" else (
         run.frozen.teacher, f"model.source={c.model.source}")
     return sample_with(run, params, source, out, prompts, sampler=sampler, seeds=seeds, seed=seed,
-                       per_device_batch=per_device_batch, vae_dtype=vae_dtype, stop_on_sigterm=True)
+                       per_device_batch=per_device_batch, vae_dtype=vae_dtype, stop_on_sigterm=True,
+                       pairs=pairs)

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from dpdmd_jax import backbones
 from dpdmd_jax import config as config_lib
 from dpdmd_jax import data as data_lib
-from dpdmd_jax.core import Backbone, DataSource, Frozen, Params, Perceptual, RoundBatch, TrainState
+from dpdmd_jax.core import Backbone, DataSource, Frozen, Pairs, Params, Perceptual, RoundBatch, TrainState
 from dpdmd_jax.distill import adapters, anchor
 from dpdmd_jax.distill.step import Distiller, init_state
 from dpdmd_jax.parallel import mesh as mesh_lib
@@ -112,8 +112,12 @@ def batch_spec(run: Run) -> RoundBatch:
     real = None
     if config_lib.gan_on_real_data(c):  # the GAN's real latents, aligned with the conditionings
         real = jax.ShapeDtypeStruct((rows, c.batch_size, *run.backbone.latent_shape()), jnp.float32)
+    pairs = None
+    if config_lib.regression_pairs(c):  # DMD v1's cached pairs for the generator update
+        latents = jax.ShapeDtypeStruct((c.batch_size, *run.backbone.latent_shape()), jnp.float32)
+        pairs = Pairs(cond=spec, noise=latents, target=latents)
     return RoundBatch(cond=jax.tree.map(lambda s: jax.ShapeDtypeStruct((rows, *s.shape), s.dtype), spec),
-                      uncond=spec, real=real)
+                      uncond=spec, real=real, pairs=pairs)
 
 
 # ---------------------------------------------------------------------------- state and the round

@@ -16,7 +16,7 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -32,11 +32,6 @@ from dpdmd_jax.sampling.rows import Job, exists, json_lines, png_path, read_rows
 
 class SampleError(ValueError):
     """Bad sampling input; the message says what to fix."""
-
-
-def image_key(root_seed: int, p: Any, s: Any):
-    """The key an image's noise comes from (works on traced ints, under vmap)."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(root_seed), p), s)
 
 
 # ---------------------------------------------------------------------------- output folder
@@ -141,6 +136,20 @@ def write_png(path: str, image_01) -> bool:
     return True
 
 
+def write_array(path: str, save, array) -> bool:
+    """Writes `array` with `save(file, array)` (np.save, or np.savez for a dict) via a temporary file;
+    False if `path` exists (never overwritten)."""
+    if exists(path):
+        return False
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = epath.Path(f"{path}.tmp{os.getpid()}")
+    buffer = io.BytesIO()
+    save(buffer, **array) if isinstance(array, dict) else save(buffer, array)
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
+    return True
+
+
 def to_unit(images) -> Any:
     """[-1, 1] -> [0, 1]."""
     return np.clip((np.asarray(images, np.float32) + 1) / 2, 0, 1)
@@ -157,11 +166,12 @@ def read_prompts(path: str, column: str = "") -> list[str]:
     return prompts
 
 
-def plan(out: str, run: dict, jobs: Sequence[Job]) -> tuple[list[Job], int]:
+def plan(out: str, run: dict, jobs: Sequence[Job], also: Callable[[Job], bool] | None = None) -> tuple[list[Job], int]:
     """(the jobs still to make, the rows samples.jsonl will then hold), the same on every process.
 
     Only process 0 writes `out`, so only it reads it: it checks (or, first, writes) run.json and
-    finds the jobs whose row and PNG are both there; the others get its answer, so every process
+    finds the jobs whose row and PNG are both there (and for which `also(job)` holds, if given: e.g. a
+    pair cache's latents); the others get its answer, so every process
     runs the same batches (their collectives must match) whatever file system they see. An error
     on process 0 stops every process."""
     done, n_rows, error = np.zeros(len(jobs), np.int32), 0, None
@@ -181,7 +191,8 @@ def plan(out: str, run: dict, jobs: Sequence[Job]) -> tuple[list[Job], int]:
                 rows.pop(name, None)
             if exists(rows_path) and (bad or _torn(rows_path)):
                 rewrite_rows(rows_path, bad)
-            done[:] = [j.name + ".png" in rows and exists(png_path(out, j)) for j in jobs]
+            done[:] = [j.name + ".png" in rows and exists(png_path(out, j)) and (also is None or also(j))
+                       for j in jobs]
             n_rows = len(rows.keys() | {j.name + ".png" for j in jobs})
         except Exception as e:  # re-raised below, once the other processes know to stop too
             error = e

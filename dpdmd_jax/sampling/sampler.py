@@ -9,6 +9,7 @@ in. `sample_with` is what the sample command, the toy's metrics evaluator and th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -24,13 +25,15 @@ from flax import nnx
 from tqdm import tqdm
 
 from dpdmd_jax.core import Backbone, DataSource, Frozen, NoPrompts
+from dpdmd_jax.data import pairs as pairs_lib
+from dpdmd_jax.diffusion.sampler import image_key, image_noise
 from dpdmd_jax.distill.step import Distiller
 from dpdmd_jax.parallel import mesh as mesh_lib
 from dpdmd_jax.parallel import multihost
 from dpdmd_jax.parallel.multihost import SyncedJit
 from dpdmd_jax.run_config import absolute
-from dpdmd_jax.sampling.folder import (Job, SampleError, append_rows, image_key, plan, png_path, read_prompts,
-                                       read_rows, to_unit, write_grids, write_png)
+from dpdmd_jax.sampling.folder import (Job, SampleError, append_rows, exists, plan, png_path, read_prompts,
+                                       read_rows, to_unit, write_array, write_grids, write_png)
 
 
 class SamplingRun(Protocol):
@@ -69,8 +72,10 @@ def sampler_info(run: SamplingRun, sampler: str) -> dict:
                 nfe=steps * (1 if cfg == 1.0 else 2))
 
 
-def make_sample_fn(run: SamplingRun, sampler: str, root_seed: int, vae: Any = None) -> functools.partial:
-    """(params, (p, s) int arrays [B], cond, uncond) -> images [B, H, W, 3] in [-1, 1], jitted.
+def make_sample_fn(run: SamplingRun, sampler: str, root_seed: int, vae: Any = None,
+                   latents: bool = False) -> functools.partial:
+    """(params, (p, s) int arrays [B], cond, uncond) -> images [B, H, W, 3] in [-1, 1], jitted; with
+    `latents`, (images, the sampled latents [B, *latent_shape] before decoding).
 
     Every array the program reads is an argument, none is closed over: the model's frozen buffers
     (e.g. the MMDiT's position table) and the VAE live on the whole mesh, and on several processes
@@ -82,41 +87,64 @@ def make_sample_fn(run: SamplingRun, sampler: str, root_seed: int, vae: Any = No
 
     def sample_images(buffers, vae_state, params, p, s, cond, uncond):
         keys = jax.vmap(lambda p, s: image_key(root_seed, p, s))(p, s)
-        eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), d.latent_shape))(keys)
+        eps = image_noise(root_seed, p, s, d.latent_shape)
         if sampler == "student":
             step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
             z = d.sample(params, buffers, eps, cond, step_keys)
         else:
             z = d.teacher_sample(params, buffers, eps, cond, uncond)
         if vae_graph is None:
-            return jnp.clip(z, -1.0, 1.0)  # the toy: latents are images
-        return jnp.clip(backbone.decode(nnx.merge(vae_graph, vae_state), z.astype(jnp.float32)), -1.0, 1.0)
+            images = jnp.clip(z, -1.0, 1.0)  # the toy: latents are images
+        else:
+            images = jnp.clip(backbone.decode(nnx.merge(vae_graph, vae_state), z.astype(jnp.float32)), -1.0, 1.0)
+        return (images, z) if latents else images
 
     fn = SyncedJit(mesh_lib.rows_split(run.mesh, sample_images), f"sample_{sampler}",
                    out_shardings=mesh_lib.replicated(run.mesh))
     return functools.partial(fn, buffers, vae_state)
 
 
+def check_pairs(sampler: str, pairs: bool) -> None:
+    """A pair cache holds the teacher's samples: --pairs needs --sampler=teacher."""
+    if pairs and sampler != "teacher":
+        raise SampleError("--pairs keeps the teacher's samples for DMD v1's regression; use it with --sampler=teacher")
+
+
+def write_pairs(out: str, chunk: Sequence[Job], z: np.ndarray, cond: Any) -> None:
+    """A pair cache's files for the images of `chunk` (their latents `z` and the conditionings `cond`
+    of the batch they were sampled in, row for row; `data.pairs` names the files)."""
+    for b, j in enumerate(chunk):
+        write_array(pairs_lib.cond_path(out, j.p), np.savez,
+                    {f.name: np.asarray(getattr(cond, f.name)[b]) for f in dataclasses.fields(cond)})
+        write_array(pairs_lib.latent_path(out, j.name), np.save, z[b])
+
+
 def sample_with(run: SamplingRun, params: Any, source: str, out: str, prompts: Sequence[str], *,
                 sampler: str = "student", seeds: int = 9, seed: int = 0, per_device_batch: int = 4,
-                vae_dtype: str = "float32", progress: bool = True, stop_on_sigterm: bool = False) -> dict:
+                vae_dtype: str = "float32", progress: bool = True, stop_on_sigterm: bool = False,
+                pairs: bool = False) -> dict:
     """`prompts` x `seeds` images of `params` (student or teacher, per `sampler`) into `out`, resumably,
     for a built run (the sample command, and the toy_metrics evaluator mid-run).
+    `pairs` (teacher only): also keep each image's latents and each prompt's conditioning, which make
+    `out` a pair cache for DMD v1's regression (`data.pairs`, `regression.pairs`).
     `stop_on_sigterm`: a SIGTERM stops it after the current batch (`multihost.Preemption`), with
     `preempted` set in the summary; leave it off inside a program that handles SIGTERM itself."""
+    check_pairs(sampler, pairs)
     c = run.config
     out = absolute(out)  # a gs:// URI as it is; its files go through etils.epath (sampling.folder)
     info = sampler_info(run, sampler)
-    made_by = dict(source=source, seed=seed, backbone=c.backbone, data_kind=c.data.kind, **info)
+    made_by = dict(source=source, seed=seed, backbone=c.backbone, data_kind=c.data.kind, **info,
+                   **({"pairs": True} if pairs else {}))
     is_main = jax.process_index() == 0
     rows_path = str(epath.Path(out) / "samples.jsonl")
     jobs = [Job(p, s) for p in range(len(prompts)) for s in range(seeds)]
-    todo, expected_rows = plan(out, made_by, jobs)
+    has_latents = (lambda j: exists(pairs_lib.latent_path(out, j.name))) if pairs else None
+    todo, expected_rows = plan(out, made_by, jobs, also=has_latents)
     if progress and is_main:
         print(f"{len(prompts)} prompts x {seeds} seeds = {len(jobs)} images; {len(jobs) - len(todo)} already in {out}")
 
     vae = run.backbone.load_vae(run.mesh, run.rules, vae_dtype) if run.backbone.has_vae() else None
-    fn = make_sample_fn(run, sampler, seed, vae)
+    fn = make_sample_fn(run, sampler, seed, vae, latents=pairs)
     batch = per_device_batch * mesh_lib.batch_divisor(run.mesh)
     bar = tqdm(total=len(todo), desc=f"sampling ({sampler})", disable=not (is_main and progress),
                dynamic_ncols=True)
@@ -132,6 +160,10 @@ def sample_with(run: SamplingRun, params: Any, source: str, out: str, prompts: S
             put = lambda x: mesh_lib.global_batch(run.mesh, np.asarray(x))
             images = fn(params, put(idx), put(np.array([j.s for j in padded], np.int32)),
                         jax.tree.map(put, cond), jax.tree.map(put, uncond))
+            if pairs:
+                images, z = images
+                if is_main:  # before the PNGs: an image on disk has its pair
+                    write_pairs(out, chunk, np.asarray(z.addressable_data(0)), jax.tree.map(np.asarray, cond))
             images = to_unit(images.addressable_data(0))[: len(chunk)]
             seconds = (time.time() - t0) / len(chunk)
             if is_main:

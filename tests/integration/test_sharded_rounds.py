@@ -1,6 +1,7 @@
 """Sharded rounds equal single-device ones with the paper's GAN on (its classifier head sharded by its
-logical axes) and with LoRA students (the adapters' B sharded over fsdp): 2 rounds on 8 devices against
-2 on one. (The plain round: test_trainer_runs.py; the GAN's and LoRA's step semantics:
+logical axes), with LoRA students (the adapters' B sharded over fsdp) and with DMD v1's cached
+regression pairs (split over the batch axes): 2 rounds on 8 devices against 2 on one. (The plain
+round: test_trainer_runs.py; the GAN's and LoRA's step semantics:
 tests/unit/test_baselines.py, tests/unit/test_lora.py.)"""
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
+from configs import toy as toy_config
+from dpdmd_jax.config import override
 from dpdmd_jax.distill import adapters
+from dpdmd_jax.run import sample as run_sample
 from tests.helpers import train_rounds
 from tests.unit.test_baselines import gan_config
 from tests.unit.test_lora import lora_smoke, rounds
@@ -61,3 +65,19 @@ def test_sharded_lora_rounds_equal_single_device():
     for role in adapters.ROLES:
         for x, y in zip(jax.tree.leaves(getattr(state, role)), jax.tree.leaves(getattr(ref_state, role)), strict=True):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=2e-6)
+
+
+def test_sharded_rounds_from_a_pair_cache_equal_single_device(tmp_path):
+    """DMD v1's cached pairs split over the batch axes like the round's conditionings (tiny flow backbone)."""
+    c = lambda **o: override(toy_config.get_config("smoke"), {
+        "backbone": "tiny_flow", "data.latent_size": (16, 16), "evals": {}, "regression.weight": 0.25, **o})
+    out = str(tmp_path / "pairs")
+    run_sample.sample(c(), out, sampler="teacher", pairs=True, seeds=3, devices=jax.devices()[:1])
+    _, _, ref_state, ref_history, _ = train_rounds(c(**{"regression.pairs": out}), jax.devices()[:1], rounds=2)
+    _, _, state, history, _ = train_rounds(c(**{"regression.pairs": out, "mesh.fsdp": 8}), jax.devices(), rounds=2)
+    assert all(h["loss_reg"] > 0 for h in history)
+    for a, b in zip(history, ref_history, strict=True):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-7, err_msg=k)
+    for x, y in zip(jax.tree.leaves(state.student), jax.tree.leaves(ref_state.student), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=2e-6)
