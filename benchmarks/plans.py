@@ -56,6 +56,10 @@ ROWS = {  # name -> plan flags (remat named, whatever the config's default)
        for name, flag in (("sd35", SD35), ("sdxl", SDXL))
        for arm, variant in (("dmd", "dmd"), ("dmd_regression", "dmd,regression"), ("dmd_gan", "dmd,gan"),
                             ("gan", "gan"))},
+    # DMD v1's regression from a pair cache (no teacher sample in the round; planned shape-only, no cache read).
+    **{f"{name}_v5p8_dmd_regression_pairs_embeddings": [f"{flag}:dmd,regression", V5P8, *B4, FULL, EMB,
+                                                        "--config.regression.pairs=PAIRS"]
+       for name, flag in (("sd35", SD35), ("sdxl", SDXL))},
     "sdxl_v5p8_full_embeddings": [SDXL, V5P8, *B4, FULL, EMB],
     # Full fine-tuning on the same 8 chips, against LoRA's 8-chip rows.
     "sd35_v5p16_full_embeddings": [SD35, "--target=tpu:v5p:2x2x2", *B4, FULL, EMB],
@@ -142,8 +146,12 @@ def main() -> None:
                 continue
             start = time.time()
             print(f"planning {name}: python -m dpdmd_jax.plan {' '.join(ROWS[name])}", flush=True)
-            subprocess.run([sys.executable, "-m", "dpdmd_jax.plan", *ROWS[name], f"--out={path}"],
-                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            child = subprocess.run([sys.executable, "-m", "dpdmd_jax.plan", *ROWS[name], f"--out={path}"],
+                                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            if child.returncode < 0:  # a signal: on this CPU host, the kernel's OOM killer (SIGKILL) in practice
+                print(f"{name}: the plan process was killed by signal {-child.returncode} after "
+                      f"{time.time() - start:.0f} s (SIGKILL: likely the OOM killer, see dmesg); no plan written",
+                      flush=True)
             if os.path.exists(path):  # the wall time goes into the plan's JSON, for the table
                 result = json.load(open(path))
                 result["wall_s"] = round(time.time() - start)

@@ -72,7 +72,7 @@ ARMS = {
     # comparison is fair to them, and DP-DMD with the GAN on too.
     "baselines": {
         **{f"DMD + regression w={w}": {"distill.lambda_div": 0.0, "regression.weight": w}
-           for w in (0.05, 0.25, 1.0, 4.0)},
+           for w in (0.05, 0.25, 1.0, 4.0, 16.0)},
         **{f"DMD + GAN w={w}": {"distill.lambda_div": 0.0, "gan.weight": w} for w in (1e-3, 5e-3, 2e-2)},
         "DP-DMD K=auto + GAN w=0.005": {"distill.anchor_k": "auto", "gan.weight": 5e-3},
         # DMD v1's regression on a finite precomputed set, as at full size: the teacher's samples of the

@@ -112,11 +112,12 @@ def check_pairs(sampler: str, pairs: bool) -> None:
 
 def write_pairs(out: str, chunk: Sequence[Job], z: np.ndarray, cond: Any) -> None:
     """A pair cache's files for the images of `chunk` (their latents `z` and the conditionings `cond`
-    of the batch they were sampled in, row for row; `data.pairs` names the files)."""
+    of the batch they were sampled in, row for row; `data.pairs` names the files), in float32 (a
+    .npy file cannot name bfloat16)."""
     for b, j in enumerate(chunk):
         write_array(pairs_lib.cond_path(out, j.p), np.savez,
-                    {f.name: np.asarray(getattr(cond, f.name)[b]) for f in dataclasses.fields(cond)})
-        write_array(pairs_lib.latent_path(out, j.name), np.save, z[b])
+                    {f.name: np.asarray(getattr(cond, f.name)[b], np.float32) for f in dataclasses.fields(cond)})
+        write_array(pairs_lib.latent_path(out, j.name), np.save, np.asarray(z[b], np.float32))
 
 
 def sample_with(run: SamplingRun, params: Any, source: str, out: str, prompts: Sequence[str], *,
