@@ -34,6 +34,8 @@ ROWS = {  # name -> plan flags (remat named, whatever the config's default)
     "sd35_v6e8_full": [SD35, V6E8, *B4, FULL],
     "sd35_v4_8_full": [SD35, V4_8, *B4, FULL],
     "sd35_v5e16_full_search": [SD35, V5E16, *B4, FULL, "--search"],
+    "sd35_v6e8_full_search": [SD35, V6E8, *B4, FULL, "--search"],
+    "sd35_v4_8_full_search": [SD35, V4_8, *B4, FULL, "--search"],
     "sdxl_v6e8_full": [SDXL, V6E8, *B4, FULL],
     "sdxl_v4_8_full": [SDXL, V4_8, *B4, FULL],
     "sdxl_v5e16_full_search": [SDXL, V5E16, *B4, FULL, "--search"],

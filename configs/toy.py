@@ -40,6 +40,10 @@ GAN / regression on: `gan` trains DP-DMD + GAN and DMD + GAN side by side):
   python -m dpdmd_jax.main --config=configs/toy.py:dmd,gan --workdir=runs/toy_dmd_gan
   python -m dpdmd_jax.main --config=configs/toy.py:gan --workdir=runs/toy_dpdmd_gan
   python -m dpdmd_jax.main --config=configs/toy.py:dmd,regression --workdir=runs/toy_dmd_reg
+  # DMD v1's precomputed pairs: the teacher's samples of the 6 prompts x 16 seeds, then a run from them
+  python -m dpdmd_jax.sample --config=configs/toy.py --sampler=teacher --pairs --seeds=16 --out=runs/toy_pairs
+  python -m dpdmd_jax.main --config=configs/toy.py:dmd,regression --workdir=runs/toy_dmd_reg_pairs \
+      --config.regression.pairs=runs/toy_pairs
   python -m dpdmd_jax.main --config=configs/toy.py:unet,dmd,gan --workdir=runs/toy_unet_dmd_gan
 """
 
