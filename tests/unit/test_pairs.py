@@ -34,7 +34,7 @@ def config(**overrides):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> str:
-    """A pair cache of the smoke teacher: 3 prompts x 2 seeds (a batch of 4 with padding: 2 batches)."""
+    """A pair cache of the tiny flow teacher: 3 prompts x 2 seeds (a batch of 4 with padding: 2 batches)."""
     out = str(tmp_path_factory.mktemp("pairs") / "cache")
     summary = run_sample.sample(config(), out, sampler="teacher", pairs=True, seeds=SEEDS, num_prompts=PROMPTS,
                                 per_device_batch=4, devices=jax.devices()[:1])
@@ -55,10 +55,13 @@ def test_the_cache_holds_each_pair_and_its_noise_gives_its_target_again(cache):
     again = run.distiller.teacher_sample(run.frozen.teacher, run.frozen.buffers, pairs.noise, pairs.cond,
                                          run.data.uncond(c.batch_size))
     np.testing.assert_allclose(np.asarray(again), pairs.target, rtol=0, atol=2e-6)
-    # The draw is a pure function of (seed, round): the same rows again, other rows the next round.
+    # The draw is a pure function of (seed, round): a fresh reader (a resumed run) draws the same rows,
+    # other rounds and seeds other rows.
     cache_ = PairCache.open(c, run.backbone)
-    np.testing.assert_array_equal(cache_.indices(3), cache_.indices(3))
+    np.testing.assert_array_equal(cache_.indices(3), run.data.cache.indices(3))
     assert not np.array_equal(cache_.indices(3), cache_.indices(4))
+    other_seed = PairCache.open(config(**{"regression.pairs": cache, "seed": c.seed + 1}), run.backbone)
+    assert not np.array_equal(cache_.indices(3), other_seed.indices(3))
     # Rows split over processes are the global draw's rows.
     np.testing.assert_array_equal(cache_.pairs(2, slice(2, 6)).target, cache_.pairs(2, slice(0, 8)).target[2:6])
 
