@@ -7,7 +7,7 @@ beside each image keeps what the regression needs:
   samples.jsonl, run.json         the rows (prompt index, seed) and what made them (grid, CFG, root seed)
 
 The noise of (p, s) is not stored: it is a pure function of the root seed and (p, s)
-(`sampling.folder.image_key`), as the sampler drew it, so the cache maps "noise seed -> latent" as
+(`diffusion.sampler.image_key`), as the sampler drew it, so the cache maps "noise seed -> latent" as
 DMD v1's does. Storing the conditionings makes the cache independent of the run's data source (an
 embedding cache cannot encode new prompts, and a run from one may still regress on pairs).
 
@@ -85,7 +85,7 @@ class PairCache:
     """The pairs of a cache folder; `pairs(r, rows)` gives round r's host arrays."""
 
     folder: str
-    jobs: list[tuple[int, int, str]]  # (prompt index, seed, file name stem), in samples.jsonl order
+    jobs: list[tuple[int, int, str]]  # (prompt index, seed, file name stem), sorted
     root_seed: int
     latent_shape: tuple[int, ...]
     cond_type: type

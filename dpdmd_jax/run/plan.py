@@ -209,22 +209,22 @@ def model_calls(c: ml_collections.ConfigDict, anchor_k: int, n: int) -> dict[str
     guided = lambda scale: 1 if is_unguided(scale) else 2
     forward = m * n  # critic updates: a fresh N-step student sample each (no gradient)
     forward_backward = m  # ... and the fake score's denoising loss
-    forward_backward += 1  # generator: the student's first step
     if c.distill.lambda_div > 0:
         forward += anchor_k * guided(c.teacher.cfg_scale)  # the teacher's K anchor steps
         forward += guided(c.teacher.cfg_scale) if c.distill.target == "denoise" else 0
+    # The generator's student sample x: its first step with gradient, then "rollout": steps 2..N with
+    # gradient; "backward": gradient-free steps up to a uniform j in start..N-1, and step j with gradient.
     if c.dmd.simulation == "rollout":
-        forward_backward += n - 1  # student steps 2..N with gradient
+        sample_forward, sample_forward_backward = 0, n
     else:
         start = 1 if c.distill.lambda_div > 0 else 0
-        forward += (n - 1 - start) / 2  # gradient-free steps up to a uniform j in start..N-1
-        forward_backward += 1
+        sample_forward, sample_forward_backward = (n - 1 - start) / 2, 2
+    samples = 2 if regression_pairs(c) else 1  # DMD v1's cached pairs: the student's sample from their noises too
+    forward += samples * sample_forward
+    forward_backward += samples * sample_forward_backward
     forward += guided(c.dmd.real_cfg_scale) + 1  # DMD: teacher (real score) and fake score
     teacher_sample = c.teacher.steps * guided(c.teacher.cfg_scale)  # a T-step guided teacher sample
-    if regression_pairs(c):  # DMD v1's cached pairs: the student's sample from their noises
-        forward_backward += n if c.dmd.simulation == "rollout" else 2
-        forward += 0 if c.dmd.simulation == "rollout" else (n - 1 - (1 if c.distill.lambda_div > 0 else 0)) / 2
-    elif c.regression.weight > 0:
+    if c.regression.weight > 0 and not regression_pairs(c):
         forward += teacher_sample  # DMD v1's target, from the generator's noise
     if c.gan.weight > 0:
         # The fake score's features (counted as whole calls: an upper bound, they stop at gan.block / the

@@ -156,7 +156,7 @@ def sample_with(run: SamplingRun, params: Any, source: str, out: str, prompts: S
             padded = chunk + [chunk[0]] * (batch - len(chunk))  # fixed shapes: one compile
             t0 = time.time()
             idx = np.array([j.p for j in padded], np.int32)
-            cond = run.data.encode_prompts([prompts[i] for i in idx])
+            cond = jax.tree.map(np.asarray, run.data.encode_prompts([prompts[i] for i in idx]))  # host arrays
             uncond = run.data.uncond(batch)
             put = lambda x: mesh_lib.global_batch(run.mesh, np.asarray(x))
             images = fn(params, put(idx), put(np.array([j.s for j in padded], np.int32)),
@@ -164,7 +164,7 @@ def sample_with(run: SamplingRun, params: Any, source: str, out: str, prompts: S
             if pairs:
                 images, z = images
                 if is_main:  # before the PNGs: an image on disk has its pair
-                    write_pairs(out, chunk, np.asarray(z.addressable_data(0)), jax.tree.map(np.asarray, cond))
+                    write_pairs(out, chunk, np.asarray(z.addressable_data(0)), cond)
             images = to_unit(images.addressable_data(0))[: len(chunk)]
             seconds = (time.time() - t0) / len(chunk)
             if is_main:
