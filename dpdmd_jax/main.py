@@ -39,7 +39,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # orbax/clu info lines would drown the progress bar
+    logging.set_verbosity(logging.WARNING)  # orbax's info lines (and each log step's) would drown the progress bar
     workdir = absolute(FLAGS.workdir)
     if FLAGS.dry_run:
         sources = preflight.field_sources(config_flags.get_config_filename(FLAGS["config"]),

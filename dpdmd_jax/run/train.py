@@ -20,7 +20,7 @@ from etils import epath
 
 from dpdmd_jax import data as data_lib
 from dpdmd_jax import eval as eval_lib
-from dpdmd_jax.distill import trainer
+from dpdmd_jax.distill import trainer, writers
 from dpdmd_jax.run import setup as setup_lib
 from dpdmd_jax.run import workdir as workdir_lib
 from dpdmd_jax.run.preflight import check_can_start
@@ -59,18 +59,13 @@ def _train(c: ml_collections.ConfigDict, workdir: str, devices: Sequence[jax.Dev
               f"of {c.batch_size}", flush=True)
     round_fn = setup_lib.compile_round(run, shardings)
     evaluators = eval_lib.make_evaluators(c, run, workdir)
-    from clu import periodic_actions  # TensorFlow underneath (seconds): only once inputs are checked
-
-    from dpdmd_jax.distill.writers import make_writer
-
-    writer = make_writer(workdir, start)
-    hooks = [periodic_actions.ReportProgress(num_train_steps=c.num_rounds, writer=writer)]
+    writer = writers.make_writer(workdir, start)
     meta = lambda step: {"step": step, "data_position": step, "seed": c.seed}
     save = lambda st, step, force: workdir_lib.save(mngr, st, meta(step), force)
     batch = functools.partial(data_lib.global_round, run.data, run.mesh, c.batch_size)  # round r -> its batch
     try:
         state, preempted = trainer.train_loop(c, state, start, lambda st, b: round_fn(st, run.frozen, b), batch,
-                                              save, evaluators, writer, hooks)
+                                              save, evaluators, writer)
     finally:
         mngr.wait_until_finished()
         writer.flush()

@@ -6,9 +6,9 @@ calls in every other run test.)
 
 The fake bucket is a backend in epath's own table, so only code that goes through epath reaches it:
 open() or os.path on the URI would look for ./gs:/... in the working directory (checked to stay empty)
-and miss the files. Like an object store (gcsfs), it refuses to append. Orbax (tensorstore) and
-TensorBoard (tf.io.gfile) talk to GCS themselves, so in the bucket runs they are pointed at the folder
-the bucket keeps its files in.
+and miss the files. Like an object store (gcsfs), it refuses to append. Orbax (tensorstore) talks to
+GCS itself, so in the bucket runs it is pointed at the folder the bucket keeps its files in; the
+TensorBoard events go through epath like every other file of the run.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import os
 
 import pytest
-from clu import metric_writers
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
 
@@ -108,8 +107,8 @@ class FakeBucket(epath_backend.Backend):
 @pytest.fixture
 def bucket(tmp_path, monkeypatch):
     """A fake gs:// bucket (its files under tmp_path/store) in a working directory that must stay
-    empty: a run's file reached with open() / os.path on a gs:// URI would land there. Orbax and
-    TensorBoard, which reach GCS without epath's backend table, use the bucket's folder."""
+    empty: a run's file reached with open() / os.path on a gs:// URI would land there. Orbax, which
+    reaches GCS without epath's backend table, uses the bucket's folder."""
     store, cwd = tmp_path / "store", tmp_path / "cwd"
     store.mkdir()
     cwd.mkdir()
@@ -117,9 +116,8 @@ def bucket(tmp_path, monkeypatch):
     fake = FakeBucket(str(store))
     monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # else epath sends gs:// to tf.io.gfile
     monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", fake)
-    manager, tb = workdir_lib.checkpoint_manager, metric_writers.create_default_writer
+    manager = workdir_lib.checkpoint_manager
     monkeypatch.setattr(workdir_lib, "checkpoint_manager", lambda workdir, c: manager(_to_store(fake, workdir), c))
-    monkeypatch.setattr(metric_writers, "create_default_writer", lambda logdir, **kw: tb(_to_store(fake, logdir), **kw))
     yield fake
     assert os.listdir(cwd) == [], "a run's file was reached as a local path (open() / os.path on the URI)"
 
@@ -158,6 +156,7 @@ def test_a_run_its_samples_and_their_evaluation_in_a_bucket(bucket):
     assert {"config.json", "anchor_auto.json", "metrics.jsonl", "summary.json", "teacher_metrics.json",
             "eval/teacher/run.json", "eval/student_2/samples.jsonl", "eval/student_2/eval.json"} <= set(files)
     assert any(f.startswith("checkpoints/2/") for f in files)
+    assert any(f.startswith("tb/events.out.tfevents.") for f in files)  # TensorBoard's events, through epath too
     assert workdir_lib.checkpoint_steps(workdir) == [1, 2]
     # config.json round trip: the recorded config is the run's, with the K it chose, read back as a config.
     k = anchor.recorded_k(workdir)
@@ -271,6 +270,38 @@ def test_the_metrics_log_is_written_whole_and_cut_back_on_resume(bucket):
     JsonlWriter(path, resume_step=2).write_scalars(3, {"loss": 7.0})  # resumed from the checkpoint of round 2
     assert [json.loads(line) for line in _read(bucket, path).splitlines()] == [*rows[:2], {"step": 3, "loss": 7.0}]
     assert _listing(bucket, "gs://bucket/run") == ["metrics.jsonl"]  # no temporary file left
+
+
+def test_tensorboard_reads_the_events_we_write(bucket):
+    """The scalars and images a run logs, read back by TensorBoard's own event reader as it reads
+    `tf.summary`'s (images: [width, height, png...] string tensors; scalars: float tensors)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    from dpdmd_jax.distill.writers import TensorBoardWriter
+
+    grid = np.random.default_rng(0).integers(0, 256, (1, 6, 10, 3)).astype(np.uint8)
+    w = TensorBoardWriter("gs://bucket/run/tb")
+    w.write_scalars(1, {"loss": 0.5, "loss_div": 2.0})
+    w.write_scalars(2, {"loss": 0.25, "loss_div": 1.0})
+    w.write_images(2, {"student_samples": grid.astype(np.float32) / 255.0})  # [0, 1] floats, as evaluators pass
+    w.close()
+    [events] = _listing(bucket, "gs://bucket/run/tb")
+    acc = event_accumulator.EventAccumulator(_to_store(bucket, f"gs://bucket/run/tb/{events}"),
+                                             size_guidance={"tensors": 0})
+    acc.Reload()
+    assert set(acc.Tags()["tensors"]) == {"loss", "loss_div", "student_samples"}
+    scalars = {t: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(t)]
+               for t in ("loss", "loss_div")}
+    assert scalars == {"loss": [(1, 0.5), (2, 0.25)], "loss_div": [(1, 2.0), (2, 1.0)]}
+    [image] = acc.Tensors("student_samples")
+    width, height, png = tensor_util.make_ndarray(image.tensor_proto)
+    assert image.step == 2 and (int(width), int(height)) == (10, 6)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), grid[0])
 
 
 def test_the_dmd_comparison_files_in_a_bucket(bucket, monkeypatch):
