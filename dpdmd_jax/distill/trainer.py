@@ -11,7 +11,7 @@ host sync, as big_vision and MaxText loops do.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -47,10 +47,12 @@ def log_scalars(c: ml_collections.ConfigDict, state: TrainState, metrics: dict, 
 def train_loop(c: ml_collections.ConfigDict, state: TrainState, start: int,
                round_fn: Callable[[TrainState, RoundBatch], tuple[TrainState, dict]],
                batch: Callable[[int], RoundBatch], save: Callable[[TrainState, int, bool], None],
-               evaluators: Evaluators, writer: Any) -> tuple[TrainState, bool]:
+               evaluators: Evaluators, writer: Any,
+               hooks: Sequence[Callable[[int], Any]] = ()) -> tuple[TrainState, bool]:
     """Rounds `start`..`c.num_rounds`; returns (state, pre-empted). `save(state, step, force)` writes a
-    checkpoint (at `checkpoint_every`, the last round, and on SIGTERM, forced). Progress and the time
-    left: the tqdm bar; rounds per second: a logged scalar."""
+    checkpoint (at `checkpoint_every`, the last round, and on SIGTERM, forced). `hooks` are called with
+    each finished round's step (periodic actions such as a profiler's; progress and the time left are
+    the tqdm bar's, rounds per second a logged scalar)."""
     preempt = multihost.Preemption()
     bar = tqdm(total=c.num_rounds, initial=start, desc="rounds", disable=jax.process_index() != 0,
                dynamic_ncols=True)
@@ -59,6 +61,8 @@ def train_loop(c: ml_collections.ConfigDict, state: TrainState, start: int,
         for r in range(start, c.num_rounds):
             state, metrics = round_fn(state, batch(r))
             step = r + 1
+            for hook in hooks:
+                hook(step)
             last = step == c.num_rounds
             if step % c.log_every == 0 or last:
                 check_finite(c, state, step)
