@@ -70,9 +70,10 @@ def _train(c: ml_collections.ConfigDict, workdir: str, devices: Sequence[jax.Dev
         mngr.wait_until_finished()
         writer.flush()
     if preempted:
+        writer.close()
         return {"preempted_at": int(state.step)}
     summary = trainer.final_evaluations(evaluators, state, int(state.step), writer)
-    writer.flush()
+    writer.close()
     mngr.close()
     return summary
 
