@@ -67,6 +67,13 @@ ARMS = {
              for r in (4, 16)
              for method, overrides in (("DMD", {"distill.lambda_div": 0.0}),
                                        ("DP-DMD K=auto", {"distill.anchor_k": "auto"}))},
+    # The same LoRA arms at a larger learning rate (the toy's is 1e-4 for both networks): LoRA
+    # fine-tuning usually runs at a higher one, since B A starts at zero and moves slowly.
+    "lora_lr": {f"{method} LoRA r={r} lr={lr}": {**overrides, "student.lora.rank": r, "fake.lora.rank": r,
+                                                  "optim.student.lr": lr, "optim.fake.lr": lr}
+                for r in (4,) for lr in (4e-4,)
+                for method, overrides in (("DMD", {"distill.lambda_div": 0.0}),
+                                          ("DP-DMD K=auto", {"distill.anchor_k": "auto"}))},
     # The paper's baselines (issue 22): DMD v1's regression to the teacher's sample (L2 on the toy's
     # images) and DMD2's GAN on the toy's real images, each at a small sweep of its weight so the
     # comparison is fair to them, and DP-DMD with the GAN on too.
