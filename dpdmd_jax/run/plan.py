@@ -431,6 +431,7 @@ def search(c: ml_collections.ConfigDict, target: Target, *, chip: str | None = N
         log(f"search: {changes or 'the config as given'}")
         p = plan(candidate, target, chip=chip, memory_bytes=memory_bytes, log=log)
         p["changes"] = changes
+        log(f"search: {changes or 'the config as given'}: {fit_line(p)}")  # a long search reports as it goes
         tried.append(p)
         if p["fits"]:
             break
@@ -442,6 +443,16 @@ def search(c: ml_collections.ConfigDict, target: Target, *, chip: str | None = N
 
 def gib(b: int | float | None, unit: int = 2**30) -> str:
     return "-" if b is None else f"{b / unit:.2f}"
+
+
+def fit_line(p: dict[str, Any]) -> str:
+    """The plan's verdict in one line: fits or not, with the margin or the compiler's message."""
+    unit, name = (2**30, "GiB") if (p["memory_per_device"]["peak"] or 2**30) >= 2**30 else (2**20, "MiB")
+    if "error" in p:
+        return f"fits: NO: the compiler ran out of memory: {p['error']}"
+    if p["fits"] is None:
+        return "fits: unknown (no chip memory for this target: pass --chip or --memory_gib)"
+    return f"fits: {'YES' if p['fits'] else 'NO'} (margin {gib(p['margin_bytes'], unit)} {name})"
 
 
 def format_plan(p: dict[str, Any]) -> str:
@@ -460,12 +471,7 @@ def format_plan(p: dict[str, Any]) -> str:
     rows += list(m["resident beside the round"].items())
     rows += [("peak", m["peak"]), ("capacity", m["capacity"])]
     lines += [f"{label:<46} {gib(v, unit):>8}" for label, v in rows]
-    if "error" in p:
-        lines.append(f"fits: NO: the compiler ran out of memory: {p['error']}")
-    elif p["fits"] is None:
-        lines.append("fits: unknown (no chip memory for this target: pass --chip or --memory_gib)")
-    else:
-        lines.append(f"fits: {'YES' if p['fits'] else 'NO'} (margin {gib(p['margin_bytes'], unit)} {name})")
+    lines.append(fit_line(p))
     f = p["flops"]
     lines.append(f"\nmodel calls per round: {f['model_calls']['forward']:g} forward + "
                  f"{f['model_calls']['forward_backward']:g} forward+backward at batch {p['batch_size']}")

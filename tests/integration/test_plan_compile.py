@@ -32,13 +32,18 @@ def test_a_budget_too_small_does_not_fit_and_search_finds_the_first_setting_that
     quarter = plan_lib.plan(tiny(batch_size=8), CPU8)["memory_per_device"]["peak"]
     half = plan_lib.plan(tiny(batch_size=16), CPU8)["memory_per_device"]["peak"]
     assert quarter < half < peak
-    result = plan_lib.search(c, CPU8, memory_bytes=(quarter + half) // 2, log=lambda _: None)
+    heard = []
+    result = plan_lib.search(c, CPU8, memory_bytes=(quarter + half) // 2, log=heard.append)
     assert c.batch_size == 32 and c.model.remat_policy == "none"  # the caller's config is left as it was
     best = result["best"]
     assert best["fits"] is True and best["batch_size"] == 8 and best["setting"]["model.remat_policy"] == "full"
     assert [p["fits"] for p in result["tried"]] == [False] * (len(result["tried"]) - 1) + [True]
     assert result["tried"][-2]["batch_size"] == 16
     assert "the first that fits" in plan_lib.format_search(result)
+    # Each step's verdict is reported as soon as it is known (a full-size step takes minutes to an hour).
+    verdicts = [line for line in heard if line.startswith("search: ") and ": fits: " in line]
+    assert len(verdicts) == len(result["tried"])
+    assert all(": fits: NO (margin -" in line for line in verdicts[:-1]) and ": fits: YES (margin " in verdicts[-1]
 
 
 @pytest.mark.parametrize("changes", [
