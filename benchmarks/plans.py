@@ -42,7 +42,7 @@ ROWS = {  # name -> plan flags (remat named, whatever the config's default)
     "sdxl_v6e8_full_search": [SDXL, V6E8, *B4, FULL, "--search"],
     "sdxl_v4_8_full_search": [SDXL, V4_8, *B4, FULL, "--search"],
     "sdxl_v5e16_b1_embeddings": [SDXL, V5E16, "--per_device_batch=1", FULL, EMB],  # the search's likely end
-    # The v6e-8 search's third step on its own (its first two: out of memory, 29 and 43 min).
+    # The v6e-8 search's third step on its own (its first two: out of memory); no verdict yet: plans.md.
     "sdxl_v6e8_b2_embeddings": [SDXL, V6E8, "--per_device_batch=2", FULL, EMB],
     "sdxl_v5e16_b2_embeddings": [SDXL, V5E16, "--per_device_batch=2", FULL, EMB],  # does 2 per chip fit?
     # One chip: LoRA (`:lora`, rank R, bf16 base) against full fine-tuning, from an embedding cache
