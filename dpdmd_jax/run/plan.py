@@ -428,10 +428,11 @@ def search(c: ml_collections.ConfigDict, target: Target, *, chip: str | None = N
         candidate = override(copy.deepcopy(c), changes)
         if preflight.mesh_problems(candidate, devices):
             continue  # a batch that no longer splits over the devices
-        log(f"search: {changes or 'the config as given'}")
+        step = f"search: {changes or 'the config as given'}"
+        log(step)
         p = plan(candidate, target, chip=chip, memory_bytes=memory_bytes, log=log)
         p["changes"] = changes
-        log(f"search: {changes or 'the config as given'}: {fit_line(p)}")  # a long search reports as it goes
+        log(f"{step}: {fit_line(p)}")  # a long search reports each verdict as it comes
         tried.append(p)
         if p["fits"]:
             break
@@ -445,9 +446,14 @@ def gib(b: int | float | None, unit: int = 2**30) -> str:
     return "-" if b is None else f"{b / unit:.2f}"
 
 
+def unit_for(peak: int | None) -> tuple[int, str]:
+    """GiB for full-size plans, MiB for tiny ones (and GiB when the compiler gave no peak)."""
+    return (2**30, "GiB") if (peak or 2**30) >= 2**30 else (2**20, "MiB")
+
+
 def fit_line(p: dict[str, Any]) -> str:
     """The plan's verdict in one line: fits or not, with the margin or the compiler's message."""
-    unit, name = (2**30, "GiB") if (p["memory_per_device"]["peak"] or 2**30) >= 2**30 else (2**20, "MiB")
+    unit, name = unit_for(p["memory_per_device"]["peak"])
     if "error" in p:
         return f"fits: NO: the compiler ran out of memory: {p['error']}"
     if p["fits"] is None:
@@ -461,7 +467,7 @@ def format_plan(p: dict[str, Any]) -> str:
              + (f" ({p['chip']})" if p["chip"] else "") + f", mesh {p['mesh']}, batch {p['batch_size']} "
              f"({p['per_device_batch']} per device)"]
     lines += [f"  note: {n}" for n in p["assumptions"]]
-    unit, name = (2**30, "GiB") if (m["peak"] or 2**30) >= 2**30 else (2**20, "MiB")
+    unit, name = unit_for(m["peak"])
     lines.append(f"\nper device                                      {name}")
     rows = [(f"  {k}", v) for k, v in m["round arguments"].items()]
     program = m["round program"] or {}
